@@ -1,0 +1,76 @@
+"""Array-module selection, seeding and dtype policy.
+
+This is the one place that knows about CuPy.  Everything else asks for ``xp``
+(``get_xp(name)``) or uses ``array_module(x)`` on an array it was given, so a
+CPU-only machine never pays for importing CuPy.
+
+Dtype policy: parameters and activations are float32 (``FLOAT``), token ids are
+int32 (``INDEX``).  Every function also accepts float64, which the gradient
+checks use.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT = np.float32
+INDEX = np.int32
+
+_cupy = None
+_cupy_error: str | None = None
+
+
+def _import_cupy():
+    """Import CuPy lazily; remember the failure so we only try once."""
+    global _cupy, _cupy_error
+    if _cupy is None and _cupy_error is None:
+        try:
+            import cupy  # noqa: F401  (optional extra: pip install slimnp[gpu])
+
+            cupy.cuda.runtime.getDeviceCount()
+            _cupy = cupy
+        except Exception as exc:  # ImportError, or CUDA present but unusable
+            _cupy_error = f"{type(exc).__name__}: {exc}"
+    return _cupy
+
+
+def gpu_available() -> bool:
+    return _import_cupy() is not None
+
+
+def get_xp(device: str = "cpu"):
+    """Return the array module for ``device`` ('cpu' -> numpy, 'gpu' -> cupy)."""
+    if device == "cpu":
+        return np
+    if device == "gpu":
+        cp = _import_cupy()
+        if cp is None:
+            raise RuntimeError(
+                "device 'gpu' asked for but CuPy is not usable "
+                f"({_cupy_error}); install it with: pip install 'slimnp[gpu]'"
+            )
+        return cp
+    raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'gpu'")
+
+
+def array_module(x):
+    """numpy or cupy, whichever owns ``x`` (numpy for anything that is not CuPy)."""
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return _cupy
+    return np
+
+
+def to_numpy(x) -> np.ndarray:
+    """A host copy of ``x`` (no copy for numpy input)."""
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return _cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+def make_rng(seed: int) -> np.random.Generator:
+    """The host RNG all randomness derives from (init, dropout masks, shuffles).
+
+    PCG64 under ``numpy.random.Generator``: its state is a small dict that the
+    checkpoint stores, so a resumed run draws exactly the numbers an
+    uninterrupted one would.
+    """
+    return np.random.Generator(np.random.PCG64(seed))

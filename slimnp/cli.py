@@ -1,0 +1,327 @@
+"""The ``slimnp`` command line: a thin click layer over the library.
+
+Each command calls library functions; library errors that mean "the user
+asked for something wrong" become one clear line on stderr and exit code 1.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+# Settings of the two built-in recipes.  Options left unset on the command
+# line take the recipe's value: the built-in synthetic corpus when no data is
+# given, Zaremba et al.'s "small" PTB recipe otherwise.
+PRESETS = {
+    "builtin": dict(layers=1, hidden=256, dropout=0.0, init_scale=0.1, epochs=4, bptt=20,
+                    batch_size=32, lr=1.0, schedule="plateau", lr_decay=0.5, decay_start=4,
+                    decay_threshold=0.5, clip=5.0),
+    "zaremba-small": dict(layers=2, hidden=200, dropout=0.0, init_scale=0.1, epochs=13, bptt=20,
+                          batch_size=20, lr=1.0, schedule="epoch", lr_decay=0.5, decay_start=4,
+                          decay_threshold=1.0, clip=5.0),
+}
+
+
+def _user_errors():
+    from .data import CorpusError
+    from .fetch import FetchError
+    from .io import FormatError
+    from .trainer import TrainingError
+
+    return (CorpusError, FetchError, FormatError, TrainingError, ValueError, OSError)
+
+
+def friendly_errors(fn):
+    """Turn library errors into one clear line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except _user_errors() as exc:
+            msg = str(exc) or type(exc).__name__
+            if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
+                msg = f"{exc.filename}: {msg}"
+            raise click.ClickException(msg) from None
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slimnp")
+def main():
+    """slimnp: compact recurrent neural language models with slim embeddings.
+
+    \b
+    Quick start:
+      slimnp train                         # built-in synthetic corpus, prints test PPL
+      slimnp data fetch ptb data/ptb       # Penn Treebank, sha256-checked
+      slimnp train --data data/ptb --out ptb.h5
+      slimnp evaluate ptb.h5 data/ptb/ptb.test.txt
+      slimnp inspect ptb.h5
+    """
+
+
+# ---------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------
+def _builtin_corpus_dir() -> Path:
+    from .synthetic import DEFAULT_SPEC, DEFAULT_TOKENS
+
+    root = Path(os.environ.get("SLIMNP_CACHE", Path.home() / ".cache" / "slimnp"))
+    key = f"builtin-v{DEFAULT_SPEC.vocab}-s{DEFAULT_SPEC.states}-seed{DEFAULT_SPEC.seed}-{DEFAULT_TOKENS[0]}"
+    return root / key
+
+
+def ensure_builtin_corpus(echo=click.echo) -> tuple[Path, dict]:
+    """The built-in synthetic corpus, generated once into the cache directory."""
+    from .synthetic import DEFAULT_SPEC, DEFAULT_TOKENS, write_corpus
+
+    d = _builtin_corpus_dir()
+    meta = d / "corpus.json"
+    if meta.exists():
+        try:
+            return d, json.loads(meta.read_text())
+        except ValueError:
+            pass  # damaged: regenerate
+    echo(f"generating the built-in synthetic corpus in {d} ...")
+    info = write_corpus(d, DEFAULT_SPEC, *DEFAULT_TOKENS)
+    return d, info
+
+
+def _resolve_data(data, train, valid, test):
+    from .data import CorpusError, find_splits
+
+    if data and (train or valid or test):
+        raise click.UsageError("give either --data DIR or --train/--valid/--test, not both")
+    if data:
+        return find_splits(data)
+    if train:
+        if not valid:
+            raise click.UsageError("--train needs --valid too (validation drives the lr schedule)")
+        files = {"train": Path(train), "valid": Path(valid)}
+        if test:
+            files["test"] = Path(test)
+        for k, p in files.items():
+            if not p.is_file():
+                raise CorpusError(f"{p}: no such file (--{k})")
+        return files
+    if valid or test:
+        raise click.UsageError("--valid/--test need --train")
+    return None
+
+
+def _train_options(fn):
+    opts = [
+        click.option("--data", type=click.Path(file_okay=False), help="Directory with train/valid/test splits (PTB, plain or WikiText naming)."),
+        click.option("--train", "train_file", type=click.Path(dir_okay=False), help="Training text file."),
+        click.option("--valid", "valid_file", type=click.Path(dir_okay=False), help="Validation text file."),
+        click.option("--test", "test_file", type=click.Path(dir_okay=False), help="Test text file (evaluated at the end)."),
+        click.option("--out", type=click.Path(dir_okay=False), default=None, help="Checkpoint file [default: model.h5]; the best model goes to <stem>.best.h5, metrics to <stem>.metrics.jsonl."),
+        click.option("--resume", type=click.Path(dir_okay=False, exists=True), help="Continue the run stored in this checkpoint."),
+        click.option("--force", is_flag=True, help="Overwrite an existing --out file."),
+        click.option("--layers", type=int, help="LSTM layers."),
+        click.option("--hidden", type=int, help="Hidden (and word-vector) size."),
+        click.option("--dropout", type=float, help="Dropout on non-recurrent connections."),
+        click.option("--init-scale", type=float, help="Uniform init range +-."),
+        click.option("--epochs", type=int, help="Epochs to train (with --resume: the new total)."),
+        click.option("--bptt", type=int, help="Truncated-BPTT segment length."),
+        click.option("--batch-size", type=int, help="Parallel streams B."),
+        click.option("--lr", type=float, help="Initial learning rate."),
+        click.option("--lr-schedule", "schedule", type=click.Choice(["epoch", "plateau", "constant"]), help="epoch: Zaremba decay after --decay-start; plateau: Kim et al., decay when valid PPL improves < --decay-threshold."),
+        click.option("--lr-decay", type=float, help="Learning-rate multiplier of the schedule."),
+        click.option("--decay-start", type=int, help="epoch schedule: first epoch with decayed lr is decay-start+1."),
+        click.option("--decay-threshold", type=float, help="plateau schedule: minimum valid PPL improvement."),
+        click.option("--clip", type=float, help="Max global gradient norm (0: off)."),
+        click.option("--loss-average", type=click.Choice(["batch", "token"]), default="batch", show_default=True, help="batch: loss summed over time, averaged over the batch (Zaremba); token: mean per token."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed (init, dropout)."),
+        click.option("--min-count", type=int, default=1, show_default=True, help="Drop words rarer than this (they become <unk>)."),
+        click.option("--max-vocab", type=int, default=None, help="Keep at most this many words."),
+        click.option("--eval-batch-size", type=int, default=10, show_default=True, help="Streams for per-epoch validation."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+        click.option("--json", "as_json", is_flag=True, help="Print the final summary as one JSON object."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@main.command()
+@_train_options
+@friendly_errors
+def train(data, train_file, valid_file, test_file, out, resume, force, quiet, as_json,
+          seed, min_count, max_vocab, eval_batch_size, loss_average, **hyper):
+    """Train an LSTM language model.
+
+    With no data options, trains on the built-in synthetic corpus (a hidden
+    Markov model whose exact perplexity is known) and prints the model's test
+    perplexity beside the oracle and unigram perplexities.  With --data (or
+    --train/--valid/--test) the defaults are Zaremba et al.'s "small" recipe
+    (2x200, bptt 20, batch 20, lr 1, halve lr every epoch after the 4th, 13
+    epochs, clip 5).
+
+    Ctrl-C stops after the current step and writes a checkpoint;
+    `slimnp train --resume FILE` continues exactly where it stopped.
+    """
+    from .trainer import run_training, resume_training
+
+    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    if resume:
+        given = {k: v for k, v in hyper.items() if v is not None and k != "epochs"}
+        if given or data or train_file or out:
+            names = ", ".join("--" + k.replace("_", "-") for k in given) or "data/--out options"
+            raise click.UsageError(f"--resume continues the stored run; {names} cannot change "
+                                   "(only --epochs may be raised)")
+        summary = resume_training(resume, epochs=hyper.get("epochs"), log=log, progress=not quiet)
+    else:
+        files = _resolve_data(data, train_file, valid_file, test_file)
+        corpus_info = None
+        if files is None:
+            d, corpus_info = ensure_builtin_corpus(log)
+            files = {s: d / f"{s}.txt" for s in ("train", "valid", "test")}
+            preset = PRESETS["builtin"]
+        else:
+            preset = PRESETS["zaremba-small"]
+        hp = {k: (v if v is not None else preset[k]) for k, v in hyper.items()}
+        out = Path(out or "model.h5")
+        if out.exists() and not force:
+            raise click.ClickException(
+                f"{out} exists; continue it with `slimnp train --resume {out}`, "
+                "or pass --force to overwrite it (or choose another --out)")
+        summary = run_training(files, out, hp, seed=seed, min_count=min_count, max_vocab=max_vocab,
+                               eval_batch_size=eval_batch_size, loss_average=loss_average,
+                               corpus_info=corpus_info, log=log, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(summary))
+
+
+# ---------------------------------------------------------------------------
+# evaluate / inspect
+# ---------------------------------------------------------------------------
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--batch-size", type=int, default=1, show_default=True, help="1 is exact; B>1 runs B pieces of the file in parallel from fresh states (faster, approximate).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@friendly_errors
+def evaluate(model, file, batch_size, as_json, quiet):
+    """Exact perplexity of MODEL on the text FILE.
+
+    Every token is predicted (the first from an <eos> prime); words outside
+    the model's vocabulary count as <unk> and are reported as the OOV rate.
+    """
+    from .evaluate import evaluate_ids
+    from .progress import Progress
+    from .trainer import load_model
+
+    m, vocab, _ = load_model(model)
+    t0 = time.perf_counter()
+    enc = vocab.encode_file(file)
+    prog = Progress(enc.n_tokens, "evaluate", enabled=not quiet)
+    res = evaluate_ids(m, enc.ids, vocab.eos_id, batch_size=batch_size,
+                       progress=lambda done: prog.update(done, f"{done:,} tokens"))
+    prog.close()
+    secs = time.perf_counter() - t0
+    out = {"model": str(model), "file": str(file), "perplexity": res.perplexity,
+           "loss": res.loss, "tokens": res.tokens, "oov": enc.n_oov, "oov_rate": enc.oov_rate,
+           "batch_size": batch_size, "seconds": secs, "tokens_per_s": res.tokens / max(secs, 1e-9)}
+    if as_json:
+        click.echo(json.dumps(out))
+    else:
+        click.echo(f"perplexity {res.perplexity:.3f}  (loss {res.loss:.4f} nats/token, "
+                   f"{res.tokens:,} tokens, OOV {enc.oov_rate * 100:.2f}%, {secs:.1f} s)")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly_errors
+def inspect(model, as_json):
+    """Show a model file: config, every dataset, parameter counts, training state."""
+    from . import io as sio
+
+    info = sio.describe(model)
+    click.echo(json.dumps(info, indent=2) if as_json else sio.format_describe_text(info))
+
+
+# ---------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------
+@main.group()
+def data():
+    """Get corpora: download PTB / WikiText-2, or write a synthetic one."""
+
+
+@data.command("fetch")
+@click.argument("name", type=click.Choice(["ptb", "wikitext-2"]))
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--base-url", help="Fetch the same file names from this URL instead (a mirror).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@friendly_errors
+def data_fetch(name, directory, base_url, quiet):
+    """Download dataset NAME into DIRECTORY and verify its sha256 sums."""
+    from .fetch import fetch
+    from .progress import Progress
+
+    bar = {}
+
+    def progress(done, total):
+        if quiet:
+            return
+        p = bar.get("p")
+        if p is None or p.total != max(total, 1):
+            if p is not None:
+                p.close()
+            p = bar["p"] = Progress(max(total, 1), "download")
+        p.update(done, f"{done / 1e6:.1f}/{total / 1e6:.1f} MB", force=done >= total)
+
+    paths = fetch(name, directory, base_url=base_url, progress=progress)
+    if bar.get("p"):
+        bar["p"].close()
+    for p in paths:
+        click.echo(f"ok  {p}")
+
+
+@data.command("synthetic")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--vocab", type=int, default=1000, show_default=True, help="Words (including <eos>).")
+@click.option("--tokens", type=int, default=1_000_000, show_default=True, help="Training tokens.")
+@click.option("--eval-tokens", type=int, default=None, help="Tokens in valid and test each [default: tokens/12, at least 1000].")
+@click.option("--states", type=int, default=None, help="HMM states [default: the built-in spec's].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def data_synthetic(directory, vocab, tokens, eval_tokens, states, seed):
+    """Write a synthetic corpus from a seeded hidden Markov model.
+
+    Its exact per-token entropy is known, so corpus.json records the oracle
+    perplexity of each split beside the unigram perplexity.
+    """
+    import dataclasses
+
+    from .synthetic import DEFAULT_SPEC, write_corpus
+
+    spec = dataclasses.replace(DEFAULT_SPEC, vocab=vocab, seed=seed,
+                               **({"states": states} if states else {}))
+    ev = eval_tokens or max(1000, tokens // 12)
+    info = write_corpus(directory, spec, tokens, ev, ev)
+    click.echo(f"wrote {directory}: {info['tokens']['train']:,} train tokens, vocab {vocab:,}; "
+               f"oracle test PPL {info['oracle_perplexity']['test']:.2f}, "
+               f"unigram test PPL {info['unigram_perplexity']['test']:.2f}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,735 @@
+"""Self-describing HDF5 model and checkpoint files.
+
+One HDF5 file holds everything needed to rebuild a model or to resume
+training: parameters, slim mapping tables, vocabulary, configuration,
+optimizer state and training state.  No pickle is used anywhere, so a file
+can be inspected with any HDF5 tool and loading one never executes code.
+
+File layout (format version 1)
+------------------------------
+Root attributes
+    ``format`` (``"slimnp"``), ``format_version`` (int), ``config`` (JSON text
+    of a dict), ``slimnp_version`` and ``created`` (ISO 8601 time, UTC).
+``/vocab``
+    1-D dataset of variable-length UTF-8 strings, in id order.
+``/vocab_counts``
+    Optional 1-D ``int64`` dataset of word counts.
+``/params/<layer>/<name>``
+    Parameter arrays, stored with their own dtype.  On the Python side the
+    keys are flat, ``"<layer>/<name>"`` (e.g. ``"lstm0/Wx"``); keys with more
+    slashes map to deeper groups.
+``/mapping/<name>``
+    Integer tables (e.g. ``input/idx``), stored with the smallest integer
+    dtype that holds their value range.  The original dtype is kept in the
+    dataset attribute ``orig_dtype`` and restored on load.  Non-array values
+    (hash seed, hash name, ...) are attributes of the ``/mapping`` group.
+``/optimizer``, ``/train_state``
+    Trees of values, see "Value trees" below.
+
+Value trees
+-----------
+``mapping_attrs``, ``optimizer`` and ``train_state`` are dicts stored with one
+convention:
+
+* ``numpy.ndarray`` values become datasets (a key containing ``/`` makes
+  intermediate groups, and comes back as the same flat key);
+* ``bool``, ``int`` (within int64), ``float``, ``str`` and NumPy scalars
+  become plain HDF5 attributes and come back as the Python type;
+* a dict that contains arrays somewhere inside becomes a sub-group marked
+  with the attribute ``_dict = True`` and comes back as a nested dict;
+* anything else (dicts without arrays, lists, ``None``, ints beyond 64 bits,
+  e.g. ``numpy.random.Generator.bit_generator.state``) is stored as JSON
+  text in an attribute whose name is listed in the group attribute
+  ``_json_keys`` (itself a JSON list).  JSON keeps Python ints exact at any
+  size; tuples come back as lists and NumPy scalars inside such values come
+  back as Python scalars.
+
+The names ``_dict`` and ``_json_keys`` are reserved and cannot be used as keys.
+
+Saving is atomic: the file is written to ``.<name>.tmp-<pid>`` in the target
+directory, synced to disk and renamed over the target, so a crash or an error
+never leaves a half-written model behind and never damages the previous one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import h5py
+import numpy as np
+
+from slimnp import __version__ as _SLIMNP_VERSION
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "FormatError",
+    "Checkpoint",
+    "save",
+    "load",
+    "read_config",
+    "describe",
+    "format_describe_text",
+]
+
+FORMAT = "slimnp"
+FORMAT_VERSION = 1
+
+# Reserved attribute names of the value-tree convention (see module docstring).
+_JSON_KEYS_ATTR = "_json_keys"
+_DICT_MARK_ATTR = "_dict"
+_RESERVED = frozenset({_JSON_KEYS_ATTR, _DICT_MARK_ATTR})
+
+PathLike = Union[str, "os.PathLike[str]"]
+ShapeSpec = Union[Mapping[str, Tuple[int, ...]], Callable[[dict], Mapping[str, Tuple[int, ...]]]]
+
+
+class FormatError(ValueError):
+    """A file is missing, unreadable, foreign, too new or does not fit the model.
+
+    The message is a single line naming the file and what is wrong with it.
+    """
+
+
+@dataclass
+class Checkpoint:
+    """Everything stored in one slimnp model or checkpoint file.
+
+    Attributes
+    ----------
+    config : dict
+        Model/training configuration; must be JSON-serialisable.
+    vocab : list of str
+        Words in id order.
+    params : dict of str to numpy.ndarray
+        Parameters with flat ``"layer/name"`` keys.
+    mapping : dict of str to numpy.ndarray
+        Integer mapping tables; shrunk on disk, original dtype on load.
+    mapping_attrs : dict
+        Non-array mapping settings (hash seed, hash name, ...).
+    optimizer : dict
+        Optimizer state (value-tree convention, see module docstring).
+    train_state : dict
+        Training state (value-tree convention, see module docstring).
+    vocab_counts : numpy.ndarray or None
+        Optional word counts, stored as int64.
+    attrs : dict
+        Root attributes read back by :func:`load` (``format``,
+        ``format_version``, ``slimnp_version``, ``created``).  Ignored by
+        :func:`save`, which always writes fresh values.
+    """
+
+    config: dict
+    vocab: List[str]
+    params: Dict[str, np.ndarray]
+    mapping: Dict[str, np.ndarray] = field(default_factory=dict)
+    mapping_attrs: dict = field(default_factory=dict)
+    optimizer: dict = field(default_factory=dict)
+    train_state: dict = field(default_factory=dict)
+    vocab_counts: Optional[np.ndarray] = None
+    attrs: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------
+
+
+def _json_default(obj: Any) -> Any:
+    """Convert NumPy scalars/arrays that ``json`` does not know natively."""
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
+
+
+def _to_json(value: Any, where: str) -> str:
+    _check_str_keys(value, where)
+    try:
+        return json.dumps(value, default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"cannot store {where}: {exc}") from exc
+
+
+def _check_str_keys(value: Any, where: str) -> None:
+    # json.dumps silently turns int keys into strings, which would break the
+    # promise of an exact round trip, so refuse them up front.
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"cannot store {where}: dict key {k!r} is not a str")
+            _check_str_keys(v, f"{where}/{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_str_keys(v, f"{where}[{i}]")
+
+
+def _is_native_scalar(value: Any) -> bool:
+    """True for values stored as a plain HDF5 attribute."""
+    if isinstance(value, (bool, np.bool_, str, float, np.floating)):
+        return True
+    if isinstance(value, np.integer):
+        return True
+    if isinstance(value, int):
+        # Larger ints do not fit an HDF5 integer; they go through JSON.
+        return -(2**63) <= value < 2**63
+    return False
+
+
+def _from_attr(value: Any) -> Any:
+    """Turn an attribute value read by h5py back into a Python scalar."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return value
+
+
+def _contains_array(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return True
+    if isinstance(value, dict):
+        return any(_contains_array(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_contains_array(v) for v in value)
+    return False
+
+
+def _as_storable_array(value: Any, where: str) -> np.ndarray:
+    arr = np.asarray(value)
+    # h5py cannot store Python objects or NumPy unicode arrays; say so
+    # clearly instead of letting a cryptic TypeError surface.
+    if arr.dtype.kind in "OUV":
+        raise TypeError(f"cannot store {where}: arrays of dtype {arr.dtype} are not supported")
+    return np.ascontiguousarray(arr)
+
+
+def _smallest_int_dtype(arr: np.ndarray) -> np.dtype:
+    """Smallest integer dtype holding every value of ``arr``."""
+    if arr.size == 0:
+        return np.dtype(np.uint8)
+    lo, hi = int(arr.min()), int(arr.max())
+    candidates = (np.uint8, np.uint16, np.uint32, np.uint64) if lo >= 0 else (
+        np.int8, np.int16, np.int32, np.int64)
+    for dt in candidates:
+        info = np.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(dt)
+    return arr.dtype  # pragma: no cover - int64/uint64 always fit
+
+
+def _check_key(key: Any, where: str) -> None:
+    if not isinstance(key, str) or not key or key.startswith("/") or key.endswith("/") or "//" in key:
+        raise ValueError(f"cannot store {where}: invalid key {key!r} (need a non-empty relative name)")
+    if key in _RESERVED:
+        raise ValueError(f"cannot store {where}: key {key!r} is reserved")
+
+
+def _check_no_prefix_clash(paths: List[str], where: str) -> None:
+    # "a" (array or array-dict) next to "a/b" would land in the same HDF5
+    # group and could not be told apart on load.
+    known = set(paths)
+    for p in paths:
+        parts = p.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in known:
+                raise ValueError(f"cannot store {where}: key {'/'.join(parts[:i])!r} clashes with {p!r}")
+
+
+# --------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------
+
+
+def _write_tree(group: h5py.Group, tree: Mapping[str, Any], where: str, compression: Optional[str]) -> None:
+    """Write a value tree into ``group`` (see "Value trees" in the module doc)."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"cannot store {where}: expected a dict, got {type(tree).__name__}")
+    json_keys = []
+    group_paths = []
+    for key, value in tree.items():
+        _check_key(key, where)
+        if isinstance(value, np.ndarray):
+            group_paths.append(key)
+        elif isinstance(value, Mapping) and _contains_array(value):
+            group_paths.append(key)
+    _check_no_prefix_clash(group_paths, where)
+
+    for key, value in tree.items():
+        item = f"{where}/{key}"
+        if isinstance(value, np.ndarray):
+            group.create_dataset(key, data=_as_storable_array(value, item), compression=compression)
+        elif isinstance(value, Mapping) and _contains_array(value):
+            sub = group.create_group(key)
+            sub.attrs[_DICT_MARK_ATTR] = True
+            _write_tree(sub, value, item, compression)
+        elif _is_native_scalar(value):
+            group.attrs[key] = value
+        else:
+            if _contains_array(value):
+                raise TypeError(f"cannot store {item}: arrays inside lists are not supported; use a dict")
+            group.attrs[key] = _to_json(value, item)
+            json_keys.append(key)
+    if json_keys:
+        group.attrs[_JSON_KEYS_ATTR] = json.dumps(json_keys)
+
+
+def _write_file(f: h5py.File, ckpt: Checkpoint, compression: Optional[str]) -> None:
+    """Write every part of ``ckpt`` into the open (temporary) file ``f``."""
+    if not isinstance(ckpt.config, Mapping):
+        raise TypeError(f"cannot store config: expected a dict, got {type(ckpt.config).__name__}")
+    _check_str_keys(ckpt.config, "config")
+    try:
+        config_text = json.dumps(dict(ckpt.config), default=_json_default)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"cannot store config: {exc}") from exc
+
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+    f.attrs["config"] = config_text
+    f.attrs["slimnp_version"] = str(_SLIMNP_VERSION)
+    f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    vocab = list(ckpt.vocab)
+    for i, word in enumerate(vocab):
+        if not isinstance(word, str):
+            raise TypeError(f"cannot store vocab: entry {i} is {type(word).__name__}, not str")
+    f.create_dataset("vocab", data=np.array(vocab, dtype=object), shape=(len(vocab),),
+                     dtype=h5py.string_dtype("utf-8"))
+    if ckpt.vocab_counts is not None:
+        counts = np.asarray(ckpt.vocab_counts)
+        if counts.dtype.kind not in "iub":
+            raise TypeError(f"cannot store vocab_counts: expected integers, got dtype {counts.dtype}")
+        f.create_dataset("vocab_counts", data=counts.astype(np.int64), compression=compression)
+
+    _write_params(f.create_group("params"), ckpt.params, compression)
+
+    mapping = f.create_group("mapping")
+    _check_no_prefix_clash(list(ckpt.mapping), "mapping")
+    for name, table in ckpt.mapping.items():
+        _check_key(name, "mapping")
+        arr = _as_storable_array(table, f"mapping/{name}")
+        stored = arr.astype(_smallest_int_dtype(arr)) if arr.dtype.kind in "iu" else arr
+        ds = mapping.create_dataset(name, data=stored, compression=compression)
+        ds.attrs["orig_dtype"] = arr.dtype.str
+    for key, value in ckpt.mapping_attrs.items():
+        if isinstance(value, np.ndarray):
+            raise TypeError(f"cannot store mapping_attrs/{key}: arrays belong in mapping, not mapping_attrs")
+    _write_tree(mapping, ckpt.mapping_attrs, "mapping_attrs", compression)
+
+    _write_tree(f.create_group("optimizer"), ckpt.optimizer, "optimizer", compression)
+    _write_tree(f.create_group("train_state"), ckpt.train_state, "train_state", compression)
+
+
+def _write_params(group: h5py.Group, params: Mapping[str, Any], compression: Optional[str]) -> None:
+    _check_no_prefix_clash(list(params), "params")
+    for name, value in params.items():
+        _check_key(name, "params")
+        group.create_dataset(name, data=_as_storable_array(value, f"params/{name}"), compression=compression)
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(path: PathLike, ckpt: Checkpoint, *, compression: Optional[str] = None) -> None:
+    """Write ``ckpt`` to ``path`` atomically.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Target file; replaced only once the new file is completely on disk.
+    ckpt : Checkpoint
+        What to store.  ``ckpt.attrs`` is ignored; fresh root attributes are
+        written.
+    compression : str, optional
+        h5py compression filter for array datasets (e.g. ``"gzip"``).  The
+        default ``None`` keeps plain contiguous datasets, which are fastest to
+        read and can be memory-mapped.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A value cannot be stored (the message names it).
+    OSError
+        Writing failed (e.g. disk full).
+
+    Notes
+    -----
+    The data go to ``.<name>.tmp-<pid>`` in the target directory, which is
+    flushed, fsync'ed and renamed onto ``path`` with :func:`os.replace`; the
+    directory is then fsync'ed so the rename itself survives a crash.  On any
+    failure, including ``KeyboardInterrupt``, the temporary file is removed
+    and the previous file at ``path`` is left untouched.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write_file(f, ckpt, compression)
+            f.flush()
+        # Closing hands HDF5's buffers to the OS; fsync makes them durable
+        # before the rename, so the target never points at missing data.
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        _fsync_path(directory, directory=True)
+    except OSError:
+        # Some platforms/filesystems cannot fsync a directory; the file itself
+        # is already complete, so this only weakens durability of the rename.
+        pass
+
+
+# --------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _open(path: str) -> h5py.File:
+    """Open ``path`` read-only, turning every failure into a FormatError."""
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise FormatError(f"{path}: is a directory, not a slimnp model file")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise FormatError(f"{path}: not an HDF5 file or truncated ({_one_line(exc)})") from exc
+
+
+def _check_header(f: h5py.File, path: str) -> Tuple[dict, dict]:
+    """Validate the root attributes; return ``(config, root_attrs)``."""
+    try:
+        attrs = {k: _from_attr(v) for k, v in f.attrs.items()}
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise FormatError(f"{path}: unreadable root attributes ({_one_line(exc)})") from exc
+    if attrs.get("format") != FORMAT:
+        raise FormatError(f"{path}: not a slimnp model file (foreign HDF5)")
+    version = attrs.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise FormatError(f"{path}: missing or invalid format_version attribute ({version!r})")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{path}: written by a newer slimnp (format version {version} > {FORMAT_VERSION}); upgrade slimnp")
+    if version < 1:
+        raise FormatError(f"{path}: unsupported format version {version}")
+    text = attrs.get("config")
+    if not isinstance(text, str):
+        raise FormatError(f"{path}: missing config attribute")
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise FormatError(f"{path}: config attribute is not valid JSON ({_one_line(exc)})") from exc
+    if not isinstance(config, dict):
+        raise FormatError(f"{path}: config attribute is not a JSON object")
+    root = {k: v for k, v in attrs.items() if k != "config"}
+    return config, root
+
+
+def _walk_datasets(group: h5py.Group, prefix: str = ""):
+    """Yield ``(relative_name, dataset)`` for every dataset below ``group``."""
+    for name, obj in group.items():
+        if isinstance(obj, h5py.Dataset):
+            yield prefix + name, obj
+        elif isinstance(obj, h5py.Group):
+            yield from _walk_datasets(obj, prefix + name + "/")
+
+
+def _read_array(ds: h5py.Dataset) -> np.ndarray:
+    # ds[()] reads everything into memory (never a lazy h5py handle); asarray
+    # keeps 0-d datasets as arrays instead of NumPy scalars.
+    return np.asarray(ds[()])
+
+
+def _read_attrs(group: h5py.Group, scalars_only: bool = False) -> dict:
+    json_keys = set(json.loads(group.attrs[_JSON_KEYS_ATTR])) if _JSON_KEYS_ATTR in group.attrs else set()
+    out = {}
+    for key, value in group.attrs.items():
+        if key in _RESERVED:
+            continue
+        if key in json_keys:
+            if not scalars_only:
+                out[key] = json.loads(value)
+        else:
+            out[key] = _from_attr(value)
+    return out
+
+
+def _read_tree(group: h5py.Group) -> dict:
+    """Inverse of :func:`_write_tree`."""
+    out = _read_attrs(group)
+
+    def walk(g: h5py.Group, prefix: str) -> None:
+        for name, obj in g.items():
+            key = prefix + name
+            if isinstance(obj, h5py.Dataset):
+                out[key] = _read_array(obj)
+            elif obj.attrs.get(_DICT_MARK_ATTR, False):
+                out[key] = _read_tree(obj)
+            else:
+                walk(obj, key + "/")
+
+    walk(group, "")
+    return out
+
+
+def _expected_shape_problems(expected: Mapping[str, Any], found: Mapping[str, Tuple[int, ...]]) -> List[str]:
+    want = {k: tuple(int(n) for n in v) for k, v in expected.items()}
+    missing = sorted(set(want) - set(found))
+    unexpected = sorted(set(found) - set(want))
+    problems = []
+    if missing:
+        problems.append("missing " + ", ".join(missing))
+    if unexpected:
+        problems.append("unexpected " + ", ".join(unexpected))
+    for name in sorted(set(want) & set(found)):
+        if want[name] != tuple(found[name]):
+            problems.append(f"{name}: expected {want[name]}, found {tuple(found[name])}")
+    return problems
+
+
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeDecodeError)
+
+
+def load(path: PathLike, expected_shapes: Optional[ShapeSpec] = None, *, params: bool = True,
+         optimizer: bool = True, train_state: bool = True, mapping: Optional[bool] = None) -> Checkpoint:
+    """Read a slimnp model or checkpoint file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        File written by :func:`save`.
+    expected_shapes : dict or callable, optional
+        ``{"layer/name": shape}`` or a function ``config -> such a dict``.
+        The file's parameter shapes (read from metadata only, so this works
+        with ``params=False`` too) must match exactly; every mismatch is
+        reported in one :class:`FormatError`.
+    params : bool, default True
+        Load ``/params``; ``False`` leaves ``Checkpoint.params`` empty.
+    optimizer, train_state : bool, default True
+        Load those groups; ``False`` leaves them empty.
+    mapping : bool, optional
+        Load the mapping tables; defaults to ``params`` since they are part of
+        the model.  Mapping attributes are always read (they are tiny).
+
+    Returns
+    -------
+    Checkpoint
+        In-memory NumPy arrays; parameters keep their stored dtype, mapping
+        tables get their original dtype back.
+
+    Raises
+    ------
+    FormatError
+        Missing, non-HDF5, truncated, foreign or too-new file, bad config, or
+        parameter shapes that do not match ``expected_shapes``.
+    """
+    path = os.fspath(path)
+    load_mapping = params if mapping is None else mapping
+    with _open(path) as f:
+        config, root = _check_header(f, path)
+        try:
+            if "params" not in f or not isinstance(f["params"], h5py.Group):
+                raise FormatError(f"{path}: missing /params group")
+            shapes = {name: tuple(ds.shape) for name, ds in _walk_datasets(f["params"])}
+        except FormatError:
+            raise
+        except _READ_ERRORS as exc:
+            raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
+
+        if expected_shapes is not None:
+            # Called outside the error wrapper: a bug in the caller's shape
+            # function should surface as itself, not as a "corrupt file".
+            expected = expected_shapes(config) if callable(expected_shapes) else expected_shapes
+            problems = _expected_shape_problems(expected, shapes)
+            if problems:
+                raise FormatError(f"{path}: parameters do not match the model: " + "; ".join(problems))
+
+        try:
+            if "vocab" not in f:
+                raise FormatError(f"{path}: missing /vocab dataset")
+            vocab = [str(w) for w in f["vocab"].asstr()[()].tolist()]
+            counts = _read_array(f["vocab_counts"]) if "vocab_counts" in f else None
+            param_arrays = {name: _read_array(ds) for name, ds in _walk_datasets(f["params"])} if params else {}
+            tables: Dict[str, np.ndarray] = {}
+            mapping_attrs: dict = {}
+            if "mapping" in f:
+                mapping_attrs = _read_attrs(f["mapping"])
+                if load_mapping:
+                    for name, ds in _walk_datasets(f["mapping"]):
+                        arr = _read_array(ds)
+                        orig = ds.attrs.get("orig_dtype")
+                        tables[name] = arr.astype(np.dtype(_from_attr(orig))) if orig is not None else arr
+            opt = _read_tree(f["optimizer"]) if optimizer and "optimizer" in f else {}
+            state = _read_tree(f["train_state"]) if train_state and "train_state" in f else {}
+        except FormatError:
+            raise
+        except _READ_ERRORS as exc:
+            raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
+
+    return Checkpoint(config=config, vocab=vocab, params=param_arrays, mapping=tables,
+                      mapping_attrs=mapping_attrs, optimizer=opt, train_state=state,
+                      vocab_counts=counts, attrs=root)
+
+
+def read_config(path: PathLike) -> dict:
+    """Return the configuration of a slimnp file after checking its header.
+
+    Only the root attributes are read, so this is cheap for any file size.
+
+    Raises
+    ------
+    FormatError
+        Same header checks as :func:`load`.
+    """
+    path = os.fspath(path)
+    with _open(path) as f:
+        config, _ = _check_header(f, path)
+    return config
+
+
+def describe(path: PathLike) -> dict:
+    """Summarise a slimnp file from metadata only (no dataset contents read).
+
+    Returns
+    -------
+    dict
+        ``file``, ``file_size_bytes``, ``format_version``, ``slimnp_version``,
+        ``created``, ``config``, ``vocab_size``, ``datasets`` (one dict per
+        dataset in the file: ``name``, ``shape``, ``dtype``, ``size``,
+        ``nbytes``; ``nbytes`` is size times item size, so for the
+        variable-length vocabulary it counts references, not text),
+        ``parameters`` (total elements under ``/params``), ``layers``
+        (elements per first-level group under ``/params``),
+        ``mapping_bytes``, and the scalar attributes of ``train_state``,
+        ``optimizer`` and ``mapping_attrs``.
+
+    Raises
+    ------
+    FormatError
+        Same header checks as :func:`load`.
+    """
+    path = os.fspath(path)
+    with _open(path) as f:
+        config, root = _check_header(f, path)
+        try:
+            datasets = []
+            for name, ds in _walk_datasets(f):
+                dtype = "str" if h5py.check_string_dtype(ds.dtype) is not None else str(ds.dtype)
+                size = int(ds.size)
+                datasets.append({"name": "/" + name, "shape": [int(n) for n in ds.shape], "dtype": dtype,
+                                 "size": size, "nbytes": size * int(ds.dtype.itemsize)})
+            layers: Dict[str, int] = {}
+            for d in datasets:
+                if d["name"].startswith("/params/"):
+                    layer = d["name"][len("/params/"):].split("/")[0]
+                    layers[layer] = layers.get(layer, 0) + d["size"]
+            info = {
+                "file": path,
+                "file_size_bytes": os.path.getsize(path),
+                "format_version": root.get("format_version"),
+                "slimnp_version": root.get("slimnp_version"),
+                "created": root.get("created"),
+                "config": config,
+                "vocab_size": int(f["vocab"].shape[0]) if "vocab" in f else 0,
+                "datasets": datasets,
+                "parameters": sum(layers.values()),
+                "layers": layers,
+                "mapping_bytes": sum(d["nbytes"] for d in datasets if d["name"].startswith("/mapping/")),
+                "mapping_attrs": _read_attrs(f["mapping"], scalars_only=True) if "mapping" in f else {},
+                "train_state": _read_attrs(f["train_state"], scalars_only=True) if "train_state" in f else {},
+                "optimizer": _read_attrs(f["optimizer"], scalars_only=True) if "optimizer" in f else {},
+            }
+        except _READ_ERRORS as exc:
+            raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
+    return info
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def format_describe_text(info: dict) -> str:
+    """Render :func:`describe` output as human-readable text for the CLI.
+
+    Parameters
+    ----------
+    info : dict
+        Result of :func:`describe`.
+
+    Returns
+    -------
+    str
+        Multi-line text (no trailing newline).
+    """
+    mb = info.get("file_size_bytes", 0) / 1e6
+    lines = [
+        f"file:        {info.get('file')}",
+        f"size:        {mb:,.2f} MB ({info.get('file_size_bytes', 0):,} bytes)",
+        f"format:      slimnp v{info.get('format_version')}, written by slimnp {info.get('slimnp_version')}"
+        f" at {info.get('created')}",
+        f"vocabulary:  {info.get('vocab_size', 0):,} words",
+        "",
+        "config:",
+    ]
+    config = info.get("config", {})
+    width = max((len(k) for k in config), default=0)
+    lines += [f"  {k:<{width}}  {_fmt_value(v)}" for k, v in config.items()] or ["  (empty)"]
+
+    rows = [(d["name"], "(" + ", ".join(str(n) for n in d["shape"]) + ("," if len(d["shape"]) == 1 else "") + ")",
+             d["dtype"], f"{d['size']:,}") for d in info.get("datasets", [])]
+    header = ("dataset", "shape", "dtype", "elements")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    lines += ["", "datasets:"]
+    for r in [header] + rows:
+        lines.append(f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}")
+
+    lines += ["", f"parameters:  {info.get('parameters', 0):,}"]
+    layers = info.get("layers", {})
+    lw = max((len(k) for k in layers), default=0)
+    nw = max((len(f"{n:,}") for n in layers.values()), default=0)
+    lines += [f"  {k:<{lw}}  {n:>{nw},}" for k, n in layers.items()]
+    mapping_bytes = info.get("mapping_bytes", 0)
+    lines.append(f"mapping:     {mapping_bytes:,} bytes ({mapping_bytes / 1e6:,.2f} MB)")
+    for title, key in (("mapping settings", "mapping_attrs"), ("training state", "train_state"),
+                       ("optimizer", "optimizer")):
+        values = info.get(key) or {}
+        if values:
+            lines += ["", f"{title}:"]
+            kw = max(len(k) for k in values)
+            lines += [f"  {k:<{kw}}  {_fmt_value(v)}" for k, v in values.items()]
+    return "\n".join(lines)

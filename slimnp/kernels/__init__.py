@@ -1,0 +1,124 @@
+"""Kernel dispatcher: the only entry point layers use.
+
+Each public function validates its arguments once (dtype, shape, index range)
+and then runs one implementation:
+
+* ``cpu``       -- Numba kernels (``kernels/cpu.py``) for NumPy arrays;
+* ``reference`` -- the NumPy/``xp`` specification (``kernels/reference.py``),
+  used for anything the fast path does not cover, and selectable for testing
+  with ``use("reference")`` or ``SLIMNP_KERNELS=reference``.
+
+Later backends (CuPy RawKernels) slot in here behind the same contracts.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+
+from . import reference
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_mode = os.environ.get("SLIMNP_KERNELS", "auto")
+_cpu = None
+
+
+def _cpu_module():
+    global _cpu
+    if _cpu is None:
+        from . import cpu  # imports numba: paid only when a kernel first runs
+
+        _cpu = cpu
+    return _cpu
+
+
+def use(mode: str) -> None:
+    """Select kernels: 'auto' (Numba on CPU arrays), 'cpu' or 'reference'."""
+    global _mode
+    if mode not in ("auto", "cpu", "reference"):
+        raise ValueError(f"unknown kernel mode {mode!r}; expected auto, cpu or reference")
+    _mode = mode
+
+
+@contextlib.contextmanager
+def using(mode: str):
+    """Context manager form of :func:`use` (restores the previous mode)."""
+    old = _mode
+    use(mode)
+    try:
+        yield
+    finally:
+        use(old)
+
+
+def _impl(*arrays):
+    if _mode == "reference":
+        return reference
+    if all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays):
+        return _cpu_module()
+    if _mode == "cpu":
+        raise ValueError("kernel mode 'cpu' needs C-contiguous NumPy arrays")
+    return reference
+
+
+def _check_float(name, a, dtype=None):
+    if a.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected float32 or float64, got {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{name}: dtype {a.dtype} does not match {dtype}")
+
+
+def _check_shape(name, a, shape):
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
+
+
+def _check_ids(name, ids, n, upper):
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer ids, got {ids.dtype}")
+    _check_shape(name, ids, (n,))
+    if n:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= upper:
+            raise IndexError(f"{name}: ids must lie in [0, {upper}), found range [{lo}, {hi}]")
+
+
+def lstm_pointwise_forward(xg, hg, c_prev, act, c, h, tc):
+    """One LSTM step's gate math; see :func:`reference.lstm_pointwise_forward`."""
+    B, H = c_prev.shape
+    for name, a, shape in (("xg", xg, (B, 4 * H)), ("hg", hg, (B, 4 * H)),
+                           ("act", act, (B, 4 * H)), ("c", c, (B, H)),
+                           ("h", h, (B, H)), ("tc", tc, (B, H))):
+        _check_float(name, a, c_prev.dtype)
+        _check_shape(name, a, shape)
+    _impl(xg, hg, c_prev, act, c, h, tc).lstm_pointwise_forward(xg, hg, c_prev, act, c, h, tc)
+
+
+def lstm_pointwise_backward(act, c_prev, tc, dh, dc, dgates):
+    """One LSTM step's gate backward; see :func:`reference.lstm_pointwise_backward`."""
+    B, H = c_prev.shape
+    for name, a, shape in (("act", act, (B, 4 * H)), ("tc", tc, (B, H)),
+                           ("dh", dh, (B, H)), ("dc", dc, (B, H)),
+                           ("dgates", dgates, (B, 4 * H))):
+        _check_float(name, a, c_prev.dtype)
+        _check_shape(name, a, shape)
+    _impl(act, c_prev, tc, dh, dc, dgates).lstm_pointwise_backward(act, c_prev, tc, dh, dc, dgates)
+
+
+def embedding_scatter_add(dW, ids, dX):
+    """``dW[ids[n]] += dX[n]``; see :func:`reference.embedding_scatter_add`."""
+    V, D = dW.shape
+    _check_float("dW", dW)
+    _check_float("dX", dX, dW.dtype)
+    _check_shape("dX", dX, (ids.shape[0], D))
+    _check_ids("ids", ids, dX.shape[0], V)
+    _impl(dW, ids, dX).embedding_scatter_add(dW, ids, dX)
+
+
+def softmax_xent(logits, targets, scale=1.0, compute_grad=True):
+    """Fused log-softmax cross-entropy; see :func:`reference.softmax_xent`."""
+    N, V = logits.shape
+    _check_float("logits", logits)
+    _check_ids("targets", targets, N, V)
+    return _impl(logits, targets).softmax_xent(logits, targets, scale, compute_grad)

@@ -1,0 +1,124 @@
+"""NumPy reference kernels: the specification of every kernel in slimnp.
+
+Each function here is the readable, array-at-a-time statement of a kernel's
+contract.  ``kernels/cpu.py`` (Numba) implements the same signatures, dtypes
+and in-place rules; the dispatcher in ``kernels/__init__.py`` validates the
+arguments once and picks an implementation.  Tests compare the two on random
+inputs.  All functions are written against ``xp`` (the array module of their
+inputs) so they also serve as the CuPy fallback.
+
+LSTM gate layout (one fused ``(B, 4H)`` row per example)::
+
+    [ i | f | o | g ]      i, f, o: sigmoid gates; g: tanh candidate
+    c_t = f * c_{t-1} + i * g
+    h_t = o * tanh(c_t)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import array_module
+
+
+def _sigmoid(xp, x, out):
+    # 1 / (1 + exp(-x)): for very negative x, exp(-x) overflows to inf and
+    # 1 / (1 + inf) = 0, which is the right limit, so the warning is noise.
+    with np.errstate(over="ignore"):
+        xp.negative(x, out=out)
+        xp.exp(out, out=out)
+        out += 1
+        xp.reciprocal(out, out=out)
+    return out
+
+
+def lstm_pointwise_forward(xg, hg, c_prev, act, c, h, tc):
+    """Gate nonlinearities and cell update for one time step.
+
+    Parameters
+    ----------
+    xg : (B, 4H)  input projection of this step, bias included (``x_t Wx + b``)
+    hg : (B, 4H)  recurrent projection (``h_{t-1} Wh``)
+    c_prev : (B, H)  previous cell state
+    act : (B, 4H)  out: activated gates ``[i f o g]``; may alias ``xg``
+    c, h, tc : (B, H)  out: new cell, new hidden, ``tanh(c)``
+
+    Returns nothing; writes ``act``, ``c``, ``h``, ``tc``.
+    """
+    xp = array_module(xg)
+    H = c_prev.shape[1]
+    xp.add(xg, hg, out=act)
+    _sigmoid(xp, act[:, : 3 * H], act[:, : 3 * H])
+    xp.tanh(act[:, 3 * H :], out=act[:, 3 * H :])
+    i, f, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
+    xp.multiply(f, c_prev, out=c)
+    c += i * g
+    xp.tanh(c, out=tc)
+    xp.multiply(o, tc, out=h)
+
+
+def lstm_pointwise_backward(act, c_prev, tc, dh, dc, dgates):
+    """Backward of :func:`lstm_pointwise_forward` for one step.
+
+    Parameters
+    ----------
+    act : (B, 4H)  activated gates saved by the forward
+    c_prev : (B, H)  cell state entering the step
+    tc : (B, H)  ``tanh(c_t)`` saved by the forward
+    dh : (B, H)  total gradient w.r.t. ``h_t`` (from above and from ``t+1``)
+    dc : (B, H)  in: gradient w.r.t. ``c_t`` from ``t+1``;
+                 out: gradient w.r.t. ``c_{t-1}`` (updated in place)
+    dgates : (B, 4H)  out: gradient w.r.t. the gate pre-activations
+    """
+    H = c_prev.shape[1]
+    i, f, o, g = act[:, :H], act[:, H : 2 * H], act[:, 2 * H : 3 * H], act[:, 3 * H :]
+    # h = o * tc  ->  do = dh * tc ; dc += dh * o * (1 - tc^2)
+    dct = dc + dh * o * (1 - tc * tc)
+    di = dct * g
+    df = dct * c_prev
+    do = dh * tc
+    dg = dct * i
+    # through the nonlinearities: sigmoid' = s(1-s), tanh' = 1 - t^2
+    dgates[:, :H] = di * i * (1 - i)
+    dgates[:, H : 2 * H] = df * f * (1 - f)
+    dgates[:, 2 * H : 3 * H] = do * o * (1 - o)
+    dgates[:, 3 * H :] = dg * (1 - g * g)
+    dc[...] = dct * f
+
+
+def embedding_scatter_add(dW, ids, dX):
+    """``dW[ids[n]] += dX[n]`` for every n, repeated ids accumulating.
+
+    dW : (V, D) gradient table, updated in place
+    ids : (N,) int32 row ids in ``[0, V)``
+    dX : (N, D) gradients of the gathered rows
+    """
+    xp = array_module(dW)
+    xp.add.at(dW, ids, dX)
+
+
+def softmax_xent(logits, targets, scale, compute_grad=True):
+    """Fused log-softmax + cross-entropy (+ gradient), row by row.
+
+    Parameters
+    ----------
+    logits : (N, V) float; if ``compute_grad`` it is overwritten with
+        ``scale * (softmax(logits) - onehot(targets))``
+    targets : (N,) int32 in ``[0, V)``
+    scale : float multiplier of the gradient (e.g. ``1/B``)
+
+    Returns
+    -------
+    nll : (N,) float64  ``logsumexp(logits[n]) - logits[n, targets[n]]``
+    """
+    xp = array_module(logits)
+    N = logits.shape[0]
+    rows = xp.arange(N)
+    m = logits.max(axis=1, keepdims=True)
+    e = xp.exp(logits - m)
+    s = e.sum(axis=1, keepdims=True)
+    lse = (xp.log(s) + m)[:, 0]
+    nll = (lse - logits[rows, targets]).astype(xp.float64)
+    if compute_grad:
+        xp.multiply(e, (scale / s).astype(logits.dtype), out=logits)
+        logits[rows, targets] -= logits.dtype.type(scale)
+    return nll

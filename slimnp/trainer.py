@@ -1,0 +1,444 @@
+"""Truncated-BPTT training with exact, resumable checkpoints.
+
+An epoch walks B parallel streams of the training text (stream b is the b-th
+contiguous chunk) in segments of ``bptt`` steps, carrying the LSTM state from
+one segment to the next (gradients are truncated at segment borders) and
+resetting it to zero at each epoch start, as in Zaremba et al. 2014.
+
+Checkpoints are written atomically at every epoch end and when the run is
+interrupted (Ctrl-C / SIGTERM).  They hold the parameters, optimizer state,
+learning rate, epoch, position inside the epoch, carried state and the RNG
+state, so ``resume`` continues bit-for-bit: a run stopped and resumed ends
+with exactly the parameters of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import io as sio
+from .backend import make_rng, to_numpy
+from .data import Vocabulary, batchify
+from .evaluate import evaluate_ids
+from .model import LanguageModel, ModelConfig, param_shapes
+from .optim import Schedule, make_optimizer
+from .progress import Progress, fmt_duration
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, data changed, ...); the message says why."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 13  # passes over the training text
+    bptt: int = 20  # truncated-BPTT segment length T
+    batch_size: int = 20  # B parallel streams
+    lr: float = 1.0  # initial learning rate
+    optimizer: str = "sgd"
+    clip: float = 5.0  # max global gradient norm (0: off)
+    schedule: str = "epoch"  # 'epoch' (Zaremba), 'plateau' (Kim et al.), 'constant'
+    lr_decay: float = 0.5  # multiplier applied by the schedule
+    decay_start: int = 4  # 'epoch': lr0 * decay ** max(0, epoch - decay_start)
+    decay_threshold: float = 1.0  # 'plateau': decay when valid PPL improves by less
+    loss_average: str = "batch"  # 'batch': sum over T, mean over B (Zaremba); 'token': mean
+    seed: int = 0  # init, dropout: the same seed gives the same model
+    eval_batch_size: int = 10  # streams for per-epoch validation
+
+    def validate(self) -> None:
+        problems = []
+        for name in ("epochs", "bptt", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0, got {self.lr}")
+        if self.loss_average not in ("batch", "token"):
+            problems.append(f"loss_average must be 'batch' or 'token', got {self.loss_average!r}")
+        if self.schedule not in Schedule.KINDS:
+            problems.append(f"schedule must be one of {', '.join(Schedule.KINDS)}, got {self.schedule!r}")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainState:
+    epoch: int = 1  # the epoch being trained (1-based)
+    segment: int = 0  # next segment inside that epoch
+    lr: float = 1.0
+    best_valid_ppl: float = math.inf
+    prev_valid_ppl: float = math.inf
+    epoch_nll: float = 0.0  # running sums of the current epoch
+    epoch_tokens: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    finished: bool = False
+    history: list = field(default_factory=list)
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_model(path, device: str = "cpu"):
+    """Load a model file for evaluation: ``(model, vocab, checkpoint)``.
+
+    The file's format, version, every parameter name and shape are checked
+    first (:func:`slimnp.io.load`); mismatches raise ``FormatError``.
+    """
+    ck = sio.load(path, expected_shapes=expected_shapes, optimizer=False)
+    model = LanguageModel(ModelConfig.from_dict(ck.config["model"]), device=device)
+    model.load_params(ck.params)
+    vocab = Vocabulary.from_words(list(ck.vocab), ck.vocab_counts)
+    return model, vocab, ck
+
+
+def expected_shapes(cfg: dict) -> dict:
+    """Parameter shapes a stored config implies (for :func:`slimnp.io.load`)."""
+    if not isinstance(cfg.get("model"), dict):
+        raise sio.FormatError("model file config has no 'model' section")
+    try:
+        return param_shapes(ModelConfig.from_dict(cfg["model"]))
+    except (TypeError, ValueError) as exc:
+        raise sio.FormatError(f"model file config is invalid: {exc}") from None
+
+
+class _StopFlag:
+    """Turns the first SIGINT/SIGTERM into a request to stop after this step."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread: no handlers, no harm
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:  # second signal: stop hard
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """Owns a model, its optimizer, the data and the checkpoint files.
+
+    Parameters
+    ----------
+    model, vocab : the model and its vocabulary
+    train_ids, valid_ids : 1-D int32 token streams
+    config : :class:`TrainConfig`
+    out : checkpoint path (``.h5``); the best-validation model goes to
+        ``<out stem>.best.h5`` and metrics to ``<out stem>.metrics.jsonl``
+    data_info : JSON-able description of the data (paths, sha256), stored in
+        the checkpoint so ``resume`` can find and verify it
+    """
+
+    def __init__(self, model: LanguageModel, vocab: Vocabulary, train_ids, valid_ids,
+                 config: TrainConfig, out, data_info: dict | None = None,
+                 log=print, progress: bool = True):
+        config.validate()
+        self.model, self.vocab, self.config = model, vocab, config
+        self.train_ids = np.asarray(train_ids)
+        self.valid_ids = np.asarray(valid_ids) if valid_ids is not None else None
+        self.out = Path(out)
+        self.best_path = self.out.with_name(self.out.stem + ".best" + self.out.suffix)
+        self.metrics_path = self.out.with_name(self.out.stem + ".metrics.jsonl")
+        self.data_info = data_info or {}
+        self.log = log
+        self.show_progress = progress
+        self.optimizer = make_optimizer(config.optimizer, config.clip)
+        self.schedule = Schedule(config.schedule, config.lr, config.lr_decay,
+                                 config.decay_threshold, config.decay_start)
+        self.rng = make_rng(config.seed)
+        self.state = TrainState(lr=config.lr)
+        self.hidden = model.zero_state(config.batch_size)
+        self.streams = batchify(self.train_ids, config.batch_size)  # (B, n)
+        if self.streams.shape[1] < 2:
+            raise ValueError(
+                f"training text too short: {len(self.train_ids)} tokens cannot fill "
+                f"{config.batch_size} streams; lower --batch-size")
+
+    # -- construction ----------------------------------------------------------
+    def init_params(self) -> None:
+        self.model.init_params(self.rng)
+
+    @property
+    def segments_per_epoch(self) -> int:
+        return math.ceil((self.streams.shape[1] - 1) / self.config.bptt)
+
+    # -- checkpoints -------------------------------------------------------------
+    def _config_dict(self) -> dict:
+        return {"model": self.model.config.to_dict(), "train": self.config.to_dict(),
+                "data": self.data_info}
+
+    def checkpoint(self) -> sio.Checkpoint:
+        st = dataclasses.asdict(self.state)
+        st["history"] = json.dumps(st["history"])
+        st["rng"] = self.rng.bit_generator.state
+        st["hidden"] = to_numpy(self.hidden)
+        return sio.Checkpoint(
+            config=self._config_dict(), vocab=list(self.vocab.words),
+            vocab_counts=self.vocab.counts, params=self.model.params_numpy(),
+            optimizer=self.optimizer.state_dict(), train_state=st)
+
+    def save(self, path=None) -> None:
+        sio.save(path or self.out, self.checkpoint())
+
+    def restore(self, ck: sio.Checkpoint) -> None:
+        """Take parameters, optimizer and training state from a checkpoint."""
+        self.model.load_params(ck.params)
+        self.optimizer.load_state_dict(ck.optimizer)
+        st = dict(ck.train_state)
+        self.rng.bit_generator.state = st.pop("rng")
+        hidden = st.pop("hidden")
+        if tuple(hidden.shape) != tuple(self.hidden.shape):
+            raise TrainingError(f"checkpoint carries state of shape {hidden.shape}, "
+                                f"expected {self.hidden.shape}")
+        self.hidden = self.model.xp.asarray(hidden)
+        st["history"] = json.loads(st.get("history", "[]"))
+        fields = {f.name for f in dataclasses.fields(TrainState)}
+        self.state = TrainState(**{k: v for k, v in st.items() if k in fields})
+
+    def _metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the loop ----------------------------------------------------------------
+    def validate(self, ids) -> float:
+        res = evaluate_ids(self.model, ids, self.vocab.eos_id,
+                           batch_size=self.config.eval_batch_size, bptt=max(self.config.bptt, 50))
+        return res.perplexity
+
+    def train(self) -> TrainState:
+        """Train until ``config.epochs`` are done or a stop is requested.
+
+        Returns the final :class:`TrainState` (``finished`` tells which).
+        """
+        cfg, st, model, xp = self.config, self.state, self.model, self.model.xp
+        B, T = cfg.batch_size, cfg.bptt
+        n = self.streams.shape[1]
+        nseg = self.segments_per_epoch
+        scale = 1.0 / B if cfg.loss_average == "batch" else 1.0 / (B * T)
+        with _StopFlag() as stop:
+            while st.epoch <= cfg.epochs and not st.finished:
+                prog = Progress(nseg, f"epoch {st.epoch}/{cfg.epochs}", enabled=self.show_progress)
+                t0 = time.perf_counter()
+                tok0 = st.epoch_tokens
+                for i in range(st.segment, nseg):
+                    s = i * T
+                    t = min(T, n - 1 - s)
+                    x = xp.asarray(np.ascontiguousarray(self.streams[:, s : s + t].T))
+                    y = xp.asarray(np.ascontiguousarray(self.streams[:, s + 1 : s + 1 + t].T))
+                    seg_scale = scale if cfg.loss_average == "batch" else 1.0 / (B * t)
+                    model.store.zero_grad()
+                    nll, new_hidden, _ = model.forward_backward(x, y, self.hidden, seg_scale, self.rng)
+                    if not math.isfinite(nll):
+                        prog.close()
+                        raise TrainingError(
+                            f"loss became {nll} at epoch {st.epoch}, segment {i + 1}/{nseg} "
+                            f"(lr {st.lr:g}); try a lower --lr or --clip. The last good checkpoint "
+                            f"({self.out}) was left untouched.")
+                    self.optimizer.step(model.store.data, model.store.grad, st.lr)
+                    self.hidden = new_hidden
+                    st.segment = i + 1
+                    st.epoch_nll += nll
+                    st.epoch_tokens += x.size
+                    st.tokens_seen += x.size
+                    dt = time.perf_counter() - t0
+                    if prog.enabled:
+                        ppl = math.exp(min(st.epoch_nll / st.epoch_tokens, 700))
+                        prog.update(i + 1, f"loss {st.epoch_nll / st.epoch_tokens:.3f} ppl {ppl:8.2f} "
+                                    f"lr {st.lr:.4g} {(st.epoch_tokens - tok0) / max(dt, 1e-9):,.0f} tok/s")
+                    if stop.requested:
+                        break
+                prog.close()
+                elapsed = time.perf_counter() - t0
+                st.train_seconds += elapsed
+                if stop.requested and st.segment < nseg:
+                    self.save()
+                    self.log(f"stopped by {stop.requested} at epoch {st.epoch}, segment "
+                             f"{st.segment}/{nseg}; checkpoint written to {self.out} "
+                             f"(continue with: slimnp train --resume {self.out})")
+                    self._metrics({"event": "interrupted", "epoch": st.epoch, "segment": st.segment})
+                    return st
+                self._end_epoch(elapsed, tok0)
+                if stop.requested:
+                    self.log(f"stopped by {stop.requested} after epoch {st.epoch - 1}; "
+                             f"checkpoint written to {self.out}")
+                    return st
+        st.finished = True
+        self.save()
+        return st
+
+    def _end_epoch(self, elapsed: float, tok0: int) -> None:
+        st, cfg = self.state, self.config
+        train_ppl = math.exp(min(st.epoch_nll / max(st.epoch_tokens, 1), 700))
+        valid_ppl = self.validate(self.valid_ids) if self.valid_ids is not None else float("nan")
+        speed = (st.epoch_tokens - tok0) / max(elapsed, 1e-9)
+        improved = valid_ppl < st.best_valid_ppl
+        rec = {"event": "epoch", "epoch": st.epoch, "lr": st.lr, "train_ppl": train_ppl,
+               "valid_ppl": valid_ppl, "tokens_per_s": speed, "epoch_seconds": elapsed,
+               "best": bool(improved)}
+        st.history.append(rec)
+        self.log(f"epoch {st.epoch:3d}  lr {st.lr:<8.4g} train ppl {train_ppl:9.2f}  "
+                 f"valid ppl {valid_ppl:9.2f}  {speed:9,.0f} tok/s  {fmt_duration(elapsed)}"
+                 + ("  *best" if improved else ""))
+        next_lr = self.schedule.next_lr(st.lr, st.epoch, st.prev_valid_ppl, valid_ppl)
+        if improved:
+            st.best_valid_ppl = valid_ppl
+        st.prev_valid_ppl = valid_ppl
+        st.epoch += 1
+        st.segment = 0
+        st.epoch_nll, st.epoch_tokens = 0.0, 0
+        st.lr = next_lr
+        st.finished = st.epoch > cfg.epochs
+        self.hidden = self.model.zero_state(cfg.batch_size)
+        if improved:
+            self.save(self.best_path)
+        self.save()
+        self._metrics(rec)
+
+
+# ---------------------------------------------------------------------------
+# whole runs (what the CLI calls)
+# ---------------------------------------------------------------------------
+def _encode_splits(vocab: Vocabulary, files: dict, log) -> dict:
+    enc = {}
+    for split, path in files.items():
+        if path is None:
+            continue
+        e = vocab.encode_file(path)
+        enc[split] = e
+        if split != "train" and e.n_oov:
+            log(f"{split}: {e.n_tokens:,} tokens, OOV rate {e.oov_rate * 100:.2f}% (mapped to <unk>)")
+    return enc
+
+
+def _finish(trainer: Trainer, test, corpus_info, log, t_start) -> dict:
+    """Final exact evaluation of the best model on test; the run's summary."""
+    st = trainer.state
+    summary = {"out": str(trainer.out), "best": str(trainer.best_path),
+               "epochs_done": st.epoch - 1, "finished": st.finished,
+               "best_valid_ppl": st.best_valid_ppl, "train_tokens_seen": st.tokens_seen,
+               "train_seconds": st.train_seconds, "wall_seconds": time.perf_counter() - t_start,
+               "parameters": trainer.model.num_parameters}
+    if not st.finished:
+        return summary
+    model = trainer.model
+    if trainer.best_path.exists():
+        model, _, _ = load_model(trainer.best_path, device=model.device)
+    if test is not None:
+        t0 = time.perf_counter()
+        res = evaluate_ids(model, test.ids, trainer.vocab.eos_id, batch_size=1)
+        summary.update(test_ppl=res.perplexity, test_tokens=res.tokens, test_oov_rate=test.oov_rate,
+                       test_seconds=time.perf_counter() - t0)
+        line = f"test perplexity {res.perplexity:.2f} ({res.tokens:,} tokens, exact)"
+        if corpus_info:
+            oracle = corpus_info["oracle_perplexity"]["test"]
+            uni = corpus_info["unigram_perplexity"]["test"]
+            summary.update(oracle_test_ppl=oracle, unigram_test_ppl=uni,
+                           ratio_to_oracle=res.perplexity / oracle)
+            line += (f"   oracle {oracle:.2f} (x{res.perplexity / oracle:.3f})   "
+                     f"unigram {uni:.2f}")
+        log(line)
+    log(f"best valid perplexity {st.best_valid_ppl:.2f}; model: {trainer.best_path}; "
+        f"wall time {fmt_duration(summary['wall_seconds'])}")
+    trainer._metrics({"event": "final", **summary})
+    return summary
+
+
+def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=None,
+                 eval_batch_size=10, loss_average="batch", corpus_info=None,
+                 device="cpu", log=print, progress=True) -> dict:
+    """Build the vocabulary, the model and a :class:`Trainer`, and train.
+
+    ``files`` maps 'train', 'valid' and optionally 'test' to text files;
+    ``hp`` holds the model and schedule settings named like the CLI options.
+    Returns a summary dict (perplexities, times).
+    """
+    t_start = time.perf_counter()
+    vocab = Vocabulary.build(files["train"], min_count=min_count, max_vocab=max_vocab)
+    enc = _encode_splits(vocab, files, log)
+    mc = ModelConfig(vocab_size=len(vocab), hidden=hp["hidden"], layers=hp["layers"],
+                     dropout=hp["dropout"], init_scale=hp["init_scale"])
+    tc = TrainConfig(epochs=hp["epochs"], bptt=hp["bptt"], batch_size=hp["batch_size"], lr=hp["lr"],
+                     clip=hp["clip"], schedule=hp["schedule"], lr_decay=hp["lr_decay"],
+                     decay_start=hp["decay_start"], decay_threshold=hp["decay_threshold"],
+                     loss_average=loss_average, seed=seed, eval_batch_size=eval_batch_size)
+    data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}
+    data_info.update(train_sha256=file_sha256(files["train"]), min_count=min_count,
+                     max_vocab=max_vocab, corpus=corpus_info)
+    model = LanguageModel(mc, device=device)
+    trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, out,
+                      data_info=data_info, log=log, progress=progress)
+    if trainer.metrics_path.exists():
+        trainer.metrics_path.unlink()  # a fresh run starts a fresh log
+    trainer.init_params()
+    log(f"vocab {len(vocab):,}  train {enc['train'].n_tokens:,} tokens  model {mc.layers}x{mc.hidden} "
+        f"({model.num_parameters:,} parameters)  {trainer.segments_per_epoch:,} segments/epoch")
+    trainer.train()
+    return _finish(trainer, enc.get("test"), corpus_info, log, t_start)
+
+
+def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True) -> dict:
+    """Continue the run stored in checkpoint ``path`` exactly where it stopped."""
+    t_start = time.perf_counter()
+    ck = sio.load(path, expected_shapes=expected_shapes)
+    cfg = ck.config
+    if "train" not in cfg or "data" not in cfg or "train_sha256" not in cfg["data"]:
+        raise TrainingError(f"{path} holds a model but no resumable training run")
+    tc = TrainConfig.from_dict(cfg["train"])
+    if epochs is not None:
+        tc = dataclasses.replace(tc, epochs=epochs)
+    st = ck.train_state
+    if st.get("finished") and tc.epochs <= int(st["epoch"]) - 1:
+        raise TrainingError(f"{path}: the run already finished its {int(st['epoch']) - 1} epochs; "
+                            "pass a larger --epochs to train further")
+    info = cfg["data"]
+    files = {k: Path(info[k]) for k in ("train", "valid", "test") if info.get(k)}
+    for k, p in files.items():
+        if not p.is_file():
+            raise TrainingError(f"cannot resume: {k} file {p} (recorded in {path}) is missing")
+    if file_sha256(files["train"]) != info["train_sha256"]:
+        raise TrainingError(f"cannot resume: {files['train']} changed since the checkpoint was written "
+                            "(sha256 differs)")
+    vocab = Vocabulary.from_words(list(ck.vocab), ck.vocab_counts)
+    enc = _encode_splits(vocab, files, log)
+    model = LanguageModel(ModelConfig.from_dict(cfg["model"]), device=device)
+    trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, path,
+                      data_info=info, log=log, progress=progress)
+    trainer.restore(ck)
+    trainer.state.finished = trainer.state.epoch > tc.epochs
+    log(f"resuming {path}: epoch {trainer.state.epoch}, segment {trainer.state.segment}"
+        f"/{trainer.segments_per_epoch}, lr {trainer.state.lr:g}")
+    trainer.train()
+    return _finish(trainer, enc.get("test"), info.get("corpus"), log, t_start)
