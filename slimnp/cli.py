@@ -81,9 +81,14 @@ def main():
 def _builtin_corpus_dir() -> Path:
     from .synthetic import DEFAULT_SPEC, DEFAULT_TOKENS
 
+    import dataclasses
+    import hashlib
+
     root = Path(os.environ.get("SLIMNP_CACHE", Path.home() / ".cache" / "slimnp"))
-    key = f"builtin-v{DEFAULT_SPEC.vocab}-s{DEFAULT_SPEC.states}-seed{DEFAULT_SPEC.seed}-{DEFAULT_TOKENS[0]}"
-    return root / key
+    # the whole spec and the sizes name the directory: a retuned spec never
+    # reuses a stale corpus
+    blob = json.dumps([dataclasses.asdict(DEFAULT_SPEC), list(DEFAULT_TOKENS)], sort_keys=True)
+    return root / f"builtin-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def ensure_builtin_corpus(echo=click.echo) -> tuple[Path, dict]:
@@ -314,7 +319,10 @@ def data_synthetic(directory, vocab, tokens, eval_tokens, states, seed):
 
     from .synthetic import DEFAULT_SPEC, write_corpus
 
+    if vocab < 3:
+        raise click.BadParameter(f"must be >= 3, got {vocab}", param_hint="--vocab")
     spec = dataclasses.replace(DEFAULT_SPEC, vocab=vocab, seed=seed,
+                               support=min(DEFAULT_SPEC.support, vocab - 1),
                                **({"states": states} if states else {}))
     ev = eval_tokens or max(1000, tokens // 12)
     info = write_corpus(directory, spec, tokens, ev, ev)

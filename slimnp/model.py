@@ -123,6 +123,24 @@ class LanguageModel:
         return [dropout_mask(rng, (T, B, H), p, self.dtype.type, self.xp)
                 for _ in range(self.config.layers + 1)]
 
+    def _forward(self, x, state, masks=None):
+        """Embedding and LSTM stack over a segment.
+
+        Returns the top layer's (masked) outputs ``(T, B, H)``, the final
+        state ``(L, 2, B, H)`` and the per-layer caches.
+        """
+        new_state = self.xp.empty_like(state)
+        caches = []
+        a = self.embedding.forward(x)  # (T, B, H)
+        if masks is not None:
+            a = a * masks[0]
+        for l, lstm in enumerate(self.lstms):
+            h_seq, (hT, cT), cache = lstm.forward(a, state[l, 0], state[l, 1])
+            new_state[l, 0], new_state[l, 1] = hT, cT
+            caches.append(cache)
+            a = h_seq * masks[l + 1] if masks is not None else h_seq
+        return a, new_state, caches
+
     def forward_backward(self, x, y, state, scale=None, rng=None, masks=None):
         """Loss and gradients (accumulated into ``store.grad``) of one segment.
 
@@ -142,26 +160,16 @@ class LanguageModel:
         dstate : (L, 2, B, H) gradient w.r.t. the incoming state
         """
         T, B = x.shape
-        L = self.config.layers
         H = self.config.hidden
         if scale is None:
             scale = 1.0 / B
         if masks is None:
             masks = self._masks(rng, T, B)
-        new_state = self.xp.empty_like(state)
-        caches = []
-        a = self.embedding.forward(x)  # (T, B, H)
-        if masks is not None:
-            a = a * masks[0]
-        for l, lstm in enumerate(self.lstms):
-            h_seq, (hT, cT), cache = lstm.forward(a, state[l, 0], state[l, 1])
-            new_state[l, 0], new_state[l, 1] = hT, cT
-            caches.append(cache)
-            a = h_seq * masks[l + 1] if masks is not None else h_seq
+        a, new_state, caches = self._forward(x, state, masks)
         nll, dh = self.output.loss(a.reshape(T * B, H), y.reshape(T * B), scale, True)
         da = dh.reshape(T, B, H)
         dstate = self.xp.empty_like(state)
-        for l in range(L - 1, -1, -1):
+        for l in range(self.config.layers - 1, -1, -1):
             if masks is not None:
                 da = da * masks[l + 1]
             da, dstate[l, 0], dstate[l, 1] = self.lstms[l].backward(da, caches[l])
@@ -170,26 +178,19 @@ class LanguageModel:
         self.embedding.backward(x, da)
         return float(nll.sum()), new_state, dstate
 
-    def nll(self, x, y, state):
-        """Per-token NLL ``(T, B)`` and the final state, no gradients, no dropout."""
+    def nll(self, x, y, state, masks=None):
+        """Per-token NLL ``(T, B)`` and the final state; no gradients.
+
+        Dropout is off unless explicit ``masks`` are given (gradient checks).
+        """
         T, B = x.shape
-        H = self.config.hidden
-        new_state = self.xp.empty_like(state)
-        a = self.embedding.forward(x)
-        for l, lstm in enumerate(self.lstms):
-            a, (hT, cT), _ = lstm.forward(a, state[l, 0], state[l, 1])
-            new_state[l, 0], new_state[l, 1] = hT, cT
-        nll, _ = self.output.loss(a.reshape(T * B, H), y.reshape(T * B), compute_grad=False)
+        a, new_state, _ = self._forward(x, state, masks)
+        nll, _ = self.output.loss(a.reshape(T * B, -1), y.reshape(T * B), compute_grad=False)
         return nll.reshape(T, B), new_state
 
     def logits(self, x, state):
-        """Unnormalised scores ``(T, B, V)`` and the final state (for tests, sampling)."""
+        """Unnormalised scores ``(T, B, V)`` and the final state (tests, sampling)."""
         T, B = x.shape
-        H = self.config.hidden
-        new_state = self.xp.empty_like(state)
-        a = self.embedding.forward(x)
-        for l, lstm in enumerate(self.lstms):
-            a, (hT, cT), _ = lstm.forward(a, state[l, 0], state[l, 1])
-            new_state[l, 0], new_state[l, 1] = hT, cT
+        a, new_state, _ = self._forward(x, state)
         W, b = self.store.params["output/W"], self.store.params["output/b"]
-        return (a.reshape(T * B, H) @ W.T + b).reshape(T, B, -1), new_state
+        return (a.reshape(T * B, -1) @ W.T + b).reshape(T, B, -1), new_state

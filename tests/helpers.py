@@ -1,0 +1,13 @@
+"""Small corpora and settings shared by the tests."""
+from pathlib import Path
+
+from slimnp.synthetic import HMMSpec, write_corpus
+
+TINY_HP = dict(layers=2, hidden=16, dropout=0.1, init_scale=0.1, epochs=2, bptt=7, batch_size=4,
+               lr=1.0, schedule="epoch", lr_decay=0.5, decay_start=1, decay_threshold=1.0, clip=5.0)
+
+
+def tiny_corpus(d: Path, tokens=6000, vocab=100, seed=0) -> dict:
+    spec = HMMSpec(vocab=vocab, states=8, seed=seed, support=min(20, vocab - 1))
+    info = write_corpus(d, spec, tokens, 600, 600)
+    return {s: d / f"{s}.txt" for s in ("train", "valid", "test")}, info
