@@ -1,3 +1,23 @@
-"""slimnp: compact recurrent neural language models with slim embeddings."""
+"""slimnp: compact recurrent neural language models with slim embeddings.
+
+The public pieces, importable from the package root::
+
+    LanguageModel, ModelConfig      the model (flat parameter/gradient buffers)
+    Vocabulary                      vocabulary, fast file encoding
+    Trainer, TrainConfig            truncated-BPTT training with checkpoints
+    evaluate_ids                    exact perplexity of a token stream
+    io                              the HDF5 model file (save, load, describe)
+    layers, kernels                 pure forward/backward pairs, kernels
+"""
 
 __version__ = "0.1.0"
+
+from . import io, kernels, layers  # noqa: E402
+from .backend import get_xp, make_rng  # noqa: E402
+from .data import Vocabulary  # noqa: E402
+from .evaluate import EvalResult, evaluate_ids  # noqa: E402
+from .model import LanguageModel, ModelConfig  # noqa: E402
+from .trainer import TrainConfig, Trainer, load_model  # noqa: E402
+
+__all__ = ["LanguageModel", "ModelConfig", "Vocabulary", "Trainer", "TrainConfig", "EvalResult",
+           "evaluate_ids", "load_model", "io", "kernels", "layers", "get_xp", "make_rng"]

@@ -1,0 +1,130 @@
+"""The command line through click's CliRunner: help, a whole run, error paths."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from slimnp.cli import main
+
+from helpers import tiny_corpus
+
+TINY = ["--layers", "1", "--hidden", "16", "--epochs", "1", "--bptt", "10", "--batch-size", "8", "-q"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["inspect"], ["data"],
+                                 ["data", "fetch"], ["data", "synthetic"]])
+def test_help(cmd):
+    r = run(*cmd, "--help")
+    assert r.exit_code == 0 and "Usage:" in r.output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    files, _ = tiny_corpus(d / "corpus", tokens=5000)
+    r = run("train", "--data", d / "corpus", "--out", d / "m.h5", "--json", *TINY)
+    assert r.exit_code == 0, r.output
+    return d, files, json.loads(r.output.strip().splitlines()[-1])
+
+
+def test_train_evaluate_inspect(trained):
+    d, files, summary = trained
+    assert summary["finished"] and np.isfinite(summary["test_ppl"])
+    r = run("evaluate", d / "m.best.h5", files["test"], "--json", "-q")
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.output)
+    assert ev["tokens"] == summary["test_tokens"] and ev["oov_rate"] == summary["test_oov_rate"]
+    assert ev["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-9)
+    r = run("inspect", d / "m.h5", "--json")
+    info = json.loads(r.output)
+    assert r.exit_code == 0 and info["parameters"] > 0 and "lstm0" in info["layers"]
+    assert run("inspect", d / "m.h5").exit_code == 0
+
+
+def test_evaluate_counts_oov(trained, tmp_path):
+    d, files, _ = trained
+    w1, w2 = files["train"].read_text().split()[:2]
+    f = tmp_path / "oov.txt"
+    f.write_text(f"{w1} zzz-unknown {w2}\n")
+    ev = json.loads(run("evaluate", d / "m.h5", f, "--json", "-q").output)
+    assert ev["tokens"] == 4 and ev["oov"] == 1 and ev["oov_rate"] == pytest.approx(0.25)
+
+
+def test_refuses_to_overwrite(trained):
+    d, _, _ = trained
+    before = (d / "m.h5").read_bytes()
+    r = run("train", "--data", d / "corpus", "--out", d / "m.h5", *TINY)
+    assert r.exit_code != 0 and "--resume" in r.output
+    assert (d / "m.h5").read_bytes() == before
+
+
+def test_resume_rejects_changed_options(trained):
+    d, _, _ = trained
+    r = run("train", "--resume", d / "m.h5", "--hidden", "32")
+    assert r.exit_code != 0 and "--hidden" in r.output
+
+
+@pytest.mark.parametrize("content,needle", [(b"", "empty"), (b"\xff\xfe bad\n", "UTF-8")])
+def test_bad_corpus_is_one_line(tmp_path, content, needle):
+    for s in ("train", "valid", "test"):
+        (tmp_path / f"{s}.txt").write_bytes(content)
+    r = run("train", "--data", tmp_path, "--out", tmp_path / "m.h5", *TINY)
+    assert r.exit_code == 1
+    assert needle in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_missing_data_dir(tmp_path):
+    r = run("train", "--data", tmp_path / "nope", "--out", tmp_path / "m.h5")
+    assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def test_bad_model_files(tmp_path, trained):
+    d, files, _ = trained
+    text = tmp_path / "x.h5"
+    text.write_text("not hdf5")
+    foreign = tmp_path / "f.h5"
+    with h5py.File(foreign, "w") as f:
+        f["data"] = np.arange(3)
+    trunc = tmp_path / "t.h5"
+    raw = (d / "m.h5").read_bytes()
+    trunc.write_bytes(raw[: len(raw) // 2])
+    for path, needle in ((text, "HDF5"), (foreign, "not a slimnp"), (trunc, ""),
+                         (tmp_path / "missing.h5", "no such file")):
+        for cmd in (["evaluate", path, files["test"]], ["inspect", path]):
+            r = run(*cmd)
+            assert r.exit_code == 1, (cmd, r.output)
+            assert needle in r.output and "Traceback" not in r.output
+            assert len(r.output.strip().splitlines()) == 1
+
+
+def test_bad_options(tmp_path):
+    files, _ = tiny_corpus(tmp_path / "c", tokens=2000)
+    r = run("train", "--data", tmp_path / "c", "--out", tmp_path / "m.h5", "--hidden", "0", "-q")
+    assert r.exit_code == 1 and "hidden" in r.output
+    r = run("train", "--data", tmp_path / "c", "--train", files["train"])
+    assert r.exit_code == 2 and "not both" in r.output
+    r = run("train", "--data", tmp_path / "c", "--out", tmp_path / "m.h5", "--batch-size", "100000", "-q")
+    assert r.exit_code == 1 and "batch" in r.output
+
+
+def test_data_synthetic(tmp_path):
+    r = run("data", "synthetic", tmp_path / "s", "--vocab", "50", "--tokens", "3000")
+    assert r.exit_code == 0, r.output
+    assert "oracle test PPL" in r.output
+    info = json.loads((tmp_path / "s" / "corpus.json").read_text())
+    assert info["tokens"]["train"] >= 3000
+
+
+def test_python_dash_m():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "slimnp", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "train" in r.stdout

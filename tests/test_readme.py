@@ -1,0 +1,30 @@
+"""The README's commands and library example stay true."""
+import re
+import subprocess
+from pathlib import Path
+
+from helpers import tiny_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.rst").read_text()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    m = re.search(r"Install and run the tests::\n\n    (.+)\n", README)
+    assert m, "README lost its test command"
+    assert m.group(1) in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_library_example_runs(tmp_path, monkeypatch):
+    block = README.split("``import slimnp`` gives the pieces as a small array library::\n\n")[1]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    code = "\n".join(lines)
+    assert "evaluate_ids" in code
+    # "train.txt" / "valid.txt" of the example: a small synthetic corpus
+    tiny_corpus(tmp_path, tokens=3000)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.rst", "exec"), {})
