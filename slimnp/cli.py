@@ -151,6 +151,17 @@ def _train_options(fn):
         click.option("--decay-start", type=int, help="epoch schedule: first epoch with decayed lr is decay-start+1."),
         click.option("--decay-threshold", type=float, help="plateau schedule: minimum valid PPL improvement."),
         click.option("--clip", type=float, help="Max global gradient norm (0: off)."),
+        click.option("--input", "input_kind", type=click.Choice(["dense", "slim"]), default="dense", show_default=True, help="Input embedding: a dense V x H table, or slim: K sub-vectors per word from one shared pool of M."),
+        click.option("--input-k", type=int, help="Slim input: sub-vectors per word (must divide --hidden)."),
+        click.option("--input-m", type=int, help="Slim input: pool size M (<= K*V)."),
+        click.option("--input-ratio", type=float, help="Slim input: size as a fraction of the dense table (sets M = ratio*K*V)."),
+        click.option("--output", "output_kind", type=click.Choice(["full", "slim"]), default="full", show_default=True, help="Output layer: full softmax, or slim: K disjoint pools of M/K sub-vectors, logits by dynamic programming."),
+        click.option("--output-k", type=int, help="Slim output: sub-vectors per word (must divide --hidden)."),
+        click.option("--output-m", type=int, help="Slim output: total pool size M (a multiple of K, M/K <= V)."),
+        click.option("--output-ratio", type=float, help="Slim output: size as a fraction of the dense softmax (sets M/K = ratio*V)."),
+        click.option("--mapping", type=click.Choice(["shuffle", "hash"]), default="shuffle", show_default=True, help="Sub-vector assignment: shuffle (the paper; tables stored in the file) or hash (computed from the seed; K=H is HashNet)."),
+        click.option("--mapping-seed", type=int, default=0, show_default=True, help="Seed of the assignment tables."),
+        click.option("--tie", is_flag=True, help="Share the output layer's parameters with the input (dense+full or slim+slim)."),
         click.option("--loss-average", type=click.Choice(["batch", "token"]), default="batch", show_default=True, help="batch: loss summed over time, averaged over the batch (Zaremba); token: mean per token."),
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed (init, dropout)."),
         click.option("--min-count", type=int, default=1, show_default=True, help="Drop words rarer than this (they become <unk>)."),
@@ -168,7 +179,8 @@ def _train_options(fn):
 @_train_options
 @friendly_errors
 def train(data, train_file, valid_file, test_file, out, resume, force, quiet, as_json,
-          seed, min_count, max_vocab, eval_batch_size, loss_average, **hyper):
+          seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind, output_kind,
+          mapping, mapping_seed, tie, **hyper):
     """Train an LSTM language model.
 
     With no data options, trains on the built-in synthetic corpus (a hidden
@@ -186,6 +198,8 @@ def train(data, train_file, valid_file, test_file, out, resume, force, quiet, as
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     if resume:
         given = {k: v for k, v in hyper.items() if v is not None and k != "epochs"}
+        if input_kind != "dense" or output_kind != "full" or tie or mapping != "shuffle" or mapping_seed:
+            given["input/output/mapping/tie"] = True
         if given or data or train_file or out:
             names = ", ".join("--" + k.replace("_", "-") for k in given) or "data/--out options"
             raise click.UsageError(f"--resume continues the stored run; {names} cannot change "
@@ -200,7 +214,11 @@ def train(data, train_file, valid_file, test_file, out, resume, force, quiet, as
             preset = PRESETS["builtin"]
         else:
             preset = PRESETS["zaremba-small"]
+        slim = {k: hyper.pop(k) for k in ("input_k", "input_m", "input_ratio",
+                                          "output_k", "output_m", "output_ratio")}
         hp = {k: (v if v is not None else preset[k]) for k, v in hyper.items()}
+        hp.update(slim, input=input_kind, output=output_kind, mapping=mapping,
+                  mapping_seed=mapping_seed, tie=tie)
         out = Path(out or "model.h5")
         if out.exists() and not force:
             raise click.ClickException(

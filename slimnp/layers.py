@@ -207,17 +207,23 @@ def embedding_backward(dW, ids, dX):
 
 
 class Embedding:
-    """Dense input embedding ``W: (V, D)``."""
+    """Dense input embedding ``W: (V, D)``.
 
-    def __init__(self, store: ParamStore, name: str, V: int, D: int):
+    ``param`` names an existing ``(V, D)`` parameter to use instead of a new
+    one (weight tying with the output layer).
+    """
+
+    def __init__(self, store: ParamStore, name: str, V: int, D: int, param: str | None = None):
         self.store, self.name, self.V, self.D = store, name, V, D
-        store.add(f"{name}/W", (V, D))
+        self.param = param or f"{name}/W"
+        if param is None:
+            store.add(self.param, (V, D))
 
     def forward(self, ids):
-        return embedding_forward(self.store.params[f"{self.name}/W"], ids)
+        return embedding_forward(self.store.params[self.param], ids)
 
     def backward(self, ids, dX):
-        embedding_backward(self.store.grads[f"{self.name}/W"], ids, dX)
+        embedding_backward(self.store.grads[self.param], ids, dX)
 
 
 # ----------------------------------------------------------------------------
@@ -274,3 +280,142 @@ class Softmax:
         g[f"{self.name}/W"] += dW
         g[f"{self.name}/b"] += db
         return nll, dh
+
+    def logits(self, h):
+        p = self.store.params
+        return h @ p[f"{self.name}/W"].T + p[f"{self.name}/b"]
+
+
+# ----------------------------------------------------------------------------
+# Slim embeddings (Li, Kang and Zhang, AAAI 2018); tables in slimnp.mapping
+# ----------------------------------------------------------------------------
+def slim_embedding_forward(A, idx, ids):
+    """Input vectors as concatenated pool rows.
+
+    A : (M, d) shared pool;  idx : (V, K) pool row of each word's k-th part;
+    ids : (T, B) word ids.  Returns ``X : (T, B, K*d)`` with
+    ``X[t, b, k*d:(k+1)*d] = A[idx[ids[t, b], k]]``, and the gathered
+    sub-vector ids ``(T, B, K)`` that the backward needs.
+    """
+    xp = array_module(A)
+    sub = xp.take(idx, ids, axis=0)  # (T, B, K)
+    X = xp.take(A, sub, axis=0)  # (T, B, K, d)
+    T, B, K, d = X.shape
+    return X.reshape(T, B, K * d), sub
+
+
+def slim_embedding_backward(dA, sub, dX):
+    """``dA[sub[t, b, k]] += dX[t, b, k*d:(k+1)*d]`` (repeated rows accumulate)."""
+    d = dA.shape[1]
+    kernels.embedding_scatter_add(dA, sub.reshape(-1), dX.reshape(-1, d))
+
+
+class SlimEmbedding:
+    """Input layer: each word is K sub-vectors from ONE shared pool ``A: (M, H/K)``.
+
+    Parameters: ``M*H/K`` instead of ``V*H``.  ``idx: (V, K)`` holds rows of
+    ``A`` (for a tied model: rows of the output pools seen as one ``(M, d)``
+    array, i.e. ``k*M/K + idx_out[w, k]``).  ``param`` names the pool in the
+    store (a tied model passes the output layer's).
+    """
+
+    def __init__(self, store: ParamStore, name: str, V: int, H: int, K: int, M: int, idx,
+                 param: str | None = None):
+        self.store, self.name, self.V, self.H, self.K, self.M = store, name, V, H, K, M
+        self.d = H // K
+        self.idx = idx
+        self.param = param or f"{name}/A"
+        if param is None:
+            store.add(self.param, (M, self.d))
+        self._sub = None
+
+    def _pool(self, grads=False):
+        a = (self.store.grads if grads else self.store.params)[self.param]
+        return a.reshape(self.M, self.d)
+
+    def forward(self, ids):
+        X, self._sub = slim_embedding_forward(self._pool(), self.idx, ids)
+        return X
+
+    def backward(self, ids, dX):
+        slim_embedding_backward(self._pool(grads=True), self._sub, dX)
+
+
+def slim_logits(h, A, idx_kv, b):
+    """Logits of the slim output layer by dynamic programming (Algorithm 1).
+
+    h : (N, H);  A : (K, M/K, d) the K disjoint pools;  idx_kv : (K, V);
+    b : (V,).  ``z[n, w] = sum_k h_k[n] . A[k, idx_kv[k, w]] + b[w]``:
+    (1) K GEMMs ``P[k] = h_k A[k]^T`` give every distinct partial product,
+    (2) a K-term gather-sum per word.  Cost ``O(N M H / K + N V K)``; the
+    ``V x H`` matrix is never formed.  Returns ``z (N, V)`` and ``P``.
+    """
+    xp = array_module(h)
+    K, Mk, d = A.shape
+    N = h.shape[0]
+    hk = h.reshape(N, K, d).transpose(1, 0, 2)  # (K, N, d)
+    P = xp.matmul(hk, A.transpose(0, 2, 1))  # (K, N, Mk)
+    z = xp.empty((N, idx_kv.shape[1]), dtype=h.dtype)
+    kernels.slim_gather_sum(P, idx_kv, b, z)
+    return z, hk
+
+
+def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=True):
+    """Cross-entropy of the slim softmax and its gradients.
+
+    Backward uses the structure too: ``G_k = segment-sum of dz by idx_kv[k]``
+    ``(N, M/K)``, then ``dA_k = G_k^T h_k`` and ``dh_k = G_k A_k``.
+
+    Returns ``nll (N,)`` and, with ``compute_grad``, ``(dh (N, H), dA (K, M/K, d), db (V,))``.
+    """
+    xp = array_module(h)
+    z, hk = slim_logits(h, A, idx_kv, b)
+    nll = kernels.softmax_xent(z, targets, scale, compute_grad)
+    if not compute_grad:
+        return nll, None
+    dz = z
+    K, Mk, d = A.shape
+    N = h.shape[0]
+    G = xp.empty((K, N, Mk), dtype=h.dtype)
+    kernels.slim_segment_sum(dz, idx_kv, G)
+    dA = xp.matmul(G.transpose(0, 2, 1), hk)  # (K, Mk, d)
+    dh = xp.matmul(G, A).transpose(1, 0, 2).reshape(N, K * d)  # (N, H)
+    return nll, (dh, dA, dz.sum(axis=0))
+
+
+class SlimSoftmax:
+    """Output layer: word w's vector is ``[A[0, idx[w,0]], ..., A[K-1, idx[w,K-1]]]``.
+
+    ``A: (K, M/K, H/K)`` (K disjoint pools), ``b: (V,)``; ``idx: (V, K)`` local
+    to each pool.  Parameters ``M*H/K + V``.
+    """
+
+    def __init__(self, store: ParamStore, name: str, V: int, H: int, K: int, M: int, idx):
+        self.store, self.name, self.V, self.H, self.K, self.M = store, name, V, H, K, M
+        self.Mk, self.d = M // K, H // K
+        self.idx_kv = np.ascontiguousarray(np.asarray(idx).T)  # (K, V): row k read contiguously
+        store.add(f"{name}/A", (K, self.Mk, self.d))
+        store.add(f"{name}/b", (V,))
+
+    def to(self, xp):
+        self.idx_kv = xp.asarray(self.idx_kv)
+
+    def loss(self, h, targets, scale=1.0, compute_grad=True, chunk=None):
+        p, g = self.store.params, self.store.grads
+        A, b = p[f"{self.name}/A"], p[f"{self.name}/b"]
+        if not compute_grad:
+            xp = array_module(h)
+            chunk = chunk or max(1, (1 << 24) // max(self.V, 1))
+            return xp.concatenate([
+                slim_softmax_forward_backward(h[i : i + chunk], A, b, self.idx_kv,
+                                              targets[i : i + chunk], 1.0, False)[0]
+                for i in range(0, h.shape[0], chunk)
+            ]), None
+        nll, (dh, dA, db) = slim_softmax_forward_backward(h, A, b, self.idx_kv, targets, scale, True)
+        g[f"{self.name}/A"] += dA
+        g[f"{self.name}/b"] += db
+        return nll, dh
+
+    def logits(self, h):
+        p = self.store.params
+        return slim_logits(h, p[f"{self.name}/A"], self.idx_kv, p[f"{self.name}/b"])[0]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import FLOAT, get_xp
-from .layers import LSTM, Embedding, ParamStore, Softmax, dropout_mask
+from .layers import LSTM, Embedding, ParamStore, SlimEmbedding, SlimSoftmax, Softmax, dropout_mask
+from .mapping import input_table, output_table
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,42 @@ class ModelConfig:
     dropout: float = 0.0  # drop probability on non-recurrent connections
     init_scale: float = 0.1  # every parameter starts uniform in +-init_scale
     dtype: str = "float32"  # parameter and activation dtype (float64 for checks)
+    # slim embeddings (Li et al. 2018); see slimnp.mapping for the tables
+    input: str = "dense"  # 'dense': a (V, H) table; 'slim': K parts from one pool of M
+    input_k: int = 1  # K on the input side (must divide hidden)
+    input_m: int = 0  # M: pool size on the input side (<= K*V)
+    output: str = "full"  # 'full' softmax or 'slim' (K disjoint pools, DP logits)
+    output_k: int = 1  # K on the output side (must divide hidden)
+    output_m: int = 0  # M: total of the K output pools (a multiple of K, M/K <= V)
+    mapping: str = "shuffle"  # 'shuffle' (the paper; tables stored) or 'hash' (seed only)
+    mapping_seed: int = 0  # seed of the assignment tables
+    tie: bool = False  # input shares the output's parameters (same kind both sides)
 
     def validate(self) -> None:
         problems = []
+        V, H = self.vocab_size, self.hidden
+        if self.input not in ("dense", "slim"):
+            problems.append(f"input must be 'dense' or 'slim', got {self.input!r}")
+        if self.output not in ("full", "slim"):
+            problems.append(f"output must be 'full' or 'slim', got {self.output!r}")
+        if self.mapping not in ("shuffle", "hash"):
+            problems.append(f"mapping must be 'shuffle' or 'hash', got {self.mapping!r}")
+        if self.input == "slim" and not self.tie:
+            K, M = self.input_k, self.input_m
+            if K < 1 or H % K:
+                problems.append(f"input K={K} must divide hidden={H}")
+            if not 1 <= M <= K * V:
+                problems.append(f"input M={M} must lie in [1, K*V={K * V}] (K={K}, V={V})")
+        if self.output == "slim":
+            K, M = self.output_k, self.output_m
+            if K < 1 or H % K:
+                problems.append(f"output K={K} must divide hidden={H}")
+            elif M < K or M % K:
+                problems.append(f"output M={M} must be a positive multiple of K={K}")
+            elif M // K > V:
+                problems.append(f"output M/K={M // K} must be <= V={V} (each pool entry needs a word)")
+        if self.tie and (self.input == "slim") != (self.output == "slim"):
+            problems.append("tie needs the same kind on both sides (dense+full or slim+slim)")
         if self.vocab_size < 2:
             problems.append(f"vocab_size must be >= 2, got {self.vocab_size}")
         if self.hidden < 1:
@@ -52,12 +86,37 @@ class ModelConfig:
         return cls(**d)
 
 
-def _declare(store: ParamStore, config: ModelConfig):
+def make_mapping(config: ModelConfig) -> dict:
+    """The assignment tables a config implies: ``{"input/idx", "output/idx"}`` (V, K)."""
+    V, seed = config.vocab_size, config.mapping_seed
+    tables = {}
+    if config.output == "slim":
+        K = config.output_k
+        tables["output/idx"] = output_table(V, K, config.output_m // K, config.mapping, seed)
+    if config.input == "slim" and not config.tie:
+        tables["input/idx"] = input_table(V, config.input_k, config.input_m, config.mapping, seed)
+    return tables
+
+
+def _declare(store: ParamStore, config: ModelConfig, mapping: dict | None):
     """Create the layers (declaring their parameter shapes in ``store``)."""
     V, H, L = config.vocab_size, config.hidden, config.layers
-    embedding = Embedding(store, "embedding", V, H)
+    if config.output == "slim":
+        K, M = config.output_k, config.output_m
+        output = SlimSoftmax(store, "output", V, H, K, M, mapping["output/idx"])
+    else:
+        output = Softmax(store, "output", V, H)
+    if config.input == "slim" and config.tie:
+        # rows of the K output pools seen as one (M, d) pool
+        K, Mk = config.output_k, config.output_m // config.output_k
+        idx = mapping["output/idx"] + (np.arange(K) * Mk)[None, :]
+        embedding = SlimEmbedding(store, "embedding", V, H, K, config.output_m, idx, param="output/A")
+    elif config.input == "slim":
+        embedding = SlimEmbedding(store, "embedding", V, H, config.input_k, config.input_m,
+                                  mapping["input/idx"])
+    else:
+        embedding = Embedding(store, "embedding", V, H, param="output/W" if config.tie else None)
     lstms = [LSTM(store, f"lstm{l}", H, H) for l in range(L)]
-    output = Softmax(store, "output", V, H)
     return embedding, lstms, output
 
 
@@ -65,7 +124,9 @@ def param_shapes(config: ModelConfig) -> dict:
     """``{"layer/name": shape}`` of a model with ``config``, allocating nothing."""
     config.validate()
     store = ParamStore()
-    _declare(store, config)
+    # shapes do not depend on the tables' contents: zeros stand in for them
+    dummy = {k: np.zeros((config.vocab_size, 1), np.int32) for k in ("input/idx", "output/idx")}
+    _declare(store, config, dummy)
     return dict(store.shapes)
 
 
@@ -76,15 +137,40 @@ class LanguageModel:
     (``[l, 0]`` = h, ``[l, 1]`` = c); truncation is the trainer's job.
     """
 
-    def __init__(self, config: ModelConfig, device: str = "cpu"):
+    def __init__(self, config: ModelConfig, device: str = "cpu", mapping: dict | None = None):
         config.validate()
         self.config = config
         self.device = device
         self.xp = get_xp(device)
         self.dtype = np.dtype(config.dtype)
+        self.mapping = self._check_mapping(mapping) if mapping else make_mapping(config)
         self.store = ParamStore(self.xp, self.dtype)
-        self.embedding, self.lstms, self.output = _declare(self.store, config)
+        self.embedding, self.lstms, self.output = _declare(self.store, config, self.mapping)
         self.store.allocate()
+
+    def _check_mapping(self, mapping: dict) -> dict:
+        """Stored tables (from a model file) against what the config implies."""
+        c = self.config
+        want = make_mapping(c) if c.mapping == "hash" else None
+        need = {}
+        if c.output == "slim":
+            need["output/idx"] = (c.output_k, c.output_m // c.output_k)
+        if c.input == "slim" and not c.tie:
+            need["input/idx"] = (c.input_k, c.input_m)
+        problems = []
+        for name, (K, n) in need.items():
+            t = mapping.get(name)
+            if t is None:
+                problems.append(f"missing table {name}")
+            elif t.shape != (c.vocab_size, K):
+                problems.append(f"{name}: expected shape ({c.vocab_size}, {K}), found {t.shape}")
+            elif t.size and (t.min() < 0 or t.max() >= n):
+                problems.append(f"{name}: entries must lie in [0, {n})")
+            elif want is not None and not np.array_equal(t, want[name]):
+                problems.append(f"{name}: does not match the hash mapping of the stored seed")
+        if problems:
+            raise ValueError("invalid mapping tables: " + "; ".join(problems))
+        return {k: np.ascontiguousarray(mapping[k], dtype=np.int32) for k in need}
 
     # -- parameters -----------------------------------------------------------
     def init_params(self, rng: np.random.Generator) -> None:
@@ -192,5 +278,4 @@ class LanguageModel:
         """Unnormalised scores ``(T, B, V)`` and the final state (tests, sampling)."""
         T, B = x.shape
         a, new_state, _ = self._forward(x, state)
-        W, b = self.store.params["output/W"], self.store.params["output/b"]
-        return (a.reshape(T * B, -1) @ W.T + b).reshape(T, B, -1), new_state
+        return self.output.logits(a.reshape(T * B, -1)).reshape(T, B, -1), new_state

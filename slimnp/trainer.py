@@ -29,6 +29,7 @@ from . import io as sio
 from .backend import make_rng, to_numpy
 from .data import Vocabulary, batchify
 from .evaluate import evaluate_ids
+from .mapping import HASH_NAME
 from .model import LanguageModel, ModelConfig, param_shapes
 from .optim import Schedule, make_optimizer
 from .progress import Progress, fmt_duration
@@ -100,6 +101,30 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
+def mapping_fields(model: LanguageModel) -> dict:
+    """What a model file stores of the slim tables: the tables themselves for
+    ``shuffle``, only the seed and hash name for ``hash``."""
+    c = model.config
+    if c.mapping == "hash":
+        return {"mapping": {}, "mapping_attrs": {"kind": "hash", "hash": HASH_NAME,
+                                                 "seed": c.mapping_seed}}
+    return {"mapping": dict(model.mapping), "mapping_attrs": {"kind": "shuffle", "seed": c.mapping_seed}}
+
+
+def model_from_checkpoint(ck: sio.Checkpoint, path, device: str = "cpu") -> LanguageModel:
+    """Build the model a checkpoint describes and load its parameters."""
+    mc = ModelConfig.from_dict(ck.config["model"])
+    if mc.mapping == "hash" and ck.mapping_attrs.get("hash", HASH_NAME) != HASH_NAME:
+        raise sio.FormatError(f"{path}: mapping hash {ck.mapping_attrs.get('hash')!r} is unknown "
+                              f"to this slimnp (knows {HASH_NAME})")
+    try:
+        model = LanguageModel(mc, device=device, mapping=ck.mapping or None)
+    except ValueError as exc:
+        raise sio.FormatError(f"{path}: {exc}") from None
+    model.load_params(ck.params)
+    return model
+
+
 def load_model(path, device: str = "cpu"):
     """Load a model file for evaluation: ``(model, vocab, checkpoint)``.
 
@@ -107,8 +132,7 @@ def load_model(path, device: str = "cpu"):
     first (:func:`slimnp.io.load`); mismatches raise ``FormatError``.
     """
     ck = sio.load(path, expected_shapes=expected_shapes, optimizer=False)
-    model = LanguageModel(ModelConfig.from_dict(ck.config["model"]), device=device)
-    model.load_params(ck.params)
+    model = model_from_checkpoint(ck, path, device)
     vocab = Vocabulary.from_words(list(ck.vocab), ck.vocab_counts)
     return model, vocab, ck
 
@@ -208,7 +232,7 @@ class Trainer:
         return sio.Checkpoint(
             config=self._config_dict(), vocab=list(self.vocab.words),
             vocab_counts=self.vocab.counts, params=self.model.params_numpy(),
-            optimizer=self.optimizer.state_dict(), train_state=st)
+            **mapping_fields(self.model), optimizer=self.optimizer.state_dict(), train_state=st)
 
     def save(self, path=None) -> None:
         sio.save(path or self.out, self.checkpoint())
@@ -376,6 +400,44 @@ def _finish(trainer: Trainer, test, corpus_info, log, t_start) -> dict:
     return summary
 
 
+def slim_settings(hp: dict, V: int) -> dict:
+    """Slim-embedding fields of :class:`ModelConfig` from CLI-style settings.
+
+    ``input_ratio`` / ``output_ratio`` give the layer's size as a fraction of
+    the dense ``V x H`` table (parameters ``M*H/K``, so ``M = ratio*K*V``;
+    on the output side ``M/K = round(ratio*V)`` keeps M a multiple of K).
+    """
+    out = {}
+    for side, kind_slim in (("input", "slim"), ("output", "slim")):
+        kind = hp.get(side) or ("dense" if side == "input" else "full")
+        out[side] = kind
+        k, m, ratio = hp.get(f"{side}_k"), hp.get(f"{side}_m"), hp.get(f"{side}_ratio")
+        if kind != kind_slim:
+            if k or m or ratio:
+                raise ValueError(f"--{side}-k/--{side}-m/--{side}-ratio need --{side} slim")
+            continue
+        if hp.get("tie") and side == "input":
+            if k or m or ratio:
+                raise ValueError("with --tie the input uses the output's pools: "
+                                 "give --output-k/--output-m only")
+            continue
+        if not k:
+            raise ValueError(f"--{side} slim needs --{side}-k (sub-vectors per word)")
+        if (m is None) == (ratio is None):
+            raise ValueError(f"--{side} slim needs exactly one of --{side}-m and --{side}-ratio")
+        if ratio is not None:
+            if not 0 < ratio <= 1:
+                raise ValueError(f"--{side}-ratio must lie in (0, 1], got {ratio}")
+            m = max(1, round(ratio * k * V)) if side == "input" else k * max(1, round(ratio * V))
+        out[f"{side}_k"], out[f"{side}_m"] = int(k), int(m)
+    if hp.get("tie") and out["input"] == "slim" and out["output"] == "slim":
+        out["input_k"], out["input_m"] = out["output_k"], out["output_m"]
+    out["mapping"] = hp.get("mapping") or "shuffle"
+    out["mapping_seed"] = int(hp.get("mapping_seed") or 0)
+    out["tie"] = bool(hp.get("tie"))
+    return out
+
+
 def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=None,
                  eval_batch_size=10, loss_average="batch", corpus_info=None,
                  device="cpu", log=print, progress=True) -> dict:
@@ -387,9 +449,11 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     """
     t_start = time.perf_counter()
     vocab = Vocabulary.build(files["train"], min_count=min_count, max_vocab=max_vocab)
-    enc = _encode_splits(vocab, files, log)
     mc = ModelConfig(vocab_size=len(vocab), hidden=hp["hidden"], layers=hp["layers"],
-                     dropout=hp["dropout"], init_scale=hp["init_scale"])
+                     dropout=hp["dropout"], init_scale=hp["init_scale"],
+                     **slim_settings(hp, len(vocab)))
+    mc.validate()  # before the slower encoding: a bad option fails fast
+    enc = _encode_splits(vocab, files, log)
     tc = TrainConfig(epochs=hp["epochs"], bptt=hp["bptt"], batch_size=hp["batch_size"], lr=hp["lr"],
                      clip=hp["clip"], schedule=hp["schedule"], lr_decay=hp["lr_decay"],
                      decay_start=hp["decay_start"], decay_threshold=hp["decay_threshold"],
@@ -433,7 +497,7 @@ def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True
                             "(sha256 differs)")
     vocab = Vocabulary.from_words(list(ck.vocab), ck.vocab_counts)
     enc = _encode_splits(vocab, files, log)
-    model = LanguageModel(ModelConfig.from_dict(cfg["model"]), device=device)
+    model = model_from_checkpoint(ck, path, device)
     trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, path,
                       data_info=info, log=log, progress=progress)
     trainer.restore(ck)

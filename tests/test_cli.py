@@ -128,3 +128,36 @@ def test_python_dash_m():
 
     r = subprocess.run([sys.executable, "-m", "slimnp", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout
+
+
+@pytest.mark.data
+def test_data_fetch_ptb_from_local_mirror(tmp_path):
+    """`slimnp data fetch ptb` against a 127.0.0.1 server holding the real files."""
+    import functools
+    import http.server
+    import threading
+
+    from conftest import shared_data
+
+    src = shared_data("ptb")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(src))
+    handler.log_message = lambda *a, **k: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/"
+        r = run("data", "fetch", "ptb", tmp_path / "ptb", "--base-url", url, "-q")
+        assert r.exit_code == 0, r.output
+        for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
+            assert (tmp_path / "ptb" / name).read_bytes() == (src / name).read_bytes()
+        # a mirror serving different bytes is refused, and nothing is left behind
+        (tmp_path / "bad").mkdir()
+        for name in ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"):
+            (tmp_path / "bad" / name).write_text("tampered\n")
+        srv.RequestHandlerClass.directory = str(tmp_path / "bad")
+        handler.keywords["directory"] = str(tmp_path / "bad")
+        r = run("data", "fetch", "ptb", tmp_path / "ptb2", "--base-url", url, "-q")
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert not list((tmp_path / "ptb2").glob("ptb.*.txt"))
+    finally:
+        srv.shutdown()

@@ -122,3 +122,60 @@ def softmax_xent(logits, targets, scale=1.0, compute_grad=True):
     _check_float("logits", logits)
     _check_ids("targets", targets, N, V)
     return _impl(logits, targets).softmax_xent(logits, targets, scale, compute_grad)
+
+
+def _check_ndim(name, a, ndim, axes):
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-d array {axes}, got shape {tuple(a.shape)}")
+
+
+def _check_index_table(name, idx, K, upper):
+    """``idx : (K, V)`` integer table with every entry in ``[0, upper)``."""
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer table (int32), got {idx.dtype}")
+    _check_ndim(name, idx, 2, "(K, V)")
+    if idx.shape[0] != K:
+        raise ValueError(f"{name}: expected shape (K, V) with K = {K} (from the partial "
+                         f"products), got {tuple(idx.shape)}; pass the k-major (K, V) table")
+    if idx.size:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= upper:
+            raise IndexError(f"{name}: entries must lie in [0, {upper}) (the pool size Mk), "
+                             f"found range [{lo}, {hi}]")
+
+
+def slim_gather_sum(P, idx_kv, b, z):
+    """Slim output logits ``z[n, w] = b[w] + sum_k P[k, n, idx_kv[k, w]]``.
+
+    Step 2 of Algorithm 1 in Li et al., AAAI 2018; see
+    :func:`reference.slim_gather_sum`.  ``P : (K, N, Mk)``, ``idx_kv : (K, V)``
+    int in ``[0, Mk)``, ``b : (V,)`` or None, ``z : (N, V)`` overwritten.
+    """
+    _check_float("P", P)
+    _check_ndim("P", P, 3, "(K, N, Mk)")
+    K, N, Mk = P.shape
+    _check_index_table("idx_kv", idx_kv, K, Mk)
+    V = idx_kv.shape[1]
+    if b is not None:
+        _check_float("b", b, P.dtype)
+        _check_shape("b", b, (V,))
+    _check_float("z", z, P.dtype)
+    _check_shape("z", z, (N, V))
+    arrays = (P, idx_kv, z) if b is None else (P, idx_kv, b, z)
+    _impl(*arrays).slim_gather_sum(P, idx_kv, b, z)
+
+
+def slim_segment_sum(dz, idx_kv, G):
+    """``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``.
+
+    The backward of :func:`slim_gather_sum` w.r.t. ``P``; see
+    :func:`reference.slim_segment_sum`.  ``dz : (N, V)``, ``idx_kv : (K, V)``
+    int in ``[0, Mk)``, ``G : (K, N, Mk)`` overwritten.
+    """
+    _check_float("G", G)
+    _check_ndim("G", G, 3, "(K, N, Mk)")
+    K, N, Mk = G.shape
+    _check_index_table("idx_kv", idx_kv, K, Mk)
+    _check_float("dz", dz, G.dtype)
+    _check_shape("dz", dz, (N, idx_kv.shape[1]))
+    _impl(dz, idx_kv, G).slim_segment_sum(dz, idx_kv, G)

@@ -122,3 +122,77 @@ def softmax_xent(logits, targets, scale, compute_grad=True):
         xp.multiply(e, (scale / s).astype(logits.dtype), out=logits)
         logits[rows, targets] -= logits.dtype.type(scale)
     return nll
+
+
+# ---------------------------------------------------------------------------
+# Slim output layer (Li et al., "Slim Embedding Layers for Recurrent Neural
+# Language Models", AAAI 2018, Algorithm 1).
+#
+# Word w's output vector is the concatenation of K sub-vectors, the k-th taken
+# from its own pool S_k : (Mk, d), Mk = M / K, d = H / K:
+#
+#     u_w = [ S_0[idx_kv[0, w]] | S_1[idx_kv[1, w]] | ... | S_{K-1}[idx_kv[K-1, w]] ]
+#
+# so with h split the same way, h = [h_0 | ... | h_{K-1}],
+#
+#     z[n, w] = b[w] + sum_k  h_k[n] . S_k[idx_kv[k, w]]  =  b[w] + sum_k P[k, n, idx_kv[k, w]]
+#
+# Step 1 (the caller): P[k] = h_k @ S_k.T, K small GEMMs costing N*M*d in all
+# instead of N*V*H.  Step 2 (below): gather and sum, N*V*K adds.
+#
+#     P      : (K, N, Mk)  partial dot products
+#     idx_kv : (K, V) int  pool entry of word w at position k, in [0, Mk)
+#                          (k-major so that one pool's column of indices is
+#                          contiguous: the kernels sweep it once per row)
+# ---------------------------------------------------------------------------
+
+
+def slim_gather_sum(P, idx_kv, b, z):
+    """Output logits of the slim layer from the partial products (Algorithm 1, step 2).
+
+    ``z[n, w] = b[w] + sum_k P[k, n, idx_kv[k, w]]``
+
+    Parameters
+    ----------
+    P : (K, N, Mk) float  ``P[k, n, j] = h_k[n] . S_k[j]``
+    idx_kv : (K, V) int32  in ``[0, Mk)``
+    b : (V,) float or None  output bias
+    z : (N, V) float  out, overwritten
+
+    The sum runs bias first, then k = 0, 1, ..., K-1 (the Numba kernel adds
+    in the same order, so float results agree to rounding of equal sums).
+    """
+    xp = array_module(P)
+    if b is None:
+        z[...] = 0
+    else:
+        z[...] = b
+    for k in range(P.shape[0]):
+        # take along the Mk axis: (N, Mk) -> (N, V).  Measured 3-4x faster
+        # than the fancy index P[k][:, idx_kv[k]] and on par with gathering
+        # rows of a transposed (Mk, N) table (see the kernels' report).
+        z += xp.take(P[k], idx_kv[k], axis=1)
+
+
+def slim_segment_sum(dz, idx_kv, G):
+    """Backward of :func:`slim_gather_sum` with respect to ``P``.
+
+    ``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``
+
+    Parameters
+    ----------
+    dz : (N, V) float  gradient of the loss w.r.t. the logits
+    idx_kv : (K, V) int32  in ``[0, Mk)``
+    G : (K, N, Mk) float  out, overwritten (entries no word uses become 0)
+
+    The bias gradient is ``dz.sum(0)`` and is left to the caller.
+    """
+    xp = array_module(dz)
+    K, N, Mk = G.shape
+    # One bincount per pool over the flattened (N, V) table: entry (n, w)
+    # goes to bin n*Mk + idx_kv[k, w], i.e. to G[k, n, idx_kv[k, w]].
+    row_offset = (xp.arange(N) * Mk)[:, None]  # (N, 1)
+    weights = dz.ravel()
+    for k in range(K):
+        bins = (row_offset + idx_kv[k][None, :]).ravel()  # (N*V,)
+        G[k] = xp.bincount(bins, weights=weights, minlength=N * Mk).reshape(N, Mk)

@@ -1,0 +1,214 @@
+"""Slim embeddings: assignment tables, DP output layer, gradients, files, CLI."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from slimnp import io as sio
+from slimnp.backend import make_rng
+from slimnp.cli import main
+from slimnp.layers import (slim_embedding_backward, slim_embedding_forward, slim_logits,
+                           slim_softmax_forward_backward, softmax_forward_backward)
+from slimnp.mapping import hash_assignment, shuffle_assignment, shuffle_assignment_pools
+from slimnp.model import LanguageModel, ModelConfig
+from slimnp.trainer import load_model, mapping_fields
+
+from helpers import tiny_corpus
+from test_layers import assert_grad
+
+
+# -- tables -------------------------------------------------------------------
+@pytest.mark.parametrize("V,K,M", [(4, 2, 3), (1000, 10, 777), (50, 3, 150), (7, 1, 1)])
+def test_shuffle_table_uses_pool_uniformly(V, K, M):
+    t = shuffle_assignment(V, K, M, seed=1)
+    assert t.shape == (V, K) and t.min() >= 0 and t.max() < M
+    use = np.bincount(t.ravel(), minlength=M)
+    assert use.min() == (K * V) // M and use.max() == -(-K * V // M)
+    np.testing.assert_array_equal(t, shuffle_assignment(V, K, M, seed=1))
+    if M > 1 and V * K > 4:
+        assert not np.array_equal(t, shuffle_assignment(V, K, M, seed=2))
+
+
+def test_output_table_columns_are_uniform_per_pool():
+    V, K, Mk = 1000, 5, 128
+    t = shuffle_assignment_pools(V, K, Mk, seed=0)
+    for k in range(K):
+        use = np.bincount(t[:, k], minlength=Mk)
+        assert use.min() == V // Mk and use.max() == -(-V // Mk)
+    assert not np.array_equal(t[:, 0], t[:, 1])
+
+
+def test_table_errors():
+    with pytest.raises(ValueError, match="K\\*V"):
+        shuffle_assignment(10, 2, 21, 0)
+    with pytest.raises(ValueError, match="V=10"):
+        shuffle_assignment_pools(10, 2, 11, 0)
+
+
+def test_hash_table_is_a_function_of_seed():
+    a = hash_assignment(5000, 8, 300, seed=3, salt=0)
+    np.testing.assert_array_equal(a, hash_assignment(5000, 8, 300, seed=3, salt=0))
+    assert not np.array_equal(a, hash_assignment(5000, 8, 300, seed=4, salt=0))
+    assert a.min() >= 0 and a.max() < 300
+    use = np.bincount(a.ravel(), minlength=300)
+    # hashing is uniform in expectation (mean 133.3), not exactly
+    assert use.min() > 80 and use.max() < 190
+
+
+# -- layers -------------------------------------------------------------------
+def _dense_from_pools(A, idx_vk):
+    """Materialise the (V, H) output matrix (tests only)."""
+    K = A.shape[0]
+    return np.concatenate([A[k][idx_vk[:, k]] for k in range(K)], axis=1)
+
+
+def test_dp_logits_equal_materialised_matrix(rng):
+    N, V, K, Mk, d = 6, 40, 4, 7, 3
+    h = rng.standard_normal((N, K * d))
+    A = rng.standard_normal((K, Mk, d))
+    b = rng.standard_normal(V)
+    idx = shuffle_assignment_pools(V, K, Mk, 0)
+    z, _ = slim_logits(h, A, np.ascontiguousarray(idx.T), b)
+    np.testing.assert_allclose(z, h @ _dense_from_pools(A, idx).T + b, rtol=1e-12, atol=1e-12)
+
+
+def test_slim_softmax_without_sharing_is_the_full_softmax(rng):
+    """K=1, one pool entry per word: exactly a full softmax (loss and gradients)."""
+    N, V, H = 5, 30, 8
+    h = rng.standard_normal((N, H))
+    A = rng.standard_normal((1, V, H))
+    b = rng.standard_normal(V)
+    t = rng.integers(0, V, N).astype(np.int32)
+    perm = rng.permutation(V).astype(np.int32)[:, None]  # (V, 1)
+    W = A[0][perm[:, 0]]
+    nll_s, (dh_s, dA, db_s) = slim_softmax_forward_backward(h, A, b, np.ascontiguousarray(perm.T), t, 0.5)
+    nll_f, (dh_f, dW, db_f) = softmax_forward_backward(h, W, b, t, 0.5)
+    np.testing.assert_allclose(nll_s, nll_f, rtol=1e-13)
+    np.testing.assert_allclose(dh_s, dh_f, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dA[0][perm[:, 0]], dW, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(db_s, db_f, rtol=1e-12, atol=1e-14)
+
+
+def test_slim_softmax_gradient(rng):
+    N, V, K, Mk, d = 4, 17, 3, 5, 2
+    h = rng.standard_normal((N, K * d))
+    A = rng.standard_normal((K, Mk, d))
+    b = rng.standard_normal(V)
+    idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, 1).T)
+    t = np.array([0, V - 1, 3, 3], np.int32)
+
+    def loss():
+        return 0.5 * float(slim_softmax_forward_backward(h, A, b, idx_kv, t, 1.0, False)[0].sum())
+
+    _, (dh, dA, db) = slim_softmax_forward_backward(h, A, b, idx_kv, t, 0.5)
+    for analytic, arr in ((dh, h), (dA, A), (db, b)):
+        assert_grad(analytic, loss, arr)
+
+
+def test_slim_embedding_gradient(rng):
+    V, K, M, d = 9, 3, 5, 2
+    A = rng.standard_normal((M, d))
+    idx = shuffle_assignment(V, K, M, 0)
+    ids = np.array([[0, 8], [4, 4], [8, 1]], np.int32)
+    w = rng.standard_normal((3, 2, K * d))
+
+    def loss():
+        return float((slim_embedding_forward(A, idx, ids)[0] * w).sum())
+
+    X, sub = slim_embedding_forward(A, idx, ids)
+    np.testing.assert_array_equal(X[0, 1], np.concatenate([A[i] for i in idx[8]]))
+    dA = np.zeros_like(A)
+    slim_embedding_backward(dA, sub, w)
+    assert_grad(dA, loss, A)
+
+
+SLIM = dict(input="slim", input_k=2, input_m=12, output="slim", output_k=3, output_m=15)
+
+
+@pytest.mark.parametrize("extra", [SLIM, dict(SLIM, mapping="hash"),
+                                   dict(output="slim", output_k=2, output_m=10, input="slim", tie=True),
+                                   dict(tie=True)])
+def test_model_gradients_slim(extra, rng):
+    V, H, L, T, B = 13, 6, 2, 3, 2
+    m = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=L, init_scale=0.4,
+                                  dtype="float64", **extra))
+    m.init_params(np.random.default_rng(0))
+    x = rng.integers(0, V, (T, B)).astype(np.int32)
+    y = rng.integers(0, V, (T, B)).astype(np.int32)
+    state = rng.standard_normal((L, 2, B, H)) * 0.5
+
+    def loss():
+        return float(m.nll(x, y, state)[0].sum()) / B
+
+    m.store.zero_grad()
+    m.forward_backward(x, y, state)
+    for name, p in m.store.params.items():
+        idx = rng.choice(p.size, size=min(p.size, 20), replace=False)
+        assert_grad(m.store.grads[name], loss, p, idx)
+
+
+def test_parameter_counts():
+    V, H = 1000, 20
+    dense = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=1))
+    slim = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=1, input="slim", input_k=4,
+                                     input_m=400, output="slim", output_k=5, output_m=500))
+    shapes = slim.param_shapes()
+    assert np.prod(shapes["embedding/A"]) == 400 * H // 4  # M*H/K
+    assert np.prod(shapes["output/A"]) == 500 * H // 5
+    assert dense.num_parameters - slim.num_parameters == 2 * V * H - 400 * 5 - 500 * 4
+
+
+@pytest.mark.parametrize("mapping", ["shuffle", "hash"])
+def test_slim_save_load_round_trip(tmp_path, mapping):
+    cfg = ModelConfig(vocab_size=30, hidden=6, layers=1, mapping=mapping, mapping_seed=7, **SLIM)
+    m = LanguageModel(cfg)
+    m.init_params(make_rng(1))
+    ck = sio.Checkpoint(config={"model": cfg.to_dict()},
+                        vocab=["<eos>", "<unk>"] + [f"w{i}" for i in range(28)],
+                        params=m.params_numpy(), **mapping_fields(m))
+    sio.save(tmp_path / "m.h5", ck)
+    with h5py.File(tmp_path / "m.h5") as f:
+        names = list(f["mapping"].keys()) if "mapping" in f else []
+        if mapping == "shuffle":
+            assert f["mapping/output/idx"].dtype == np.uint8  # smallest dtype that fits
+        else:
+            assert names == []  # hash: nothing stored but the seed
+    m2, _, _ = load_model(tmp_path / "m.h5")
+    x = np.arange(8, dtype=np.int32).reshape(4, 2)
+    np.testing.assert_array_equal(m.logits(x, m.zero_state(2))[0], m2.logits(x, m2.zero_state(2))[0])
+    for k in m.mapping:
+        np.testing.assert_array_equal(m.mapping[k], m2.mapping[k])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--input", "slim", "--input-k", "3", "--input-m", "10"], "must divide hidden"),
+    (["--output", "slim", "--output-k", "4", "--output-m", "10"], "multiple of K"),
+    (["--input", "slim", "--input-k", "4", "--input-m", "100000"], "K*V"),
+    (["--input", "slim", "--input-m", "10"], "--input-k"),
+    (["--input-k", "4"], "need --input slim"),
+    (["--tie", "--output", "slim", "--output-k", "4", "--output-ratio", "0.5"], "same kind"),
+])
+def test_cli_rejects_bad_combinations(tmp_path, args, needle):
+    tiny_corpus(tmp_path / "c", tokens=2000)
+    r = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "m.h5"),
+                                  "--hidden", "16", "-q", *args])
+    assert r.exit_code == 1, r.output
+    assert needle in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_cli_trains_slim_model(tmp_path):
+    tiny_corpus(tmp_path / "c", tokens=4000)
+    r = CliRunner().invoke(main, ["train", "--data", str(tmp_path / "c"), "--out", str(tmp_path / "m.h5"),
+                                  "--layers", "1", "--hidden", "16", "--epochs", "1", "--batch-size", "8",
+                                  "--input", "slim", "--input-k", "4", "--input-ratio", "0.25",
+                                  "--output", "slim", "--output-k", "4", "--output-ratio", "0.25",
+                                  "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output.strip().splitlines()[-1])
+    assert np.isfinite(s["test_ppl"])
+    info = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "m.h5"), "--json"]).output)
+    assert info["config"]["model"]["input"] == "slim"
+    assert info["config"]["model"]["output_m"] % 4 == 0

@@ -1,0 +1,207 @@
+"""Slim output-layer kernels and the parallel embedding scatter, Numba vs the NumPy spec.
+
+Notation (reference.py): P (K, N, Mk) partial products, idx_kv (K, V) pool
+entries in [0, Mk), z (N, V) logits, G (K, N, Mk) gradient w.r.t. P.
+"""
+import numpy as np
+import pytest
+
+from slimnp import kernels
+from slimnp.kernels import cpu, reference
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
+# segment sums add up to V terms into one entry; the reference accumulates
+# them in float64 (bincount), the kernel in the array's dtype
+SEG_TOL = {np.float32: dict(rtol=1e-4, atol=1e-4), np.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def _gather_variants():
+    """Every implementation of slim_gather_sum under the reference signature."""
+    def compiled(kernel):
+        def run(P, idx_kv, b, z):
+            has_bias = b is not None
+            kernel(P, idx_kv, b if has_bias else np.empty(0, P.dtype), has_bias, z)
+        return run
+    return {"cpu": cpu.slim_gather_sum,
+            "serial": compiled(cpu._slim_gather_sum_serial),
+            "parallel": compiled(cpu._slim_gather_sum_parallel)}
+
+
+SEGMENT_VARIANTS = {"cpu": cpu.slim_segment_sum,
+                    "serial": cpu._slim_segment_sum_serial,
+                    "parallel": cpu._slim_segment_sum_parallel}
+
+
+def _slim_case(rng, dtype, K, N, Mk, V, bias=True, shared=False):
+    P = rng.standard_normal((K, N, Mk)).astype(dtype)
+    idx_kv = rng.integers(0, Mk, (K, V)).astype(np.int32)
+    idx_kv[:, 0] = 0  # first pool entry, used by word 0
+    idx_kv[:, -1] = Mk - 1  # last pool entry, used by word V-1
+    if shared:  # a third of the vocabulary on one entry of every pool
+        idx_kv[:, ::3] = Mk // 2
+    b = rng.standard_normal(V).astype(dtype) if bias else None
+    dz = rng.standard_normal((N, V)).astype(dtype)
+    return P, idx_kv, b, dz
+
+
+# (K, N, Mk, V, bias, shared): generic; K=1; N=1 (B=1) without bias;
+# pools of size 1 (every index 0); heavy sharing; one word
+CASES = [(3, 7, 5, 40, True, False), (1, 4, 6, 6, True, False), (4, 1, 3, 25, False, False),
+         (2, 5, 1, 30, True, False), (5, 9, 8, 300, True, True), (2, 3, 4, 1, True, False)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,N,Mk,V,bias,shared", CASES)
+def test_slim_gather_sum_parity(dtype, K, N, Mk, V, bias, shared, rng):
+    P, idx_kv, b, _ = _slim_case(rng, dtype, K, N, Mk, V, bias, shared)
+    expect = np.full((N, V), np.nan, dtype)  # out is overwritten, NaNs included
+    reference.slim_gather_sum(P, idx_kv, b, expect)
+    for name, fn in _gather_variants().items():
+        z = np.full((N, V), np.nan, dtype)
+        fn(P, idx_kv, b, z)
+        np.testing.assert_allclose(z, expect, **TOL[dtype], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,N,Mk,V,bias,shared", CASES)
+def test_slim_segment_sum_parity(dtype, K, N, Mk, V, bias, shared, rng):
+    _, idx_kv, _, dz = _slim_case(rng, dtype, K, N, Mk, V, bias, shared)
+    expect = np.full((K, N, Mk), np.nan, dtype)
+    reference.slim_segment_sum(dz, idx_kv, expect)
+    for name, fn in SEGMENT_VARIANTS.items():
+        G = np.full((K, N, Mk), np.nan, dtype)  # the kernel zero-fills
+        fn(dz, idx_kv, G)
+        np.testing.assert_allclose(G, expect, **SEG_TOL[dtype], err_msg=name)
+
+
+def test_slim_kernels_against_loops(rng):
+    """Both equations written as plain Python loops on a tiny case."""
+    K, N, Mk, V = 2, 3, 3, 5
+    P, idx_kv, b, dz = _slim_case(rng, np.float64, K, N, Mk, V, shared=True)
+    z_loop = np.zeros((N, V))
+    G_loop = np.zeros((K, N, Mk))
+    for n in range(N):
+        for w in range(V):
+            z_loop[n, w] = b[w]
+            for k in range(K):
+                z_loop[n, w] += P[k, n, idx_kv[k, w]]
+                G_loop[k, n, idx_kv[k, w]] += dz[n, w]
+    for mode in ("reference", "cpu"):
+        with kernels.using(mode):
+            z = np.empty((N, V))
+            G = np.empty((K, N, Mk))
+            kernels.slim_gather_sum(P, idx_kv, b, z)
+            kernels.slim_segment_sum(dz, idx_kv, G)
+        np.testing.assert_allclose(z, z_loop, rtol=1e-14, atol=1e-14, err_msg=mode)
+        np.testing.assert_allclose(G, G_loop, rtol=1e-14, atol=1e-14, err_msg=mode)
+
+
+@pytest.mark.parametrize("mode", ["reference", "cpu"])
+def test_slim_segment_sum_is_adjoint(mode, rng):
+    """<dz, gather(P) - b> == <segment_sum(dz), P>: the backward is the transpose."""
+    K, N, Mk, V = 4, 6, 7, 50
+    P, idx_kv, b, dz = _slim_case(rng, np.float64, K, N, Mk, V, shared=True)
+    with kernels.using(mode):
+        z = np.empty((N, V))
+        G = np.empty((K, N, Mk))
+        kernels.slim_gather_sum(P, idx_kv, b, z)
+        kernels.slim_segment_sum(dz, idx_kv, G)
+    assert abs(np.sum(dz * (z - b)) - np.sum(G * P)) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_slim_without_sharing_is_dense(mode, dtype, rng):
+    """K=1, Mk=V, idx=arange(V): the slim logits are P[0] + b, exactly, and G[0] = dz."""
+    N, V = 5, 12
+    P = rng.standard_normal((1, N, V)).astype(dtype)
+    b = rng.standard_normal(V).astype(dtype)
+    dz = rng.standard_normal((N, V)).astype(dtype)
+    idx_kv = np.arange(V, dtype=np.int32)[None, :]
+    with kernels.using(mode):
+        z = np.empty((N, V), dtype)
+        G = np.empty((1, N, V), dtype)
+        kernels.slim_gather_sum(P, idx_kv, b, z)
+        kernels.slim_segment_sum(dz, idx_kv, G)
+    np.testing.assert_array_equal(z, P[0] + b)
+    np.testing.assert_array_equal(G[0], dz)
+
+
+def test_slim_dispatch_uses_parallel_path(monkeypatch, rng):
+    """Thresholds at zero route the dispatcher to the parallel variants."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_GATHER", 0)
+    P, idx_kv, b, dz = _slim_case(rng, np.float64, 3, 4, 5, 20)
+    z_ref, z = np.empty((4, 20)), np.empty((4, 20))
+    G_ref, G = np.empty((3, 4, 5)), np.empty((3, 4, 5))
+    reference.slim_gather_sum(P, idx_kv, b, z_ref)
+    reference.slim_segment_sum(dz, idx_kv, G_ref)
+    with kernels.using("cpu"):
+        kernels.slim_gather_sum(P, idx_kv, b, z)
+        kernels.slim_segment_sum(dz, idx_kv, G)
+    np.testing.assert_allclose(z, z_ref, **TOL[np.float64])
+    np.testing.assert_allclose(G, G_ref, **TOL[np.float64])
+
+
+def test_slim_dispatcher_validates():
+    P, idx, b, z, G = (np.zeros((2, 3, 4)), np.zeros((2, 5), np.int32), np.zeros(5),
+                       np.zeros((3, 5)), np.zeros((2, 3, 4)))
+    kernels.slim_gather_sum(P, idx, b, z)  # the valid call
+    kernels.slim_gather_sum(P, idx, None, z)
+    kernels.slim_segment_sum(z, idx, G)
+    with pytest.raises(ValueError, match=r"3-d array \(K, N, Mk\)"):
+        kernels.slim_gather_sum(P[0], idx, b, z)
+    with pytest.raises(ValueError, match="K = 2"):
+        kernels.slim_gather_sum(P, idx.T.copy(), b, z)  # a (V, K) table
+    with pytest.raises(ValueError, match=r"z: expected shape \(3, 5\)"):
+        kernels.slim_gather_sum(P, idx, b, np.zeros((3, 6)))
+    with pytest.raises(ValueError, match=r"b: expected shape \(5,\)"):
+        kernels.slim_gather_sum(P, idx, np.zeros(4), z)
+    with pytest.raises(IndexError, match=r"\[0, 4\).*found range \[4, 4\]"):
+        kernels.slim_gather_sum(P, np.full((2, 5), 4, np.int32), b, z)
+    bad = idx.copy()
+    bad[1, 3] = -1
+    with pytest.raises(IndexError, match=r"found range \[-1, 0\]"):
+        kernels.slim_segment_sum(z, bad, G)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        kernels.slim_gather_sum(P.astype(np.float16), idx, None, z.astype(np.float16))
+    with pytest.raises(TypeError, match="does not match"):
+        kernels.slim_gather_sum(P, idx, b, z.astype(np.float32))
+    with pytest.raises(TypeError, match="integer table"):
+        kernels.slim_segment_sum(z, idx.astype(np.float64), G)
+    with pytest.raises(ValueError, match=r"dz: expected shape \(3, 5\)"):
+        kernels.slim_segment_sum(np.zeros((3, 4)), idx, G)
+
+
+# --- embedding_scatter_add: the parallel (row-grouped) path -----------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("V,D,N", [(11, 6, 40), (1, 3, 9), (500, 4, 300), (50, 1, 1)])
+def test_embedding_scatter_add_parallel(dtype, V, D, N, rng):
+    ids = rng.integers(0, V, N).astype(np.int32)
+    ids[: min(N, 4)] = [0, V - 1, V // 2, V // 2][: min(N, 4)]  # ends and a repeat
+    if N > 10:
+        ids[::5] = V - 1  # one row receiving many entries
+    dX = rng.standard_normal((N, D)).astype(dtype)
+    W0 = rng.standard_normal((V, D)).astype(dtype)
+    expect = W0.copy()
+    reference.embedding_scatter_add(expect, ids, dX)
+    serial, parallel = W0.copy(), W0.copy()
+    cpu._embedding_scatter_add_serial(serial, ids, dX)
+    cpu._embedding_scatter_add_parallel(parallel, ids, dX)
+    np.testing.assert_allclose(parallel, expect, **TOL[dtype])
+    # same additions in the same order per row: identical bits
+    np.testing.assert_array_equal(parallel, serial)
+
+
+def test_embedding_scatter_add_dispatch_parallel(monkeypatch, rng):
+    """Slim input layer shape: N*K sub-ids into a pool of M rows of size d, forced parallel."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_SCATTER", 0)
+    M, d, NK = 40, 5, 600
+    ids = rng.integers(0, M, NK).astype(np.int32)
+    dX = rng.standard_normal((NK, d))
+    expect, got = np.zeros((M, d)), np.zeros((M, d))
+    cpu._embedding_scatter_add_serial(expect, ids, dX)
+    with kernels.using("cpu"):
+        kernels.embedding_scatter_add(got, ids, dX)
+    np.testing.assert_array_equal(got, expect)
