@@ -276,9 +276,34 @@ def evaluate(model, file, batch_size, as_json, quiet):
 def inspect(model, as_json):
     """Show a model file: config, every dataset, parameter counts, training state."""
     from . import io as sio
+    from .mapping import slim_report
+    from .model import ModelConfig, make_mapping
 
     info = sio.describe(model)
-    click.echo(json.dumps(info, indent=2) if as_json else sio.format_describe_text(info))
+    mcfg = info.get("config", {}).get("model")
+    if mcfg and (mcfg.get("input") == "slim" or mcfg.get("output") == "slim"):
+        mc = ModelConfig.from_dict(mcfg)
+        if mc.mapping == "hash":
+            tables = make_mapping(mc)  # nothing stored: recompute from the seed
+        else:
+            tables = sio.load(model, params=False, optimizer=False, train_state=False, mapping=True).mapping
+        nbytes = {d["name"][len("/mapping/"):]: d["nbytes"] for d in info["datasets"]
+                  if d["name"].startswith("/mapping/")}
+        info["slim"] = slim_report(mcfg, tables, nbytes)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(sio.format_describe_text(info))
+    for side, r in info.get("slim", {}).items():
+        line = (f"slim {side}: K={r['K']} M={r['M']} (sub-vectors of {r['sub_vector_size']}), "
+                f"{r['pool_parameters']:,} parameters vs {r['dense_parameters']:,} dense "
+                f"({r['compression']:.4f}), mapping {r['mapping']} seed {r['mapping_seed']}, "
+                f"tables {r['table_bytes']:,} B")
+        if "uses_min" in r:
+            line += f", uses per sub-vector {r['uses_min']}..{r['uses_max']}"
+        if r["tied_to_output"]:
+            line += ", tied to the output pools"
+        click.echo(line)
 
 
 # ---------------------------------------------------------------------------

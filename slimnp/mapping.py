@@ -104,3 +104,41 @@ def output_table(V: int, K: int, Mk: int, kind: str, seed: int) -> np.ndarray:
     if kind == "hash":
         return hash_assignment(V, K, Mk, seed, 1)
     raise ValueError(f"unknown mapping {kind!r}; expected 'shuffle' or 'hash'")
+
+
+def slim_report(config: dict, tables: dict, table_bytes: dict | None = None) -> dict:
+    """Per slim layer: K, M, compression, parameters vs dense, pool usage.
+
+    ``config`` is a model config dict; ``tables`` the ``(V, K)`` tables
+    (``"input/idx"``, ``"output/idx"``; computed from the seed for hash
+    mappings); ``table_bytes`` what each table takes in the file.
+    """
+    V, H = config["vocab_size"], config["hidden"]
+    report = {}
+    sides = []
+    if config.get("input") == "slim":
+        sides.append("input")
+    if config.get("output") == "slim":
+        sides.append("output")
+    for side in sides:
+        tied = side == "input" and config.get("tie")
+        src = "output" if tied else side
+        K, M = config[f"{src}_k"], config[f"{src}_m"]
+        d = H // K
+        params = M * d  # the pool(s); the output bias is counted apart
+        t = tables.get(f"{src}/idx")
+        entry = {"K": K, "M": M, "sub_vector_size": d, "pool_parameters": params,
+                 "dense_parameters": V * H, "compression": params / (V * H),
+                 "mapping": config.get("mapping", "shuffle"), "mapping_seed": config.get("mapping_seed", 0),
+                 "tied_to_output": bool(tied),
+                 "table_bytes": int((table_bytes or {}).get(f"{src}/idx", 0))}
+        if t is not None:
+            t = np.asarray(t)
+            if src == "output":  # K pools of M/K entries: usage per pool entry
+                use = np.concatenate([np.bincount(t[:, k], minlength=M // K) for k in range(K)])
+            else:
+                use = np.bincount(t.ravel(), minlength=M)
+            entry.update(uses_min=int(use.min()), uses_max=int(use.max()),
+                         unused_entries=int((use == 0).sum()))
+        report[side] = entry
+    return report

@@ -212,3 +212,92 @@ def test_cli_trains_slim_model(tmp_path):
     info = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "m.h5"), "--json"]).output)
     assert info["config"]["model"]["input"] == "slim"
     assert info["config"]["model"]["output_m"] % 4 == 0
+
+
+# -- no-sharing limits, stability, learning, inspect -------------------------------
+def test_slim_input_without_sharing_is_a_dense_embedding(rng):
+    """K=1, M=V, identity table: exactly the dense embedding (forward and backward)."""
+    from slimnp.layers import embedding_backward, embedding_forward
+
+    V, H = 12, 5
+    A = rng.standard_normal((V, H))
+    ids = rng.integers(0, V, (4, 3)).astype(np.int32)
+    ident = np.arange(V, dtype=np.int32)[:, None]
+    X, sub = slim_embedding_forward(A, ident, ids)
+    np.testing.assert_array_equal(X, embedding_forward(A, ids))
+    dX = rng.standard_normal((4, 3, H))
+    dA, dW = np.zeros_like(A), np.zeros_like(A)
+    slim_embedding_backward(dA, sub, dX)
+    embedding_backward(dW, ids, dX)
+    np.testing.assert_array_equal(dA, dW)
+
+
+def test_slim_output_with_identity_pools_is_the_full_softmax(rng):
+    """K pools of size V, idx[w, k] = w: the full softmax with W[w] = concat_k A[k, w]."""
+    N, V, K, d = 5, 11, 3, 2
+    h = rng.standard_normal((N, K * d))
+    A = rng.standard_normal((K, V, d))
+    b = rng.standard_normal(V)
+    t = rng.integers(0, V, N).astype(np.int32)
+    idx_kv = np.tile(np.arange(V, dtype=np.int32), (K, 1))
+    W = np.concatenate([A[k] for k in range(K)], axis=1)  # (V, K*d)
+    nll_s, (dh_s, dA, db_s) = slim_softmax_forward_backward(h, A, b, idx_kv, t, 1.0)
+    nll_f, (dh_f, dW, db_f) = softmax_forward_backward(h, W, b, t, 1.0)
+    np.testing.assert_allclose(nll_s, nll_f, rtol=1e-13)
+    np.testing.assert_allclose(dh_s, dh_f, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.concatenate(list(dA), axis=1), dW, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(db_s, db_f, rtol=1e-12, atol=1e-14)
+
+
+def test_hash_mapping_is_stable_across_processes():
+    import hashlib
+    import subprocess
+    import sys
+
+    code = ("import hashlib; from slimnp.mapping import hash_assignment; "
+            "print(hashlib.sha256(hash_assignment(5000, 8, 300, 11, 1).tobytes()).hexdigest())")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    here = hashlib.sha256(hash_assignment(5000, 8, 300, 11, 1).tobytes()).hexdigest()
+    assert outs == {here + "\n"}
+
+
+def test_tiny_slim_model_loss_falls():
+    from slimnp.optim import SGD
+
+    m = LanguageModel(ModelConfig(vocab_size=20, hidden=12, layers=1, **dict(SLIM, input_m=20, output_m=30)))
+    m.init_params(make_rng(0))
+    pattern = np.tile(np.arange(10, dtype=np.int32), 6)
+    x = np.ascontiguousarray(np.stack([pattern[:-1]] * 2, axis=1)[:20])
+    y = np.ascontiguousarray(np.stack([pattern[1:]] * 2, axis=1)[:20])
+    opt, losses = SGD(clip=5.0), []
+    for _ in range(150):
+        m.store.zero_grad()
+        nll, _, _ = m.forward_backward(x, y, m.zero_state(2))
+        opt.step(m.store.data, m.store.grad, 0.5)
+        losses.append(nll / x.size)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_inspect_reports_slim_layers(tmp_path):
+    tiny_corpus(tmp_path / "c", tokens=3000)
+    args = ["train", "--data", str(tmp_path / "c"), "--layers", "1", "--hidden", "16", "--epochs", "1",
+            "--input", "slim", "--input-k", "4", "--input-m", "50", "--output", "slim",
+            "--output-k", "4", "--output-m", "40", "-q"]
+    for mapping in ("shuffle", "hash"):
+        out = str(tmp_path / f"{mapping}.h5")
+        assert CliRunner().invoke(main, args + ["--mapping", mapping, "--out", out]).exit_code == 0
+        info = json.loads(CliRunner().invoke(main, ["inspect", out, "--json"]).output)
+        V = info["vocab_size"]
+        r_in, r_out = info["slim"]["input"], info["slim"]["output"]
+        assert r_in["pool_parameters"] == 50 * 4 and r_in["dense_parameters"] == V * 16
+        assert r_out["pool_parameters"] == 40 * 4
+        assert r_in["compression"] == pytest.approx(200 / (V * 16))
+        assert r_in["mapping"] == mapping
+        if mapping == "shuffle":
+            assert r_in["uses_min"] == (4 * V) // 50 and r_in["uses_max"] == -(-4 * V // 50)
+            assert r_in["table_bytes"] > 0
+        else:
+            assert r_in["table_bytes"] == 0 and r_in["uses_max"] >= r_in["uses_min"]
+        text = CliRunner().invoke(main, ["inspect", out]).output
+        assert "slim input: K=4 M=50" in text
