@@ -43,6 +43,10 @@ CONFIGS = {
 # reported as unavailable.
 VARIANTS = {
     "dense": {},
+    # the slim setting: input K=10 at 10% of the dense table
+    # (M = 0.1*K*V), output K=10 at 1/10 (M/K = V/10)
+    "slim": {"input": "slim", "input_k": 10, "input_ratio": 0.1,
+             "output": "slim", "output_k": 10, "output_ratio": 0.1},
 }
 
 ENGINES = ("slimnp", "torch")
@@ -223,8 +227,11 @@ def slimnp_config(cfg: dict, variant: str):
     from slimnp.model import ModelConfig
 
     d = dict(vocab_size=cfg["V"], hidden=cfg["H"], layers=cfg["L"], dropout=0.0)
-    d.update(VARIANTS[variant])
     try:
+        from slimnp.trainer import slim_settings
+
+        extra = VARIANTS[variant]
+        d.update(slim_settings(extra, cfg["V"]) if extra else {})
         mc = ModelConfig.from_dict(d)
         mc.validate()
     except (TypeError, ValueError) as exc:
