@@ -360,6 +360,24 @@ def slim_logits(h, A, idx_kv, b):
     return z, hk
 
 
+def slim_logits_t(h, A, idx_kv, b):
+    """:func:`slim_logits` for few rows, in the word-major layout: ``zT (V, N)``.
+
+    ``PT[k] = A[k] h_k^T`` is ``(M/K, N)``: each pool entry's N partials lie
+    together, so the gather-sum reads one cache line per (word, pool) instead
+    of N scattered floats (inference on a handful of hidden states, the
+    paper's Table 7 setting).
+    """
+    xp = array_module(h)
+    K, Mk, d = A.shape
+    N = h.shape[0]
+    hk = h.reshape(N, K, d).transpose(1, 2, 0)  # (K, d, N)
+    PT = xp.matmul(A, hk)  # (K, Mk, N)
+    zT = xp.empty((idx_kv.shape[1], N), dtype=h.dtype)
+    kernels.slim_gather_sum_t(PT, idx_kv, b, zT)
+    return zT
+
+
 def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=True):
     """Cross-entropy of the slim softmax and its gradients.
 

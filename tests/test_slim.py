@@ -301,3 +301,15 @@ def test_inspect_reports_slim_layers(tmp_path):
             assert r_in["table_bytes"] == 0 and r_in["uses_max"] >= r_in["uses_min"]
         text = CliRunner().invoke(main, ["inspect", out]).output
         assert "slim input: K=4 M=50" in text
+
+
+def test_word_major_logits_equal_row_major(rng):
+    from slimnp.layers import slim_logits_t
+
+    N, V, K, Mk, d = 3, 50, 4, 9, 2
+    h = rng.standard_normal((N, K * d))
+    A = rng.standard_normal((K, Mk, d))
+    b = rng.standard_normal(V)
+    idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, 2).T)
+    np.testing.assert_allclose(slim_logits_t(h, A, idx_kv, b).T, slim_logits(h, A, idx_kv, b)[0],
+                               rtol=1e-12, atol=1e-12)

@@ -205,3 +205,29 @@ def test_embedding_scatter_add_dispatch_parallel(monkeypatch, rng):
     with kernels.using("cpu"):
         kernels.embedding_scatter_add(got, ids, dX)
     np.testing.assert_array_equal(got, expect)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,Mk,N,V,bias", [(1, 1, 1, 5, True), (3, 7, 4, 40, True), (8, 50, 20, 300, False)])
+def test_gather_sum_word_major_layout(dtype, K, Mk, N, V, bias):
+    """The word-major kernel equals the row-major one on the transposed table."""
+    rng = np.random.default_rng(K * 100 + N)
+    P = rng.standard_normal((K, N, Mk)).astype(dtype)
+    idx = rng.integers(0, Mk, (K, V)).astype(np.int32)
+    idx[:, 0] = 0
+    idx[:, -1] = Mk - 1
+    b = rng.standard_normal(V).astype(dtype) if bias else None
+    z = np.empty((N, V), dtype)
+    reference.slim_gather_sum(P, idx, b, z)
+    PT = np.ascontiguousarray(P.transpose(0, 2, 1))
+    for mode in ("reference", "cpu"):
+        zT = np.empty((V, N), dtype)
+        with kernels.using(mode):
+            kernels.slim_gather_sum_t(PT, idx, b, zT)
+        np.testing.assert_allclose(zT.T, z, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    for fn in (cpu._slim_gather_sum_t_serial, cpu._slim_gather_sum_t_parallel):
+        zT = np.empty((V, N), dtype)
+        fn(PT, idx, b if bias else np.empty(0, dtype), bias, zT)
+        np.testing.assert_allclose(zT.T, z, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    with pytest.raises(ValueError):
+        kernels.slim_gather_sum_t(PT, idx, b, np.empty((N, V), dtype) if N != V else np.empty((V, N + 1), dtype))

@@ -165,6 +165,26 @@ def slim_gather_sum(P, idx_kv, b, z):
     _impl(*arrays).slim_gather_sum(P, idx_kv, b, z)
 
 
+def slim_gather_sum_t(PT, idx_kv, b, zT):
+    """Word-major slim logits ``zT[w, n] = b[w] + sum_k PT[k, idx_kv[k, w], n]``.
+
+    The layout for few rows (inference): ``PT : (K, Mk, N)``, ``zT : (V, N)``
+    overwritten; see :func:`reference.slim_gather_sum_t`.
+    """
+    _check_float("PT", PT)
+    _check_ndim("PT", PT, 3, "(K, Mk, N)")
+    K, Mk, N = PT.shape
+    _check_index_table("idx_kv", idx_kv, K, Mk)
+    V = idx_kv.shape[1]
+    if b is not None:
+        _check_float("b", b, PT.dtype)
+        _check_shape("b", b, (V,))
+    _check_float("zT", zT, PT.dtype)
+    _check_shape("zT", zT, (V, N))
+    arrays = (PT, idx_kv, zT) if b is None else (PT, idx_kv, b, zT)
+    _impl(*arrays).slim_gather_sum_t(PT, idx_kv, b, zT)
+
+
 def slim_segment_sum(dz, idx_kv, G):
     """``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``.
 

@@ -309,3 +309,38 @@ def slim_segment_sum(dz, idx_kv, G):
     V = dz.shape[1]
     kernel = _slim_segment_sum_parallel if N * V * K > PARALLEL_MIN_GATHER else _slim_segment_sum_serial
     kernel(dz, idx_kv, G)
+
+
+def _slim_gather_sum_t_impl(PT, idx_kv, b, has_bias, zT):
+    # Word-major layout for few rows (inference, scoring): PT (K, Mk, N),
+    # zT (V, N).  For each word and pool, the N partials PT[k, j, :] are
+    # contiguous (one or two cache lines), so a V*K walk touches V*K lines
+    # instead of the row layout's N*V*K scattered floats, and the inner loop
+    # over n vectorises.  Words are independent: prange over w is race-free.
+    K, Mk, N = PT.shape
+    V = idx_kv.shape[1]
+    for w in nb.prange(V):
+        zw = zT[w]  # (N,)
+        if has_bias:
+            for n in range(N):
+                zw[n] = b[w]
+        else:
+            for n in range(N):
+                zw[n] = 0.0
+        for k in range(K):
+            p = PT[k, idx_kv[k, w]]  # (N,)
+            for n in range(N):
+                zw[n] += p[n]
+
+
+_slim_gather_sum_t_serial, _slim_gather_sum_t_parallel = _serial_and_parallel(_slim_gather_sum_t_impl)
+
+
+def slim_gather_sum_t(PT, idx_kv, b, zT):
+    K, _, N = PT.shape
+    V = idx_kv.shape[1]
+    has_bias = b is not None
+    if not has_bias:
+        b = np.empty(0, PT.dtype)
+    kernel = _slim_gather_sum_t_parallel if N * V * K > PARALLEL_MIN_GATHER else _slim_gather_sum_t_serial
+    kernel(PT, idx_kv, b, has_bias, zT)

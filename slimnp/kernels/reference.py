@@ -174,6 +174,27 @@ def slim_gather_sum(P, idx_kv, b, z):
         z += xp.take(P[k], idx_kv[k], axis=1)
 
 
+def slim_gather_sum_t(PT, idx_kv, b, zT):
+    """:func:`slim_gather_sum` in the word-major layout used for few rows.
+
+    ``zT[w, n] = b[w] + sum_k PT[k, idx_kv[k, w], n]``
+
+    Parameters
+    ----------
+    PT : (K, Mk, N) float  the partial products, pool entry major
+    idx_kv : (K, V) int32  in ``[0, Mk)``
+    b : (V,) float or None
+    zT : (V, N) float  out, overwritten (the transposed logits)
+    """
+    xp = array_module(PT)
+    if b is None:
+        zT[...] = 0
+    else:
+        zT[...] = b[:, None]
+    for k in range(PT.shape[0]):
+        zT += xp.take(PT[k], idx_kv[k], axis=0)  # rows of (Mk, N) -> (V, N)
+
+
 def slim_segment_sum(dz, idx_kv, G):
     """Backward of :func:`slim_gather_sum` with respect to ``P``.
 
