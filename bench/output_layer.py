@@ -91,7 +91,6 @@ def main(argv=None):
     rows["slim: log-softmax"] = timeit(lambda: log_softmax_columns(zT.copy()), a.repeats)
     # the row-major layout that training uses (N, Mk) per pool, for comparison
     rows["slim, row-major"] = timeit(lambda: log_softmax_rows(slim_logits(h, A, idx_kv, b)[0]), a.repeats)
-    z = np.empty((N, V), np.float32)
 
     if not a.skip_full:
         W = rng.standard_normal((V, H), dtype=np.float32) * 0.02

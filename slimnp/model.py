@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import FLOAT, get_xp
+from .backend import get_xp
 from .layers import LSTM, Embedding, ParamStore, SlimEmbedding, SlimSoftmax, Softmax, dropout_mask
 from .mapping import input_table, output_table
 

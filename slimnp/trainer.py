@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 
-from slimnp.backend import make_rng
 from slimnp.data import Vocabulary
 from slimnp.evaluate import evaluate_ids
 from slimnp.model import LanguageModel, ModelConfig

@@ -1,6 +1,5 @@
 """The README's commands and library example stay true."""
 import re
-import subprocess
 from pathlib import Path
 
 from helpers import tiny_corpus
