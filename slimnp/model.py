@@ -176,8 +176,15 @@ class LanguageModel:
     def init_params(self, rng: np.random.Generator) -> None:
         """Uniform(-init_scale, init_scale) for every parameter, from ``rng``."""
         s = self.config.init_scale
-        vals = rng.uniform(-s, s, size=self.store.size).astype(self.dtype)
-        self.store.data[...] = self.xp.asarray(vals)
+        data = self.store.data
+        # chunked, in the parameter dtype: no float64 copy of a large model
+        # (an 800K-word dense layer would need 3x its size otherwise)
+        step = 1 << 22
+        for i in range(0, data.size, step):
+            u = rng.random(min(step, data.size - i), dtype=self.dtype.type)  # [0, 1)
+            u *= 2 * s
+            u -= s
+            data[i : i + u.size] = self.xp.asarray(u)
 
     def param_shapes(self) -> dict:
         return dict(self.store.shapes)
