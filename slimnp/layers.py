@@ -120,10 +120,11 @@ def lstm_forward(x, h0, c0, Wx, Wh, b):
     hs[0] = h0
     cs[0] = c0
     hg = xp.empty((B, 4 * H), dtype=dt)
+    step, _ = kernels.lstm_segment_kernels(G, cs)  # checked once, not T times
     for t in range(T):
         xp.matmul(hs[t], Wh, out=hg)
         # act (= G[t], in place) , c_t, h_t, tanh(c_t)
-        kernels.lstm_pointwise_forward(G[t], hg, cs[t], G[t], cs[t + 1], hs[t + 1], tcs[t])
+        step(G[t], hg, cs[t], G[t], cs[t + 1], hs[t + 1], tcs[t])
     cache = LSTMCache(x=x, G=G, hs=hs, cs=cs, tcs=tcs)
     return hs[1:], (hs[T], cs[T]), cache
 
@@ -151,11 +152,12 @@ def lstm_backward(dh_seq, cache: LSTMCache, Wx, Wh, dhT=None, dcT=None):
     dc = xp.zeros((B, H), dtype=dt) if dcT is None else dcT.astype(dt, copy=True)
     dh = xp.empty((B, H), dtype=dt)
     WhT = Wh.T
+    _, step = kernels.lstm_segment_kernels(G, cs)
     for t in range(T - 1, -1, -1):
         # total gradient into h_t: from the layer above and from step t+1
         xp.add(dh_seq[t], dh_next, out=dh)
         # dG[t] and (in place) dc: dc_t -> dc_{t-1}
-        kernels.lstm_pointwise_backward(G[t], cs[t], tcs[t], dh, dc, dG[t])
+        step(G[t], cs[t], tcs[t], dh, dc, dG[t])
         # undo "+ h_{t-1} Wh": gradient flowing into h_{t-1}
         xp.matmul(dG[t], WhT, out=dh_next)
     dG2 = dG.reshape(T * B, 4 * H)

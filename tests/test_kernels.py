@@ -123,3 +123,15 @@ def test_dispatcher_validates():
         kernels.softmax_xent(np.zeros((2, 3)), np.array([0, -1], np.int32))
     with pytest.raises(ValueError, match="unknown kernel mode"):
         kernels.use("fast")
+
+
+def test_lstm_segment_kernels_validate_once():
+    G = np.zeros((3, 2, 8), np.float32)
+    fwd, bwd = kernels.lstm_segment_kernels(G, np.zeros((4, 2, 2), np.float32))
+    assert callable(fwd) and callable(bwd)
+    with pytest.raises(ValueError, match="expected shape"):
+        kernels.lstm_segment_kernels(G, np.zeros((3, 2, 2), np.float32))
+    with pytest.raises(TypeError):
+        kernels.lstm_segment_kernels(G, np.zeros((4, 2, 2), np.float64))
+    with kernels.using("reference"):
+        assert kernels.lstm_segment_kernels(G, np.zeros((4, 2, 2), np.float32))[0] is reference.lstm_pointwise_forward
