@@ -162,6 +162,23 @@ def _check_index_table(name, idx, K, upper):
                              f"found range [{lo}, {hi}]")
 
 
+def _check_gather(P, idx_kv, b, z, word_major):
+    """Shared checks of the two gather-sum layouts; returns the arrays to dispatch on."""
+    names = ("PT", "(K, Mk, N)", "zT") if word_major else ("P", "(K, N, Mk)", "z")
+    _check_float(names[0], P)
+    _check_ndim(names[0], P, 3, names[1])
+    K, a, c = P.shape
+    Mk, N = (a, c) if word_major else (c, a)
+    _check_index_table("idx_kv", idx_kv, K, Mk)
+    V = idx_kv.shape[1]
+    if b is not None:
+        _check_float("b", b, P.dtype)
+        _check_shape("b", b, (V,))
+    _check_float(names[2], z, P.dtype)
+    _check_shape(names[2], z, (V, N) if word_major else (N, V))
+    return (P, idx_kv, z) if b is None else (P, idx_kv, b, z)
+
+
 def slim_gather_sum(P, idx_kv, b, z):
     """Slim output logits ``z[n, w] = b[w] + sum_k P[k, n, idx_kv[k, w]]``.
 
@@ -169,18 +186,7 @@ def slim_gather_sum(P, idx_kv, b, z):
     :func:`reference.slim_gather_sum`.  ``P : (K, N, Mk)``, ``idx_kv : (K, V)``
     int in ``[0, Mk)``, ``b : (V,)`` or None, ``z : (N, V)`` overwritten.
     """
-    _check_float("P", P)
-    _check_ndim("P", P, 3, "(K, N, Mk)")
-    K, N, Mk = P.shape
-    _check_index_table("idx_kv", idx_kv, K, Mk)
-    V = idx_kv.shape[1]
-    if b is not None:
-        _check_float("b", b, P.dtype)
-        _check_shape("b", b, (V,))
-    _check_float("z", z, P.dtype)
-    _check_shape("z", z, (N, V))
-    arrays = (P, idx_kv, z) if b is None else (P, idx_kv, b, z)
-    _impl(*arrays).slim_gather_sum(P, idx_kv, b, z)
+    _impl(*_check_gather(P, idx_kv, b, z, False)).slim_gather_sum(P, idx_kv, b, z)
 
 
 def slim_gather_sum_t(PT, idx_kv, b, zT):
@@ -189,18 +195,7 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
     The layout for few rows (inference): ``PT : (K, Mk, N)``, ``zT : (V, N)``
     overwritten; see :func:`reference.slim_gather_sum_t`.
     """
-    _check_float("PT", PT)
-    _check_ndim("PT", PT, 3, "(K, Mk, N)")
-    K, Mk, N = PT.shape
-    _check_index_table("idx_kv", idx_kv, K, Mk)
-    V = idx_kv.shape[1]
-    if b is not None:
-        _check_float("b", b, PT.dtype)
-        _check_shape("b", b, (V,))
-    _check_float("zT", zT, PT.dtype)
-    _check_shape("zT", zT, (V, N))
-    arrays = (PT, idx_kv, zT) if b is None else (PT, idx_kv, b, zT)
-    _impl(*arrays).slim_gather_sum_t(PT, idx_kv, b, zT)
+    _impl(*_check_gather(PT, idx_kv, b, zT, True)).slim_gather_sum_t(PT, idx_kv, b, zT)
 
 
 def slim_segment_sum(dz, idx_kv, G):
