@@ -27,6 +27,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from ._atomic import atomic_path
+
 EOS = "<eos>"
 UNK = "<unk>"
 
@@ -327,29 +329,21 @@ class Vocabulary:
 
         out = Path(out)
         npy = out.suffix == ".npy"
-        tmp = out.with_name(f".{out.name}.part")
         total = 0
-        try:
-            with open(tmp, "wb") as f:
-                if npy:
-                    f.write(b"\0" * _NPY_HEADER_BYTES)  # real header written at the end
-                for text in _iter_text_chunks(path, chunk_bytes):
-                    toks = _tokens(text)
-                    has_words = has_words or len(toks) > text.count("\n")
-                    arr = np.fromiter(map(get, toks), dtype="<i4", count=len(toks))
-                    f.write(arr.tobytes())
-                    total += arr.shape[0]
-                if not has_words:
-                    raise _empty_error(path)
-                if npy:
-                    f.seek(0)
-                    _write_npy_header(f, total)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(out) as tmp, open(tmp, "wb") as f:
+            if npy:
+                f.write(b"\0" * _NPY_HEADER_BYTES)  # real header written at the end
+            for text in _iter_text_chunks(path, chunk_bytes):
+                toks = _tokens(text)
+                has_words = has_words or len(toks) > text.count("\n")
+                arr = np.fromiter(map(get, toks), dtype="<i4", count=len(toks))
+                f.write(arr.tobytes())
+                total += arr.shape[0]
+            if not has_words:
+                raise _empty_error(path)
+            if npy:
+                f.seek(0)
+                _write_npy_header(f, total)
         if npy:
             ids = np.load(out, mmap_mode="r")
         else:

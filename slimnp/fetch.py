@@ -8,12 +8,13 @@ Files already present with the right hash are not downloaded again.
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
+
+from ._atomic import atomic_path
 
 SPLITS = ("train", "valid", "test")
 
@@ -128,11 +129,10 @@ def fetch(
 
 
 def _download(url, path: Path, entry: dict, timeout, progress, done: int, total: int) -> int:
-    part = path.with_name(f".{path.name}.part")
     size = entry["size"]
     h = hashlib.sha256()
     got = 0
-    try:
+    with atomic_path(path) as part:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as f:
                 while True:
@@ -146,8 +146,6 @@ def _download(url, path: Path, entry: dict, timeout, progress, done: int, total:
                     f.write(block)
                     if progress is not None:
                         progress(done + got, total)
-                f.flush()
-                os.fsync(f.fileno())
         except urllib.error.HTTPError as e:
             raise FetchError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
         except urllib.error.URLError as e:
@@ -161,8 +159,4 @@ def _download(url, path: Path, entry: dict, timeout, progress, done: int, total:
         digest = h.hexdigest()
         if digest != entry["sha256"]:
             raise FetchError(f"{url}: sha256 mismatch: expected {entry['sha256']}, got {digest}; not saved")
-        os.replace(part, path)
-    finally:
-        if part.exists():
-            part.unlink()
     return done + got

@@ -63,6 +63,7 @@ import h5py
 import numpy as np
 
 from slimnp import __version__ as _SLIMNP_VERSION
+from slimnp._atomic import atomic_path
 
 __all__ = [
     "FORMAT",
@@ -341,15 +342,6 @@ def _write_params(group: h5py.Group, params: Mapping[str, Any], compression: Opt
         group.create_dataset(name, data=_as_storable_array(value, f"params/{name}"), compression=compression)
 
 
-def _fsync_path(path: str, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(path: PathLike, ckpt: Checkpoint, *, compression: Optional[str] = None) -> None:
     """Write ``ckpt`` to ``path`` atomically.
 
@@ -380,29 +372,10 @@ def save(path: PathLike, ckpt: Checkpoint, *, compression: Optional[str] = None)
     failure, including ``KeyboardInterrupt``, the temporary file is removed
     and the previous file at ``path`` is left untouched.
     """
-    path = os.fspath(path)
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             _write_file(f, ckpt, compression)
             f.flush()
-        # Closing hands HDF5's buffers to the OS; fsync makes them durable
-        # before the rename, so the target never points at missing data.
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        _fsync_path(directory, directory=True)
-    except OSError:
-        # Some platforms/filesystems cannot fsync a directory; the file itself
-        # is already complete, so this only weakens durability of the rename.
-        pass
 
 
 # --------------------------------------------------------------------------

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numba as nb
 import numpy as np
 
+from ._atomic import atomic_path
 from .data import EOS
 
 _JIT = dict(nogil=True, cache=True)
@@ -415,17 +415,9 @@ def unigram_perplexity(train_ids, test_ids, V: int) -> float:
 
 
 def _write_atomic(path: Path, chunks) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for c in chunks:
+            f.write(c)
 
 
 def _sentence_chunks(ids: np.ndarray, eos: int, target: int = 1 << 20):
