@@ -417,9 +417,6 @@ class SlimSoftmax:
         store.add(f"{name}/A", (K, self.Mk, self.d))
         store.add(f"{name}/b", (V,))
 
-    def to(self, xp):
-        self.idx_kv = xp.asarray(self.idx_kv)
-
     def loss(self, h, targets, scale=1.0, compute_grad=True, chunk=None):
         p, g = self.store.params, self.store.grads
         A, b = p[f"{self.name}/A"], p[f"{self.name}/b"]

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import io as sio
 from .backend import make_rng, to_numpy
-from .data import Vocabulary, batchify
+from .data import Vocabulary, batchify, num_segments, segment
 from .evaluate import evaluate_ids
 from .mapping import HASH_NAME
 from .model import LanguageModel, ModelConfig, param_shapes
@@ -216,7 +216,7 @@ class Trainer:
 
     @property
     def segments_per_epoch(self) -> int:
-        return math.ceil((self.streams.shape[1] - 1) / self.config.bptt)
+        return num_segments(self.streams.shape[1], self.config.bptt)
 
     # -- checkpoints -------------------------------------------------------------
     def _config_dict(self) -> dict:
@@ -268,20 +268,17 @@ class Trainer:
         """
         cfg, st, model, xp = self.config, self.state, self.model, self.model.xp
         B, T = cfg.batch_size, cfg.bptt
-        n = self.streams.shape[1]
         nseg = self.segments_per_epoch
-        scale = 1.0 / B if cfg.loss_average == "batch" else 1.0 / (B * T)
         with _StopFlag() as stop:
             while st.epoch <= cfg.epochs and not st.finished:
                 prog = Progress(nseg, f"epoch {st.epoch}/{cfg.epochs}", enabled=self.show_progress)
                 t0 = time.perf_counter()
                 tok0 = st.epoch_tokens
                 for i in range(st.segment, nseg):
-                    s = i * T
-                    t = min(T, n - 1 - s)
-                    x = xp.asarray(np.ascontiguousarray(self.streams[:, s : s + t].T))
-                    y = xp.asarray(np.ascontiguousarray(self.streams[:, s + 1 : s + 1 + t].T))
-                    seg_scale = scale if cfg.loss_average == "batch" else 1.0 / (B * t)
+                    x_bt, y_bt = segment(self.streams, i, T)  # (B, t) views
+                    x = xp.asarray(np.ascontiguousarray(x_bt.T))  # time-major (t, B)
+                    y = xp.asarray(np.ascontiguousarray(y_bt.T))
+                    seg_scale = 1.0 / B if cfg.loss_average == "batch" else 1.0 / x.size
                     model.store.zero_grad()
                     nll, new_hidden, _ = model.forward_backward(x, y, self.hidden, seg_scale, self.rng)
                     if not math.isfinite(nll):
