@@ -140,14 +140,21 @@ class Checkpoint:
 # --------------------------------------------------------------------------
 
 
+def _py_scalar(value: Any) -> Any:
+    """A NumPy bool/integer/floating scalar as the Python type; others unchanged."""
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    return value
+
+
 def _json_default(obj: Any) -> Any:
     """Convert NumPy scalars/arrays that ``json`` does not know natively."""
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
+    if isinstance(obj, (np.bool_, np.integer, np.floating)):
+        return _py_scalar(obj)
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
@@ -188,12 +195,7 @@ def _is_native_scalar(value: Any) -> bool:
 
 def _from_attr(value: Any) -> Any:
     """Turn an attribute value read by h5py back into a Python scalar."""
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return float(value)
+    value = _py_scalar(value)
     if isinstance(value, bytes):
         return value.decode("utf-8")
     return value

@@ -11,3 +11,21 @@ def tiny_corpus(d: Path, tokens=6000, vocab=100, seed=0) -> dict:
     spec = HMMSpec(vocab=vocab, states=8, seed=seed, support=min(20, vocab - 1))
     info = write_corpus(d, spec, tokens, 600, 600)
     return {s: d / f"{s}.txt" for s in ("train", "valid", "test")}, info
+
+
+def cycle_losses(model, steps=150, lr=0.5):
+    """Train ``model`` on a deterministic 10-word cycle; per-token loss at the first and last step."""
+    import numpy as np
+
+    from slimnp.optim import SGD
+
+    pattern = np.tile(np.arange(10, dtype=np.int32), 6)
+    x = np.ascontiguousarray(np.stack([pattern[:-1]] * 2, axis=1)[:20])  # (T, B)
+    y = np.ascontiguousarray(np.stack([pattern[1:]] * 2, axis=1)[:20])
+    opt, losses = SGD(clip=5.0), []
+    for _ in range(steps):
+        model.store.zero_grad()
+        nll, _, _ = model.forward_backward(x, y, model.zero_state(2))
+        opt.step(model.store.data, model.store.grad, lr)
+        losses.append(nll / x.size)
+    return losses[0], losses[-1]
