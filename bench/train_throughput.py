@@ -32,7 +32,7 @@ def slimnp_step(model, cfg, args):
     state = [model.zero_state(cfg["B"])]
 
     def step(x, y):
-        model.store.zero_grad()
+        model.store.zero_grad(lazy=True)
         nll, new_state, _ = model.forward_backward(x, y, state[0], scale, rng)
         optimizer.step(model.store.data, model.store.grad, args.lr)
         state[0] = new_state  # truncated BPTT: carried, no gradient across

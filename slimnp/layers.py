@@ -40,6 +40,7 @@ class ParamStore:
         self.grad = None
         self.params: dict[str, object] = {}
         self.grads: dict[str, object] = {}
+        self._pending: set = set()  # lazily zeroed gradients (zero_grad(lazy=True))
 
     def add(self, name: str, shape) -> None:
         if self.data is not None:
@@ -63,8 +64,51 @@ class ParamStore:
     def size(self) -> int:
         return int(sum(int(np.prod(s)) for s in self.shapes.values()))
 
-    def zero_grad(self) -> None:
-        self.grad.fill(0)
+    def zero_grad(self, lazy: bool = False) -> None:
+        """Zero every gradient.
+
+        ``lazy`` defers the zeroing: until :meth:`settle_grad`, the first
+        :meth:`accumulate` into a gradient overwrites it instead of adding to
+        it (a GEMM writes its result in place: no memset, no temporary, no
+        extra pass), and ``settle_grad`` zeroes those nobody wrote.
+        ``LanguageModel.forward_backward`` settles before it returns.
+        """
+        if lazy:
+            self._pending = set(self.grads)
+        else:
+            self._pending = set()
+            self.grad.fill(0)
+
+    def settle_grad(self) -> None:
+        """Zero the gradients a lazy :meth:`zero_grad` left unwritten."""
+        for name in self._pending:
+            self.grads[name].fill(0)
+        self._pending = set()
+
+    def grad_view(self, name: str):
+        """``grads[name]``, zeroed first if still lazily pending (for scatters)."""
+        if name in self._pending:
+            self._pending.discard(name)
+            self.grads[name].fill(0)
+        return self.grads[name]
+
+    def accumulate(self, name: str, a, b=None) -> None:
+        """``grads[name] += a`` (``b`` None) or ``+= a @ b`` (one GEMM).
+
+        Overwrites instead of adding if the gradient is lazily zero; ``a @ b``
+        is then computed straight into the gradient buffer.
+        """
+        g = self.grads[name]
+        if name in self._pending:
+            self._pending.discard(name)
+            if b is None:
+                g[...] = a
+            else:
+                self.xp.matmul(a, b, out=g)
+        elif b is None:
+            g += a
+        else:
+            g += a @ b
 
     def __getitem__(self, name):
         return self.params[name]
@@ -129,8 +173,8 @@ def lstm_forward(x, h0, c0, Wx, Wh, b):
     return hs[1:], (hs[T], cs[T]), cache
 
 
-def lstm_backward(dh_seq, cache: LSTMCache, Wx, Wh, dhT=None, dcT=None):
-    """Backward of :func:`lstm_forward` over the whole segment.
+def lstm_backward_gates(dh_seq, cache: LSTMCache, Wh, dhT=None, dcT=None):
+    """BPTT through one segment down to the pre-activation gates.
 
     Parameters
     ----------
@@ -140,18 +184,17 @@ def lstm_backward(dh_seq, cache: LSTMCache, Wx, Wh, dhT=None, dcT=None):
 
     Returns
     -------
-    dx : (T, B, D), dh0 : (B, H), dc0 : (B, H), dWx : (D, 4H), dWh : (H, 4H), db : (4H,)
+    dG : (T, B, 4H) gradient w.r.t. the gate pre-activations, dh0, dc0 : (B, H)
     """
     xp = array_module(dh_seq)
-    x, G, hs, cs, tcs = cache.x, cache.G, cache.hs, cache.cs, cache.tcs
+    G, cs, tcs = cache.G, cache.cs, cache.tcs
     T, B, H = dh_seq.shape
-    D = x.shape[2]
     dt = G.dtype
     dG = xp.empty((T, B, 4 * H), dtype=dt)
     dh_next = xp.zeros((B, H), dtype=dt) if dhT is None else dhT.astype(dt, copy=True)
     dc = xp.zeros((B, H), dtype=dt) if dcT is None else dcT.astype(dt, copy=True)
     dh = xp.empty((B, H), dtype=dt)
-    WhT = Wh.T
+    WhT = xp.ascontiguousarray(Wh.T)  # (4H, H): a row-major operand runs faster at small B
     _, step = kernels.lstm_segment_kernels(G, cs)
     for t in range(T - 1, -1, -1):
         # total gradient into h_t: from the layer above and from step t+1
@@ -160,13 +203,24 @@ def lstm_backward(dh_seq, cache: LSTMCache, Wx, Wh, dhT=None, dcT=None):
         step(G[t], cs[t], tcs[t], dh, dc, dG[t])
         # undo "+ h_{t-1} Wh": gradient flowing into h_{t-1}
         xp.matmul(dG[t], WhT, out=dh_next)
-    dG2 = dG.reshape(T * B, 4 * H)
+    return dG, dh_next, dc
+
+
+def lstm_backward(dh_seq, cache: LSTMCache, Wx, Wh, dhT=None, dcT=None):
+    """Backward of :func:`lstm_forward` over the whole segment.
+
+    Same arguments as :func:`lstm_backward_gates`.  Returns
+    dx : (T, B, D), dh0 : (B, H), dc0 : (B, H), dWx : (D, 4H), dWh : (H, 4H), db : (4H,)
+    """
+    dG, dh0, dc0 = lstm_backward_gates(dh_seq, cache, Wh, dhT, dcT)
+    T, B, H4 = dG.shape
+    D = cache.x.shape[2]
+    dG2 = dG.reshape(T * B, H4)
     # weight gradients of the whole segment: one GEMM each
-    dWx = x.reshape(T * B, D).T @ dG2
-    dWh = hs[:T].reshape(T * B, H).T @ dG2
-    db = dG2.sum(axis=0)
+    dWx = cache.x.reshape(T * B, D).T @ dG2
+    dWh = cache.hs[:T].reshape(T * B, H4 // 4).T @ dG2
     dx = (dG2 @ Wx.T).reshape(T, B, D)
-    return dx, dh_next, dc, dWx, dWh, db
+    return dx, dh0, dc0, dWx, dWh, dG2.sum(axis=0)
 
 
 class LSTM:
@@ -183,13 +237,17 @@ class LSTM:
         return lstm_forward(x, h0, c0, p[f"{self.name}/Wx"], p[f"{self.name}/Wh"], p[f"{self.name}/b"])
 
     def backward(self, dh_seq, cache, dhT=None, dcT=None):
-        p, g = self.store.params, self.store.grads
-        dx, dh0, dc0, dWx, dWh, db = lstm_backward(
-            dh_seq, cache, p[f"{self.name}/Wx"], p[f"{self.name}/Wh"], dhT, dcT
-        )
-        g[f"{self.name}/Wx"] += dWx
-        g[f"{self.name}/Wh"] += dWh
-        g[f"{self.name}/b"] += db
+        """Accumulate the weight gradients; return ``dx, dh0, dc0``."""
+        store, n = self.store, self.name
+        dG, dh0, dc0 = lstm_backward_gates(dh_seq, cache, store.params[f"{n}/Wh"], dhT, dcT)
+        T, B, H4 = dG.shape
+        dG2 = dG.reshape(T * B, H4)
+        # weight gradients of the whole segment: one GEMM each, written
+        # straight into the gradient buffer
+        store.accumulate(f"{n}/Wx", cache.x.reshape(T * B, self.D).T, dG2)
+        store.accumulate(f"{n}/Wh", cache.hs[:T].reshape(T * B, self.H).T, dG2)
+        store.accumulate(f"{n}/b", dG2.sum(axis=0))
+        dx = (dG2 @ store.params[f"{n}/Wx"].T).reshape(T, B, self.D)
         return dx, dh0, dc0
 
 
@@ -225,33 +283,69 @@ class Embedding:
         return embedding_forward(self.store.params[self.param], ids)
 
     def backward(self, ids, dX):
-        embedding_backward(self.store.grads[self.param], ids, dX)
+        embedding_backward(self.store.grad_view(self.param), ids, dX)
 
 
 # ----------------------------------------------------------------------------
 # Full softmax output layer
 # ----------------------------------------------------------------------------
-def softmax_forward_backward(h, W, b, targets, scale, compute_grad=True):
-    """Cross-entropy of ``softmax(h W^T + b)`` and its gradients.
+def softmax_loss(h, W, b, targets, scale, compute_grad=True, out=None):
+    """Cross-entropy of ``softmax(h W^T + b)``, and the logits' gradient.
 
-    Parameters
-    ----------
-    h : (N, H) hidden states;  W : (V, H) output embeddings;  b : (V,)
-    targets : (N,) int;  scale : gradient multiplier (``1/B`` for Zaremba's
-        "sum over time, mean over batch" loss)
+    h : (N, H);  W : (V, H);  b : (V,);  targets : (N,) int;  scale : the
+    gradient multiplier (``1/B`` for Zaremba's "sum over time, mean over
+    batch" loss);  out : optional (N, V) buffer for the logits (reused
+    across steps by the layer).
+
+    Returns ``nll (N,)`` float64 and the buffer holding ``dlogits`` (N, V)
+    if ``compute_grad`` (else scratch).
+    """
+    xp = array_module(h)
+    logits = xp.matmul(h, W.T, out=out)  # (N, V)
+    nll = kernels.softmax_xent(logits, targets, scale, compute_grad, bias=b)
+    return nll, logits
+
+
+def softmax_forward_backward(h, W, b, targets, scale, compute_grad=True):
+    """:func:`softmax_loss` and all gradients.
 
     Returns
     -------
     nll : (N,) float64 per-row negative log-likelihood, and, if
     ``compute_grad``, ``(dh (N, H), dW (V, H), db (V,))`` else None.
     """
-    logits = h @ W.T  # (N, V)
-    logits += b
-    nll = kernels.softmax_xent(logits, targets, scale, compute_grad)
+    nll, dlogits = softmax_loss(h, W, b, targets, scale, compute_grad)
     if not compute_grad:
         return nll, None
-    dlogits = logits  # overwritten in place by the kernel
     return nll, (dlogits @ W, dlogits.T @ h, dlogits.sum(axis=0))
+
+
+class Workspace:
+    """Scratch arrays kept across steps, one per name (new when the shape changes).
+
+    Large per-step buffers (the ``(N, V)`` logits above all) are then
+    allocated once: a fresh one costs page faults on every step, and above
+    glibc's 32 MB mmap threshold it is unmapped and faulted in again each
+    time.  A buffer's contents are valid only until its next ``get``.
+    """
+
+    def __init__(self, xp=np):
+        self.xp = xp
+        self._bufs: dict = {}
+
+    def get(self, name: str, shape, dtype):
+        shape = tuple(int(s) for s in shape)
+        a = self._bufs.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = self._bufs[name] = None  # release the old one first
+            a = self._bufs[name] = self.xp.empty(shape, dtype=dtype)
+        return a
+
+
+def _eval_chunks(N, V, chunk=None):
+    """Row ranges for evaluation so the (rows, V) logits stay near 64 MB."""
+    chunk = chunk or max(1, (1 << 24) // max(V, 1))
+    return [(i, min(i + chunk, N)) for i in range(0, N, chunk)]
 
 
 class Softmax:
@@ -261,26 +355,29 @@ class Softmax:
         self.store, self.name, self.V, self.H = store, name, V, H
         store.add(f"{name}/W", (V, H))
         store.add(f"{name}/b", (V,))
+        self.ws = Workspace(store.xp)
 
     def loss(self, h, targets, scale=1.0, compute_grad=True, chunk=None):
         """Per-row NLL ``(N,)``; with ``compute_grad`` also returns ``dh``.
 
+        ``dh`` lives in the layer's workspace (valid until the next call).
         Evaluation (``compute_grad=False``) runs in row chunks so a large
         vocabulary never needs an ``(N, V)`` buffer.
         """
-        p, g = self.store.params, self.store.grads
-        W, b = p[f"{self.name}/W"], p[f"{self.name}/b"]
+        store = self.store
+        W, b = store.params[f"{self.name}/W"], store.params[f"{self.name}/b"]
+        xp, N = store.xp, h.shape[0]
         if not compute_grad:
-            xp = array_module(h)
-            N = h.shape[0]
-            chunk = chunk or max(1, (1 << 24) // max(self.V, 1))
-            return xp.concatenate([
-                softmax_forward_backward(h[i : i + chunk], W, b, targets[i : i + chunk], 1.0, False)[0]
-                for i in range(0, N, chunk)
-            ]), None
-        nll, (dh, dW, db) = softmax_forward_backward(h, W, b, targets, scale, True)
-        g[f"{self.name}/W"] += dW
-        g[f"{self.name}/b"] += db
+            nll = xp.empty(N, dtype=np.float64)
+            for i, j in _eval_chunks(N, self.V, chunk):
+                buf = self.ws.get("logits", (j - i, self.V), h.dtype)
+                nll[i:j] = softmax_loss(h[i:j], W, b, targets[i:j], 1.0, False, buf)[0]
+            return nll, None
+        buf = self.ws.get("logits", (N, self.V), h.dtype)
+        nll, dlogits = softmax_loss(h, W, b, targets, scale, True, buf)
+        dh = xp.matmul(dlogits, W, out=self.ws.get("dh", (N, self.H), h.dtype))
+        store.accumulate(f"{self.name}/W", dlogits.T, h)
+        store.accumulate(f"{self.name}/b", dlogits.sum(axis=0))
         return nll, dh
 
     def logits(self, h):
@@ -332,7 +429,7 @@ class SlimEmbedding:
         self._sub = None
 
     def _pool(self, grads=False):
-        a = (self.store.grads if grads else self.store.params)[self.param]
+        a = self.store.grad_view(self.param) if grads else self.store.params[self.param]
         return a.reshape(self.M, self.d)
 
     def forward(self, ids):
@@ -418,7 +515,7 @@ class SlimSoftmax:
         store.add(f"{name}/b", (V,))
 
     def loss(self, h, targets, scale=1.0, compute_grad=True, chunk=None):
-        p, g = self.store.params, self.store.grads
+        p = self.store.params
         A, b = p[f"{self.name}/A"], p[f"{self.name}/b"]
         if not compute_grad:
             xp = array_module(h)
@@ -429,8 +526,8 @@ class SlimSoftmax:
                 for i in range(0, h.shape[0], chunk)
             ]), None
         nll, (dh, dA, db) = slim_softmax_forward_backward(h, A, b, self.idx_kv, targets, scale, True)
-        g[f"{self.name}/A"] += dA
-        g[f"{self.name}/b"] += db
+        self.store.accumulate(f"{self.name}/A", dA)
+        self.store.accumulate(f"{self.name}/b", db)
         return nll, dh
 
     def logits(self, h):

@@ -269,6 +269,7 @@ class LanguageModel:
         if masks is not None:
             da = da * masks[0]
         self.embedding.backward(x, da)
+        self.store.settle_grad()  # zero what a lazy zero_grad left unwritten
         return float(nll.sum()), new_state, dstate
 
     def nll(self, x, y, state, masks=None):

@@ -279,7 +279,7 @@ class Trainer:
                     x = xp.asarray(np.ascontiguousarray(x_bt.T))  # time-major (t, B)
                     y = xp.asarray(np.ascontiguousarray(y_bt.T))
                     seg_scale = 1.0 / B if cfg.loss_average == "batch" else 1.0 / x.size
-                    model.store.zero_grad()
+                    model.store.zero_grad(lazy=True)
                     nll, new_hidden, _ = model.forward_backward(x, y, self.hidden, seg_scale, self.rng)
                     if not math.isfinite(nll):
                         prog.close()

@@ -134,12 +134,17 @@ def embedding_scatter_add(dW, ids, dX):
     _impl(dW, ids, dX).embedding_scatter_add(dW, ids, dX)
 
 
-def softmax_xent(logits, targets, scale=1.0, compute_grad=True):
-    """Fused log-softmax cross-entropy; see :func:`reference.softmax_xent`."""
+def softmax_xent(logits, targets, scale=1.0, compute_grad=True, bias=None):
+    """Fused (bias +) log-softmax cross-entropy; see :func:`reference.softmax_xent`."""
     N, V = logits.shape
     _check_float("logits", logits)
     _check_ids("targets", targets, N, V)
-    return _impl(logits, targets).softmax_xent(logits, targets, scale, compute_grad)
+    arrays = (logits, targets)
+    if bias is not None:
+        _check_float("bias", bias, logits.dtype)
+        _check_shape("bias", bias, (V,))
+        arrays += (bias,)
+    return _impl(*arrays).softmax_xent(logits, targets, scale, compute_grad, bias)
 
 
 def _check_ndim(name, a, ndim, axes):

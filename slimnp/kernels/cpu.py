@@ -8,12 +8,23 @@ call and cached on disk (``cache=True``).
 from __future__ import annotations
 
 import math
+import os
 import types
 
 import numba as nb
 import numpy as np
 from numba import types as nbtypes
-from numba.extending import overload
+from llvmlite import ir as llvm_ir
+from numba.extending import intrinsic, overload
+
+# Numba's parallel loops run on its "workqueue" thread pool unless the user
+# chose a layer: with the default OpenMP layer, GNU OpenMP's workers keep
+# spinning after each parallel kernel and steal the cores from the BLAS
+# threads of the GEMM that follows (measured: the dlogits @ W GEMM right
+# after the softmax kernel took 10.1 ms instead of 6.2 ms).  The layer is
+# fixed at the first parallel launch, so this runs at import.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    nb.config.THREADING_LAYER = "workqueue"
 
 # error_model="numpy": float division follows IEEE (inf/nan), without the
 # Python ZeroDivisionError check that costs ~20 ns per division in a loop.
@@ -30,7 +41,7 @@ PARALLEL_MIN_GATHER = 1_000_000  # N * V * K for the slim gather / segment sums
 PARALLEL_MIN_SCATTER = 1_000_000  # N * D for embedding_scatter_add
 
 
-def _serial_and_parallel(impl):
+def _serial_and_parallel(impl, jit=_JIT):
     """Compile one plain function twice: ``(serial, parallel)`` dispatchers.
 
     Each copy gets its own ``__qualname__``: Numba's on-disk cache names its
@@ -45,27 +56,80 @@ def _serial_and_parallel(impl):
                                 impl.__defaults__, impl.__closure__)
         fn.__qualname__ = impl.__qualname__ + suffix
         fn.__doc__ = impl.__doc__
-        out.append(nb.njit(**extra, **_JIT)(fn))
+        out.append(nb.njit(**extra, **jit)(fn))
     return tuple(out)
 
 
-# 2**n for n in [-127, 127], float32: the exponent step of _exp32 as a table
-# lookup (a plain load that the vectoriser can turn into a gather).
-_POW2_F32 = np.ldexp(np.float32(1), np.arange(-127, 128)).astype(np.float32)
 _F32 = np.float32
 
 
-@nb.njit(inline="always", fastmath={"contract", "afn"})
+_FLOAT_OF_BITS = {nbtypes.int32: (nbtypes.float32, llvm_ir.FloatType()),
+                  nbtypes.int64: (nbtypes.float64, llvm_ir.DoubleType())}
+_BITS_OF_FLOAT = {nbtypes.float32: (nbtypes.int32, llvm_ir.IntType(32)),
+                  nbtypes.float64: (nbtypes.int64, llvm_ir.IntType(64))}
+
+
+@intrinsic
+def _from_bits(typingctx, bits):
+    """The float (float32 for int32, float64 for int64) with these bits."""
+    if bits not in _FLOAT_OF_BITS:
+        return None
+    ty, llty = _FLOAT_OF_BITS[bits]
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llty)
+
+    return ty(bits), codegen
+
+
+@intrinsic
+def _to_bits(typingctx, x):
+    """The bits of a float32 (as int32) or float64 (as int64)."""
+    if x not in _BITS_OF_FLOAT:
+        return None
+    ty, llty = _BITS_OF_FLOAT[x]
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], llty)
+
+    return ty(x), codegen
+
+
+def _order_key(i):  # pragma: no cover - jitted code uses the overload below
+    """Map float bits to an integer whose signed order is the floats' order.
+
+    Non-negative floats keep their bits; negative ones get their magnitude
+    bits flipped (an involution, so it also maps keys back to bits).  An
+    integer max reduction vectorises where a float one does not.
+    """
+    raise NotImplementedError
+
+
+@overload(_order_key)
+def _order_key_overload(i):
+    for ty, width in ((nbtypes.int32, 32), (nbtypes.int64, 64)):
+        if i == ty:
+            shift, mag = ty(width - 1), ty((1 << (width - 1)) - 1)
+            # i >> shift is 0 or -1; the cast keeps the width (int32 ^ int32
+            # would otherwise widen to int64 and reinterpret as a float64)
+            return lambda i: ty(i ^ ((i >> shift) & mag))
+    return None
+
+
+@nb.njit(inline="always", fastmath={"contract", "afn"}, error_model="numpy")
 def _exp32(x):
     """exp(x) in float32 without a libm call, so loops over it vectorise.
 
     Cephes-style: x = n ln2 + r with |r| <= ln2/2 (ln2 split in a high part
     exact in float32 and a low correction), a degree-7 polynomial for e^r,
-    then the exact scale 2^n.  Relative error about 1e-7 (float32 epsilon);
-    arguments are clamped to [-87, 88], where float32 exp under/overflows.
+    then the exact scale 2^n built from its exponent bits.  Relative error
+    about 1e-6 (a few float32 ulps); arguments are clamped to [-87, 88],
+    where float32 exp under/overflows.  Every step stays in float32: n comes
+    from np.floor (a float), not math.floor (a Python int, which would
+    promote the whole polynomial to float64 and stop the vectoriser).
     """
     x = min(max(x, _F32(-87.0)), _F32(88.0))
-    n = math.floor(x * _F32(1.4426950408889634) + _F32(0.5))
+    n = np.floor(x * _F32(1.4426950408889634) + _F32(0.5))
     r = x - n * _F32(0.693359375) - n * _F32(-2.12194440e-4)
     p = _F32(1.9875691500e-4)
     p = p * r + _F32(1.3981999507e-3)
@@ -74,7 +138,18 @@ def _exp32(x):
     p = p * r + _F32(1.6666665459e-1)
     p = p * r + _F32(5.0000001201e-1)
     p = p * r * r + r + _F32(1.0)
-    return p * _POW2_F32[np.int32(n) + 127]
+    return p * _from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
+
+
+def _exp(x):  # pragma: no cover - jitted code uses the overload below
+    return math.exp(x)
+
+
+@overload(_exp, jit_options={"error_model": "numpy"})
+def _exp_overload(x):
+    if x == nbtypes.float32:
+        return lambda x: _exp32(x)
+    return lambda x: math.exp(x)
 
 
 def _sig(x):  # pragma: no cover - jitted code uses the overload below
@@ -107,40 +182,45 @@ def _tanh_overload(x):
 
 @nb.njit(**_JIT)
 def lstm_pointwise_forward(xg, hg, c_prev, act, c, h, tc):
+    # Per row, every loop is zero-based over a contiguous view: the form the
+    # vectoriser handles (a loop from a moving start, range(3H, 4H), is not).
+    # act may be xg itself (the LSTM computes the gates in place).
     B, H = c_prev.shape
     for b in range(B):
-        # gates as flat contiguous runs (simple loops the compiler vectorises):
-        # columns [0, 3H) are the sigmoid gates i, f, o; [3H, 4H) is g
-        for j in range(3 * H):
-            act[b, j] = _sig(xg[b, j] + hg[b, j])
-        for j in range(3 * H, 4 * H):
-            act[b, j] = _tanh(xg[b, j] + hg[b, j])
+        xb, hb, ab = xg[b], hg[b], act[b]
+        for j in range(3 * H):  # i, f, o: sigmoid
+            ab[j] = _sig(xb[j] + hb[j])
+        xq, hq, ag = xb[3 * H :], hb[3 * H :], ab[3 * H :]
+        for j in range(H):  # g: tanh
+            ag[j] = _tanh(xq[j] + hq[j])
+        ai, af, ao = ab[:H], ab[H : 2 * H], ab[2 * H : 3 * H]
+        cp, cb, hb2, tb = c_prev[b], c[b], h[b], tc[b]
         for j in range(H):
-            cc = act[b, H + j] * c_prev[b, j] + act[b, j] * act[b, 3 * H + j]
-            c[b, j] = cc
-        for j in range(H):
-            t = _tanh(c[b, j])
-            tc[b, j] = t
-            h[b, j] = act[b, 2 * H + j] * t
+            cc = af[j] * cp[j] + ai[j] * ag[j]
+            cb[j] = cc
+            t = _tanh(cc)
+            tb[j] = t
+            hb2[j] = ao[j] * t
 
 
 @nb.njit(**_JIT)
 def lstm_pointwise_backward(act, c_prev, tc, dh, dc, dgates):
     B, H = c_prev.shape
-    for b in nb.prange(B):
+    one = act.dtype.type(1)  # an integer 1 would promote float32 math to float64
+    for b in range(B):
+        ab, db_ = act[b], dgates[b]
+        ai, af, ao, ag = ab[:H], ab[H : 2 * H], ab[2 * H : 3 * H], ab[3 * H :]
+        di, df, do, dg = db_[:H], db_[H : 2 * H], db_[2 * H : 3 * H], db_[3 * H :]
+        cp, tb, dhb, dcb = c_prev[b], tc[b], dh[b], dc[b]
         for j in range(H):
-            i = act[b, j]
-            f = act[b, H + j]
-            o = act[b, 2 * H + j]
-            g = act[b, 3 * H + j]
-            t = tc[b, j]
-            dhj = dh[b, j]
-            dct = dc[b, j] + dhj * o * (1 - t * t)
-            dgates[b, j] = dct * g * i * (1 - i)
-            dgates[b, H + j] = dct * c_prev[b, j] * f * (1 - f)
-            dgates[b, 2 * H + j] = dhj * t * o * (1 - o)
-            dgates[b, 3 * H + j] = dct * i * (1 - g * g)
-            dc[b, j] = dct * f
+            i, f, o, g, t = ai[j], af[j], ao[j], ag[j], tb[j]
+            dhj = dhb[j]
+            dct = dcb[j] + dhj * o * (one - t * t)
+            di[j] = dct * g * i * (one - i)
+            df[j] = dct * cp[j] * f * (one - f)
+            do[j] = dhj * t * o * (one - o)
+            dg[j] = dct * i * (one - g * g)
+            dcb[j] = dct * f
 
 
 @nb.njit(**_JIT)
@@ -201,42 +281,86 @@ def embedding_scatter_add(dW, ids, dX):
         _embedding_scatter_add_serial(dW, ids, dX)
 
 
-def _softmax_xent_rows_impl(logits, targets, scale, compute_grad, nll):
+# Fast-math subset for reductions: reassociation lets the compiler split a
+# sum or max over vector lanes.  No "nnan"/"ninf": NaN and inf still
+# propagate, so a diverged model shows up as a NaN loss.
+_JIT_REDUCE = dict(_JIT, fastmath={"contract", "afn", "reassoc", "nsz", "arcp"})
+_BLOCK = 1024  # elements summed in the input dtype before a float64 add
+
+
+@nb.njit(inline="always", **_JIT_REDUCE)
+def _bias_max_row(row, b, has_bias):
+    """``row += b`` (if has_bias); return ``(max(row), finite)`` in one pass.
+
+    The max runs on order-preserving integer keys of the bits (a float max
+    reduction does not vectorise; an integer one does).  ``finite`` is False
+    if the row holds a NaN or an infinity: their sum is then not finite.
+    """
+    if has_bias:
+        for v in range(row.shape[0]):
+            row[v] += b[v]
+    kmax = _order_key(_to_bits(row.dtype.type(-np.inf)))
+    tot = row.dtype.type(0)
+    for v in range(row.shape[0]):
+        x = row[v]
+        k = _order_key(_to_bits(x))
+        kmax = k if k > kmax else kmax
+        tot += x
+    return _from_bits(_order_key(kmax)), math.isfinite(tot)
+
+
+@nb.njit(inline="always", **_JIT_REDUCE)
+def _exp_shift_sum(row, m, store):
+    """``sum(exp(row - m))`` in float64 (blocks summed in the row's dtype);
+    with ``store`` the exponentials overwrite ``row``."""
+    V = row.shape[0]
+    s = 0.0
+    for v0 in range(0, V, _BLOCK):
+        blk = row[v0 : v0 + _BLOCK]  # zero-based loops over a view vectorise;
+        sb = row.dtype.type(0)  # range(v0, v1) with a moving start does not
+        if store:
+            for j in range(blk.shape[0]):
+                e = _exp(blk[j] - m)
+                blk[j] = e
+                sb += e
+        else:
+            for j in range(blk.shape[0]):
+                sb += _exp(blk[j] - m)
+        s += sb
+    return s
+
+
+def _softmax_xent_rows_impl(logits, b, has_bias, targets, scale, compute_grad, nll):
+    # Rows are independent: prange over n is race-free.  Per row, three
+    # passes over V floats that stay in L1/L2: bias + max, exp + sum, scale.
     N, V = logits.shape
+    one = logits.dtype.type(scale)
     for n in nb.prange(N):
         row = logits[n]
-        m = row[0]
-        for v in range(1, V):
-            if row[v] > m:
-                m = row[v]
+        m, finite = _bias_max_row(row, b, has_bias)
         t = targets[n]
         zt = row[t]
-        s = 0.0  # float64 accumulator: V can be 10^5..10^6 terms
+        s = _exp_shift_sum(row, m, compute_grad)
+        nll[n] = math.log(s) + m - zt if finite else np.nan
         if compute_grad:
-            # one exp per entry: keep exp(z - m) in place, rescale below
-            for v in range(V):
-                e = math.exp(row[v] - m)
-                row[v] = e
-                s += e
-            k = scale / s
+            k = row.dtype.type(scale / s)
             for v in range(V):
                 row[v] *= k
-            row[t] -= scale
-        else:
-            for v in range(V):
-                s += math.exp(row[v] - m)
-        nll[n] = math.log(s) + m - zt
+            row[t] -= one
 
 
-_softmax_xent_rows_serial, _softmax_xent_rows = _serial_and_parallel(_softmax_xent_rows_impl)
+_softmax_xent_rows_serial, _softmax_xent_rows = _serial_and_parallel(
+    _softmax_xent_rows_impl, _JIT_REDUCE)
 
 
-def softmax_xent(logits, targets, scale, compute_grad=True):
+def softmax_xent(logits, targets, scale, compute_grad=True, bias=None):
     nll = np.empty(logits.shape[0], dtype=np.float64)
     N, V = logits.shape
+    has_bias = bias is not None
+    b = bias if has_bias else np.empty(0, logits.dtype)  # one signature; never read
     # small calls (evaluation with B=1, tests) do not wake the thread pool
     kernel = _softmax_xent_rows if N * V >= PARALLEL_MIN_GATHER else _softmax_xent_rows_serial
-    kernel(logits, targets, float(scale), bool(compute_grad), nll)
+    kernel(logits, b, has_bias, targets, float(scale), bool(compute_grad), nll)
     return nll
 
 

@@ -96,21 +96,27 @@ def embedding_scatter_add(dW, ids, dX):
     xp.add.at(dW, ids, dX)
 
 
-def softmax_xent(logits, targets, scale, compute_grad=True):
+def softmax_xent(logits, targets, scale, compute_grad=True, bias=None):
     """Fused log-softmax + cross-entropy (+ gradient), row by row.
 
     Parameters
     ----------
-    logits : (N, V) float; if ``compute_grad`` it is overwritten with
-        ``scale * (softmax(logits) - onehot(targets))``
+    logits : (N, V) float, scratch: ``bias`` (if given) is added to it in
+        place first; if ``compute_grad`` it is then overwritten with
+        ``scale * (softmax(logits) - onehot(targets))``, otherwise its
+        contents afterwards are unspecified
     targets : (N,) int32 in ``[0, V)``
     scale : float multiplier of the gradient (e.g. ``1/B``)
+    bias : (V,) or None, added to every row
 
     Returns
     -------
     nll : (N,) float64  ``logsumexp(logits[n]) - logits[n, targets[n]]``
+    (NaN for a row holding a NaN or an infinity)
     """
     xp = array_module(logits)
+    if bias is not None:
+        logits += bias
     N = logits.shape[0]
     rows = xp.arange(N)
     m = logits.max(axis=1, keepdims=True)
