@@ -34,7 +34,7 @@ def slimnp_step(model, cfg, args):
     def step(x, y):
         model.store.zero_grad(lazy=True)
         nll, new_state, _ = model.forward_backward(x, y, state[0], scale, rng)
-        optimizer.step(model.store.data, model.store.grad, args.lr)
+        optimizer.step(model.store.data, model.store.grad, args.lr, model.store.segments())
         state[0] = new_state  # truncated BPTT: carried, no gradient across
         return nll
 

@@ -41,6 +41,7 @@ class ParamStore:
         self.params: dict[str, object] = {}
         self.grads: dict[str, object] = {}
         self._pending: set = set()  # lazily zeroed gradients (zero_grad(lazy=True))
+        self._rows: dict = {}  # name -> rows that may be non-zero (grad_rows)
 
     def add(self, name: str, shape) -> None:
         if self.data is not None:
@@ -78,19 +79,71 @@ class ParamStore:
         else:
             self._pending = set()
             self.grad.fill(0)
+            for name, rows in self._rows.items():
+                self._rows[name] = rows[:0]
 
     def settle_grad(self) -> None:
         """Zero the gradients a lazy :meth:`zero_grad` left unwritten."""
         for name in self._pending:
-            self.grads[name].fill(0)
+            self._zero(name)
         self._pending = set()
 
     def grad_view(self, name: str):
         """``grads[name]``, zeroed first if still lazily pending (for scatters)."""
         if name in self._pending:
             self._pending.discard(name)
-            self.grads[name].fill(0)
+            self._zero(name)
+        self._rows.pop(name, None)  # may now be non-zero anywhere
         return self.grads[name]
+
+    def grad_rows(self, name: str, rows):
+        """``grads[name]`` (2-d) for a scatter-add into rows ``rows`` only.
+
+        The store remembers which rows of such a gradient can be non-zero,
+        so a lazy :meth:`zero_grad` clears just those and the optimizer
+        (:meth:`segments`) visits just those: an embedding step then costs
+        O(rows touched), not O(vocabulary).  ``rows`` : distinct sorted ints.
+        """
+        g = self.grads[name]
+        if g.ndim != 2:  # e.g. a tied slim model's (K, Mk, d) pools: dense
+            return self.grad_view(name)
+        known = self._rows.get(name, False)  # False: not tracked (dense)
+        if name in self._pending:
+            self._pending.discard(name)
+            self._zero(name)
+            self._rows[name] = rows
+        elif known is not False:
+            self._rows[name] = self.xp.union1d(known, rows)
+        return g
+
+    def _zero(self, name: str) -> None:
+        rows = self._rows.get(name, False)
+        if rows is False:
+            self.grads[name].fill(0)
+        elif rows.size:
+            self.grads[name][rows] = 0
+        if rows is not False:
+            self._rows[name] = rows[:0]
+
+    def segments(self) -> list:
+        """The gradient buffer as the optimizer should walk it.
+
+        ``("dense", offset, size)`` spans, and ``("rows", offset, shape,
+        rows)`` for row-tracked gradients (see :meth:`grad_rows`), which are
+        exactly zero outside ``rows``.  Consecutive dense parameters merge.
+        """
+        out, off = [], 0
+        for name, shape in self.shapes.items():
+            n = int(np.prod(shape))
+            rows = self._rows.get(name, False)
+            if rows is not False:
+                out.append(("rows", off, shape, rows))
+            elif out and out[-1][0] == "dense" and out[-1][1] + out[-1][2] == off:
+                out[-1] = ("dense", out[-1][1], out[-1][2] + n)
+            else:
+                out.append(("dense", off, n))
+            off += n
+        return out
 
     def accumulate(self, name: str, a, b=None) -> None:
         """``grads[name] += a`` (``b`` None) or ``+= a @ b`` (one GEMM).
@@ -99,6 +152,7 @@ class ParamStore:
         is then computed straight into the gradient buffer.
         """
         g = self.grads[name]
+        self._rows.pop(name, None)  # a dense write: no longer row-tracked
         if name in self._pending:
             self._pending.discard(name)
             if b is None:
@@ -283,7 +337,8 @@ class Embedding:
         return embedding_forward(self.store.params[self.param], ids)
 
     def backward(self, ids, dX):
-        embedding_backward(self.store.grad_view(self.param), ids, dX)
+        rows = self.store.xp.unique(ids)
+        embedding_backward(self.store.grad_rows(self.param, rows), ids, dX)
 
 
 # ----------------------------------------------------------------------------
@@ -428,16 +483,16 @@ class SlimEmbedding:
             store.add(self.param, (M, self.d))
         self._sub = None
 
-    def _pool(self, grads=False):
-        a = self.store.grad_view(self.param) if grads else self.store.params[self.param]
-        return a.reshape(self.M, self.d)
+    def _pool(self):
+        return self.store.params[self.param].reshape(self.M, self.d)
 
     def forward(self, ids):
         X, self._sub = slim_embedding_forward(self._pool(), self.idx, ids)
         return X
 
     def backward(self, ids, dX):
-        slim_embedding_backward(self._pool(grads=True), self._sub, dX)
+        g = self.store.grad_rows(self.param, self.store.xp.unique(self._sub))
+        slim_embedding_backward(g.reshape(self.M, self.d), self._sub, dX)
 
 
 def slim_logits(h, A, idx_kv, b):

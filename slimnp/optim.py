@@ -10,7 +10,29 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_module
+from . import kernels
+
+
+def _views(flat, seg):
+    """The part of a flat buffer that ``seg`` (see ``ParamStore.segments``) covers."""
+    if seg[0] == "dense":
+        return flat[seg[1] : seg[1] + seg[2]]
+    _, off, shape, _ = seg
+    n = 1
+    for s in shape:
+        n *= s
+    return flat[off : off + n].reshape(shape[0], -1)
+
+
+def global_norm(grad, segments=None) -> float:
+    """L2 norm of the flat gradient; ``segments`` skips its known-zero rows."""
+    if segments is None:
+        return math.sqrt(kernels.sumsq(grad))
+    total = 0.0
+    for seg in segments:
+        v = _views(grad, seg)
+        total += kernels.sumsq(v) if seg[0] == "dense" else kernels.sumsq_rows(v, seg[3])
+    return math.sqrt(total)
 
 
 def clip_global_norm(grad, max_norm: float) -> float:
@@ -18,11 +40,15 @@ def clip_global_norm(grad, max_norm: float) -> float:
 
     Returns the norm before clipping (``max_norm <= 0`` disables clipping).
     """
-    xp = array_module(grad)
-    norm = float(xp.sqrt(xp.dot(grad, grad)))
+    norm = global_norm(grad)
     if max_norm > 0 and norm > max_norm:
         grad *= grad.dtype.type(max_norm / norm)
     return norm
+
+
+def clip_factor(norm: float, max_norm: float) -> float:
+    """The multiplier global-norm clipping applies to a gradient of ``norm``."""
+    return max_norm / norm if max_norm > 0 and norm > max_norm else 1.0
 
 
 class SGD:
@@ -33,11 +59,21 @@ class SGD:
     def __init__(self, clip: float = 5.0):
         self.clip = clip
 
-    def step(self, params, grad, lr: float) -> float:
-        norm = clip_global_norm(grad, self.clip)
-        # in place, no temporary of the parameter size: grad is scratch now
-        grad *= grad.dtype.type(-lr)
-        params += grad
+    def step(self, params, grad, lr: float, segments=None) -> float:
+        """One update; returns the gradient norm before clipping.
+
+        ``segments`` (``ParamStore.segments()``) lets the update skip the
+        rows of an embedding gradient that are known to be zero.  Clipping
+        and the step are fused: ``params += (-lr * clip) * grad`` in one pass.
+        """
+        norm = global_norm(grad, segments)
+        a = -lr * clip_factor(norm, self.clip)
+        for seg in segments or [("dense", 0, grad.shape[0])]:
+            p, g = _views(params, seg), _views(grad, seg)
+            if seg[0] == "dense":
+                kernels.axpy(p, a, g)
+            else:
+                kernels.axpy_rows(p, a, g, seg[3])
         return norm
 
     def state_dict(self) -> dict:

@@ -287,7 +287,8 @@ class Trainer:
                             f"loss became {nll} at epoch {st.epoch}, segment {i + 1}/{nseg} "
                             f"(lr {st.lr:g}); try a lower --lr or --clip. The last good checkpoint "
                             f"({self.out}) was left untouched.")
-                    self.optimizer.step(model.store.data, model.store.grad, st.lr)
+                    self.optimizer.step(model.store.data, model.store.grad, st.lr,
+                                        model.store.segments())
                     self.hidden = new_hidden
                     st.segment = i + 1
                     st.epoch_nll += nll

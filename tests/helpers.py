@@ -26,6 +26,6 @@ def cycle_losses(model, steps=150, lr=0.5):
     for _ in range(steps):
         model.store.zero_grad()
         nll, _, _ = model.forward_backward(x, y, model.zero_state(2))
-        opt.step(model.store.data, model.store.grad, lr)
+        opt.step(model.store.data, model.store.grad, lr, model.store.segments())
         losses.append(nll / x.size)
     return losses[0], losses[-1]

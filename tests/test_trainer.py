@@ -44,11 +44,11 @@ def test_interrupt_and_resume_is_bit_exact(tmp_path, monkeypatch):
     calls = {"n": 0}
     orig = SGD.step
 
-    def step(self, params, grad, lr):
+    def step(self, params, grad, lr, segments=None):
         calls["n"] += 1
         if calls["n"] == 9:
             signal.raise_signal(signal.SIGINT)
-        return orig(self, params, grad, lr)
+        return orig(self, params, grad, lr, segments)
 
     monkeypatch.setattr(SGD, "step", step)
     s = _run(files, tmp_path / "part.h5")

@@ -217,3 +217,44 @@ def slim_segment_sum(dz, idx_kv, G):
     _check_float("dz", dz, G.dtype)
     _check_shape("dz", dz, (N, idx_kv.shape[1]))
     _impl(dz, idx_kv, G).slim_segment_sum(dz, idx_kv, G)
+
+
+def _check_pair(y, x):
+    _check_float("y", y)
+    _check_float("x", x, y.dtype)
+    _check_shape("x", x, y.shape)
+
+
+def sumsq(x):
+    """``sum(x**2)`` of a 1-d array, accumulated in float64 (a Python float)."""
+    _check_float("x", x)
+    _check_ndim("x", x, 1, "(n,)")
+    return _impl(x).sumsq(x)
+
+
+def axpy(y, a, x):
+    """``y += a * x`` in place, 1-d ``y`` and ``x``, scalar ``a`` (one pass)."""
+    _check_pair(y, x)
+    _check_ndim("y", y, 1, "(n,)")
+    _impl(y, x).axpy(y, a, x)
+
+
+def _check_rows(rows, n):
+    _check_ndim("rows", rows, 1, "(R,)")
+    _check_ids("rows", rows, rows.shape[0], n)
+
+
+def sumsq_rows(x, rows):
+    """:func:`sumsq` over rows ``rows`` (distinct int64) of the 2-d ``x``."""
+    _check_float("x", x)
+    _check_ndim("x", x, 2, "(V, D)")
+    _check_rows(rows, x.shape[0])
+    return float(_impl(x, rows).sumsq_rows(x, rows))
+
+
+def axpy_rows(y, a, x, rows):
+    """``y[rows] += a * x[rows]`` for distinct ``rows`` of 2-d ``y`` and ``x``."""
+    _check_pair(y, x)
+    _check_ndim("y", y, 2, "(V, D)")
+    _check_rows(rows, y.shape[0])
+    _impl(y, x, rows).axpy_rows(y, a, x, rows)

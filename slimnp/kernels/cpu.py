@@ -123,12 +123,17 @@ def _exp32(x):
     Cephes-style: x = n ln2 + r with |r| <= ln2/2 (ln2 split in a high part
     exact in float32 and a low correction), a degree-7 polynomial for e^r,
     then the exact scale 2^n built from its exponent bits.  Relative error
-    about 1e-6 (a few float32 ulps); arguments are clamped to [-87, 88],
-    where float32 exp under/overflows.  Every step stays in float32: n comes
+    about 1e-6 (a few float32 ulps).  Every step stays in float32: n comes
     from np.floor (a float), not math.floor (a Python int, which would
     promote the whole polynomial to float64 and stop the vectoriser).
+
+    Arguments are clamped to [-86, 80], so neither the result nor 1/(1 + it)
+    (the sigmoid and tanh built on it) is ever subnormal: subnormal
+    arithmetic is ~100x slower on x86.  The kernels only need exp(x) <= 1
+    (softmax) or its effect next to 1 (sigmoid, tanh), where exp(-86) = 4e-38
+    stands in for 0 and exp(80) = 6e34 for infinity.
     """
-    x = min(max(x, _F32(-87.0)), _F32(88.0))
+    x = min(max(x, _F32(-86.0)), _F32(80.0))
     n = np.floor(x * _F32(1.4426950408889634) + _F32(0.5))
     r = x - n * _F32(0.693359375) - n * _F32(-2.12194440e-4)
     p = _F32(1.9875691500e-4)
@@ -184,15 +189,21 @@ def _tanh_overload(x):
 def lstm_pointwise_forward(xg, hg, c_prev, act, c, h, tc):
     # Per row, every loop is zero-based over a contiguous view: the form the
     # vectoriser handles (a loop from a moving start, range(3H, 4H), is not).
-    # act may be xg itself (the LSTM computes the gates in place).
+    # act may be xg itself (the LSTM computes the gates in place); the sum
+    # goes through a private row first, because with act and xg overlapping
+    # the compiler's alias check sends the gate loop down its scalar path
+    # (measured 6x slower).
     B, H = c_prev.shape
+    pre = np.empty(4 * H, xg.dtype)  # fresh allocation: provably unaliased
     for b in range(B):
         xb, hb, ab = xg[b], hg[b], act[b]
+        for j in range(4 * H):
+            pre[j] = xb[j] + hb[j]
         for j in range(3 * H):  # i, f, o: sigmoid
-            ab[j] = _sig(xb[j] + hb[j])
-        xq, hq, ag = xb[3 * H :], hb[3 * H :], ab[3 * H :]
+            ab[j] = _sig(pre[j])
+        pg, ag = pre[3 * H :], ab[3 * H :]
         for j in range(H):  # g: tanh
-            ag[j] = _tanh(xq[j] + hq[j])
+            ag[j] = _tanh(pg[j])
         ai, af, ao = ab[:H], ab[H : 2 * H], ab[2 * H : 3 * H]
         cp, cb, hb2, tb = c_prev[b], c[b], h[b], tc[b]
         for j in range(H):
@@ -335,6 +346,8 @@ def _softmax_xent_rows_impl(logits, b, has_bias, targets, scale, compute_grad, n
     # passes over V floats that stay in L1/L2: bias + max, exp + sum, scale.
     N, V = logits.shape
     one = logits.dtype.type(scale)
+    tiny = np.finfo(logits.dtype).tiny  # smallest normal number
+    zero = logits.dtype.type(0)
     for n in nb.prange(N):
         row = logits[n]
         m, finite = _bias_max_row(row, b, has_bias)
@@ -344,8 +357,9 @@ def _softmax_xent_rows_impl(logits, b, has_bias, targets, scale, compute_grad, n
         nll[n] = math.log(s) + m - zt if finite else np.nan
         if compute_grad:
             k = row.dtype.type(scale / s)
-            for v in range(V):
-                row[v] *= k
+            for v in range(V):  # flush would-be subnormals: they would slow
+                r = row[v] * k  # the GEMMs that read dlogits ~100x per use
+                row[v] = r if r >= tiny else zero
             row[t] -= one
 
 
@@ -468,3 +482,67 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
         b = np.empty(0, PT.dtype)
     kernel = _slim_gather_sum_t_parallel if N * V * K > PARALLEL_MIN_GATHER else _slim_gather_sum_t_serial
     kernel(PT, idx_kv, b, has_bias, zT)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer passes over the flat buffers: memory-bound, so each is one
+# parallel pass (numpy's "grad *= c; params += grad" is three).
+# ---------------------------------------------------------------------------
+_SPAN = 1 << 14  # elements per parallel work item (64 kB of float32)
+
+
+@nb.njit(parallel=True, **_JIT_REDUCE)
+def _sumsq(x):
+    n = x.shape[0]
+    nb_ = (n + _SPAN - 1) // _SPAN
+    part = np.zeros(nb_, np.float64)  # per-span sums: a fixed association order
+    for i in nb.prange(nb_):
+        blk = x[i * _SPAN : min(n, (i + 1) * _SPAN)]
+        for j0 in range(0, blk.shape[0], _BLOCK):
+            sub = blk[j0 : j0 + _BLOCK]
+            s = x.dtype.type(0)
+            for j in range(sub.shape[0]):
+                s += sub[j] * sub[j]
+            part[i] += s
+    return part.sum()
+
+
+@nb.njit(parallel=True, **_JIT)
+def _axpy(y, a, x):
+    n = y.shape[0]
+    nb_ = (n + _SPAN - 1) // _SPAN
+    av = y.dtype.type(a)
+    for i in nb.prange(nb_):
+        yb = y[i * _SPAN : min(n, (i + 1) * _SPAN)]
+        xb = x[i * _SPAN : min(n, (i + 1) * _SPAN)]
+        for j in range(yb.shape[0]):
+            yb[j] += av * xb[j]
+
+
+@nb.njit(**_JIT_REDUCE)
+def sumsq_rows(x, rows):
+    s = 0.0
+    for r in rows:
+        xr = x[r]
+        sr = x.dtype.type(0)
+        for j in range(xr.shape[0]):
+            sr += xr[j] * xr[j]
+        s += sr
+    return s
+
+
+@nb.njit(**_JIT)
+def axpy_rows(y, a, x, rows):
+    av = y.dtype.type(a)
+    for r in rows:
+        yr, xr = y[r], x[r]
+        for j in range(yr.shape[0]):
+            yr[j] += av * xr[j]
+
+
+def sumsq(x):
+    return float(_sumsq(x))
+
+
+def axpy(y, a, x):
+    _axpy(y, float(a), x)

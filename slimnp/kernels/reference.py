@@ -223,3 +223,27 @@ def slim_segment_sum(dz, idx_kv, G):
     for k in range(K):
         bins = (row_offset + idx_kv[k][None, :]).ravel()  # (N*V,)
         G[k] = xp.bincount(bins, weights=weights, minlength=N * Mk).reshape(N, Mk)
+
+
+# ---------------------------------------------------------------------------
+# Optimizer passes over flat buffers (and over listed rows of a 2-d view).
+# ---------------------------------------------------------------------------
+def sumsq(x):
+    """``sum(x**2)`` accumulated in float64, as a Python float."""
+    xp = array_module(x)
+    return float(xp.sum(xp.square(x.astype(xp.float64))))
+
+
+def axpy(y, a, x):
+    """``y += a * x`` in place (``a`` a scalar)."""
+    y += y.dtype.type(a) * x
+
+
+def sumsq_rows(x, rows):
+    """:func:`sumsq` of rows ``rows`` (distinct) of the 2-d ``x``."""
+    return sumsq(x[rows])
+
+
+def axpy_rows(y, a, x, rows):
+    """``y[rows] += a * x[rows]`` for distinct ``rows`` of 2-d ``y``, ``x``."""
+    y[rows] += y.dtype.type(a) * x[rows]
