@@ -23,6 +23,11 @@ import subprocess
 import sys
 import time
 
+# slimnp sets this at import (see slimnp/__init__.py); NumPy is imported
+# below, before slimnp, so set it here for the slimnp engine.  PyTorch uses
+# its own BLAS and threads and is unaffected.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,6 +12,17 @@ The public pieces, importable from the package root::
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# OpenBLAS's worker threads spin for 2^28 cycles (~0.1 s) after each GEMM
+# before they sleep; every Numba kernel between two GEMMs then shares the
+# cores with them (measured, config B: the slim output layer's gather-sum
+# took 32 ms instead of 17).  2^20 cycles (~0.3 ms) still bridges the gaps
+# inside the LSTM time loop.  Read when NumPy loads OpenBLAS, so this only
+# acts if slimnp is imported first (always, for the ``slimnp`` command);
+# a value the user set wins.
+_os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 from . import io, kernels, layers  # noqa: E402
 from .backend import get_xp, make_rng  # noqa: E402
 from .data import Vocabulary  # noqa: E402

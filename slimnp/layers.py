@@ -18,6 +18,7 @@ import numpy as np
 
 from . import kernels
 from .backend import array_module
+from .mapping import inverse_table
 
 
 # ----------------------------------------------------------------------------
@@ -424,8 +425,9 @@ class Softmax:
         xp, N = store.xp, h.shape[0]
         if not compute_grad:
             nll = xp.empty(N, dtype=np.float64)
-            for i, j in _eval_chunks(N, self.V, chunk):
-                buf = self.ws.get("logits", (j - i, self.V), h.dtype)
+            for i, j in (spans := _eval_chunks(N, self.V, chunk)):
+                # one buffer of the first (largest) span's rows, sliced for the last
+                buf = self.ws.get("logits", (spans[0][1], self.V), h.dtype)[: j - i]
                 nll[i:j] = softmax_loss(h[i:j], W, b, targets[i:j], 1.0, False, buf)[0]
             return nll, None
         buf = self.ws.get("logits", (N, self.V), h.dtype)
@@ -495,21 +497,23 @@ class SlimEmbedding:
         slim_embedding_backward(g.reshape(self.M, self.d), self._sub, dX)
 
 
-def slim_logits(h, A, idx_kv, b):
+def slim_logits(h, A, idx_kv, b, out=None):
     """Logits of the slim output layer by dynamic programming (Algorithm 1).
 
     h : (N, H);  A : (K, M/K, d) the K disjoint pools;  idx_kv : (K, V);
-    b : (V,).  ``z[n, w] = sum_k h_k[n] . A[k, idx_kv[k, w]] + b[w]``:
+    b : (V,);  out : optional (N, V) buffer.
+    ``z[n, w] = sum_k h_k[n] . A[k, idx_kv[k, w]] + b[w]``:
     (1) K GEMMs ``P[k] = h_k A[k]^T`` give every distinct partial product,
     (2) a K-term gather-sum per word.  Cost ``O(N M H / K + N V K)``; the
-    ``V x H`` matrix is never formed.  Returns ``z (N, V)`` and ``P``.
+    ``V x H`` matrix is never formed.  Returns ``z (N, V)`` and ``h_k``
+    ``(K, N, d)`` (what the backward needs).
     """
     xp = array_module(h)
     K, Mk, d = A.shape
     N = h.shape[0]
     hk = h.reshape(N, K, d).transpose(1, 0, 2)  # (K, N, d)
     P = xp.matmul(hk, A.transpose(0, 2, 1))  # (K, N, Mk)
-    z = xp.empty((N, idx_kv.shape[1]), dtype=h.dtype)
+    z = xp.empty((N, idx_kv.shape[1]), dtype=h.dtype) if out is None else out
     kernels.slim_gather_sum(P, idx_kv, b, z)
     return z, hk
 
@@ -532,24 +536,27 @@ def slim_logits_t(h, A, idx_kv, b):
     return zT
 
 
-def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=True):
+def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=True,
+                                  inv=None, out=None):
     """Cross-entropy of the slim softmax and its gradients.
 
     Backward uses the structure too: ``G_k = segment-sum of dz by idx_kv[k]``
     ``(N, M/K)``, then ``dA_k = G_k^T h_k`` and ``dh_k = G_k A_k``.
+    ``inv`` (:func:`slimnp.mapping.inverse_table`) lets the segment sum run
+    as a gather; ``out`` is an optional (N, V) buffer for the logits.
 
     Returns ``nll (N,)`` and, with ``compute_grad``, ``(dh (N, H), dA (K, M/K, d), db (V,))``.
     """
     xp = array_module(h)
-    z, hk = slim_logits(h, A, idx_kv, b)
-    nll = kernels.softmax_xent(z, targets, scale, compute_grad)
+    z, hk = slim_logits(h, A, idx_kv, None, out)
+    nll = kernels.softmax_xent(z, targets, scale, compute_grad, bias=b)
     if not compute_grad:
         return nll, None
     dz = z
     K, Mk, d = A.shape
     N = h.shape[0]
     G = xp.empty((K, N, Mk), dtype=h.dtype)
-    kernels.slim_segment_sum(dz, idx_kv, G)
+    kernels.slim_segment_sum(dz, idx_kv, G, inv)
     dA = xp.matmul(G.transpose(0, 2, 1), hk)  # (K, Mk, d)
     dh = xp.matmul(G, A).transpose(1, 0, 2).reshape(N, K * d)  # (N, H)
     return nll, (dh, dA, dz.sum(axis=0))
@@ -566,21 +573,26 @@ class SlimSoftmax:
         self.store, self.name, self.V, self.H, self.K, self.M = store, name, V, H, K, M
         self.Mk, self.d = M // K, H // K
         self.idx_kv = np.ascontiguousarray(np.asarray(idx).T)  # (K, V): row k read contiguously
+        self.inv = inverse_table(self.idx_kv, self.Mk)  # None unless uniform fan-out
+        self.ws = Workspace(store.xp)
         store.add(f"{name}/A", (K, self.Mk, self.d))
         store.add(f"{name}/b", (V,))
 
     def loss(self, h, targets, scale=1.0, compute_grad=True, chunk=None):
         p = self.store.params
         A, b = p[f"{self.name}/A"], p[f"{self.name}/b"]
+        xp, N = self.store.xp, h.shape[0]
         if not compute_grad:
-            xp = array_module(h)
-            chunk = chunk or max(1, (1 << 24) // max(self.V, 1))
-            return xp.concatenate([
-                slim_softmax_forward_backward(h[i : i + chunk], A, b, self.idx_kv,
-                                              targets[i : i + chunk], 1.0, False)[0]
-                for i in range(0, h.shape[0], chunk)
-            ]), None
-        nll, (dh, dA, db) = slim_softmax_forward_backward(h, A, b, self.idx_kv, targets, scale, True)
+            nll = xp.empty(N, dtype=np.float64)
+            for i, j in (spans := _eval_chunks(N, self.V, chunk)):
+                # one buffer of the first (largest) span's rows, sliced for the last
+                buf = self.ws.get("logits", (spans[0][1], self.V), h.dtype)[: j - i]
+                nll[i:j] = slim_softmax_forward_backward(h[i:j], A, b, self.idx_kv, targets[i:j],
+                                                         1.0, False, out=buf)[0]
+            return nll, None
+        buf = self.ws.get("logits", (N, self.V), h.dtype)
+        nll, (dh, dA, db) = slim_softmax_forward_backward(h, A, b, self.idx_kv, targets, scale, True,
+                                                          self.inv, buf)
         self.store.accumulate(f"{self.name}/A", dA)
         self.store.accumulate(f"{self.name}/b", db)
         return nll, dh

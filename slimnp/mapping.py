@@ -106,6 +106,29 @@ def output_table(V: int, K: int, Mk: int, kind: str, seed: int) -> np.ndarray:
     raise ValueError(f"unknown mapping {kind!r}; expected 'shuffle' or 'hash'")
 
 
+def inverse_table(idx_kv: np.ndarray, Mk: int):
+    """``idx_kv (K, V)`` inverted: ``inv (K, F, Mk)`` with ``inv[k, :, j]`` the
+    F words whose k-th sub-vector is entry j, ascending; or None unless every
+    entry of every pool has the same number F = V/Mk of words (a shuffle
+    mapping with Mk dividing V does; a hash mapping generally does not).
+
+    With it the output layer's backward gathers instead of scattering
+    (``kernels.slim_segment_sum(..., inv=...)``).
+    """
+    idx_kv = np.asarray(idx_kv)
+    K, V = idx_kv.shape
+    if Mk <= 0 or V % Mk:
+        return None
+    F = V // Mk
+    inv = np.empty((K, F, Mk), np.int32)
+    for k in range(K):
+        if not np.all(np.bincount(idx_kv[k], minlength=Mk) == F):
+            return None
+        order = np.argsort(idx_kv[k], kind="stable")  # by entry, words ascending
+        inv[k] = order.reshape(Mk, F).T
+    return inv
+
+
 def slim_report(config: dict, tables: dict, table_bytes: dict | None = None) -> dict:
     """Per slim layer: K, M, compression, parameters vs dense, pool usage.
 

@@ -203,20 +203,32 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
     _impl(*_check_gather(PT, idx_kv, b, zT, True)).slim_gather_sum_t(PT, idx_kv, b, zT)
 
 
-def slim_segment_sum(dz, idx_kv, G):
+def slim_segment_sum(dz, idx_kv, G, inv=None):
     """``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``.
 
     The backward of :func:`slim_gather_sum` w.r.t. ``P``; see
     :func:`reference.slim_segment_sum`.  ``dz : (N, V)``, ``idx_kv : (K, V)``
-    int in ``[0, Mk)``, ``G : (K, N, Mk)`` overwritten.
+    int in ``[0, Mk)``, ``G : (K, N, Mk)`` overwritten.  ``inv : (K, F, Mk)``
+    (optional) is ``idx_kv`` inverted by :func:`slimnp.mapping.inverse_table`;
+    given it, the CPU kernel runs the sum as a vectorised gather.
     """
     _check_float("G", G)
     _check_ndim("G", G, 3, "(K, N, Mk)")
     K, N, Mk = G.shape
     _check_index_table("idx_kv", idx_kv, K, Mk)
+    V = idx_kv.shape[1]
     _check_float("dz", dz, G.dtype)
-    _check_shape("dz", dz, (N, idx_kv.shape[1]))
-    _impl(dz, idx_kv, G).slim_segment_sum(dz, idx_kv, G)
+    _check_shape("dz", dz, (N, V))
+    arrays = (dz, idx_kv, G)
+    if inv is not None:
+        if inv.dtype.kind not in "iu" or inv.ndim != 3 or inv.shape[0] != K or inv.shape[2] != Mk \
+                or inv.shape[1] * Mk != V:
+            raise ValueError(f"inv: expected an integer (K, V/Mk, Mk) = ({K}, {V // max(Mk, 1)}, {Mk}) "
+                             f"table from mapping.inverse_table, got {inv.dtype} {tuple(inv.shape)}")
+        if inv.size and (int(inv.min()) < 0 or int(inv.max()) >= V):
+            raise IndexError(f"inv: entries must lie in [0, {V})")
+        arrays += (inv,)
+    _impl(*arrays).slim_segment_sum(dz, idx_kv, G, inv)
 
 
 def _check_pair(y, x):

@@ -384,33 +384,49 @@ def softmax_xent(logits, targets, scale, compute_grad=True, bias=None):
 # ---------------------------------------------------------------------------
 
 
+_WTILE = 512  # words per tile of the row-layout gather: the z tile stays in L1
+
+
 def _slim_gather_sum_impl(P, idx_kv, b, has_bias, z):
     # P (K, N, Mk), idx_kv (K, V), b (V,) [read only if has_bias], z (N, V).
-    # Rows n are independent, so prange over n is race-free.  Per row: pool k
-    # outer, word w inner.  The row P[k, n, :] is Mk floats (0.4-4 kB) and
-    # stays in L1 while idx_kv[k, :] and z[n, :] stream contiguously.
-    # Accumulation order per entry (bias, k = 0, 1, ...) matches the reference.
+    # Rows n are independent, so prange over n is race-free.  Per row, words
+    # in tiles of _WTILE: the z tile stays in L1 across the K pools, each
+    # pool's row P[k, n, :] (Mk floats) is gathered from L1/L2, and the
+    # zero-based loops over tile views are the form the compiler vectorises
+    # (into hardware gathers).  Accumulation order per entry (bias, k = 0,
+    # 1, ...) matches the reference.
     K, N, Mk = P.shape
     V = idx_kv.shape[1]
     for n in nb.prange(N):
         zn = z[n]  # (V,)
-        if has_bias:
-            for w in range(V):
-                zn[w] = b[w]
-        else:
-            for w in range(V):
-                zn[w] = 0.0
-        for k in range(K):
-            pkn = P[k, n]  # (Mk,)
-            ik = idx_kv[k]  # (V,)
-            for w in range(V):
-                zn[w] += pkn[ik[w]]
+        for w0 in range(0, V, _WTILE):
+            zt = zn[w0 : w0 + _WTILE]
+            if has_bias:
+                bt = b[w0 : w0 + _WTILE]
+                for j in range(zt.shape[0]):
+                    zt[j] = bt[j]
+            else:
+                for j in range(zt.shape[0]):
+                    zt[j] = 0.0
+            for k in range(K):
+                pkn = P[k, n]  # (Mk,)
+                it = idx_kv[k, w0 : w0 + _WTILE]
+                for j in range(zt.shape[0]):
+                    zt[j] += pkn[it[j]]
 
 
 _slim_gather_sum_serial, _slim_gather_sum_parallel = _serial_and_parallel(_slim_gather_sum_impl)
 
 
+def _unsigned(idx):
+    """The (validated, non-negative) index table as uint32, a free view for
+    int32.  Numba wraps negative indices (a compare and add per lookup); an
+    unsigned index skips that, measured 0.68 -> 0.36 ns per gathered term."""
+    return idx.view(np.uint32) if idx.dtype == np.int32 else idx.astype(np.uint32)
+
+
 def slim_gather_sum(P, idx_kv, b, z):
+    idx_kv = _unsigned(idx_kv)
     K, N, _ = P.shape
     V = idx_kv.shape[1]
     has_bias = b is not None
@@ -442,11 +458,44 @@ def _slim_segment_sum_impl(dz, idx_kv, G):
 _slim_segment_sum_serial, _slim_segment_sum_parallel = _serial_and_parallel(_slim_segment_sum_impl)
 
 
-def slim_segment_sum(dz, idx_kv, G):
+def slim_segment_sum(dz, idx_kv, G, inv=None):
+    idx_kv = _unsigned(idx_kv)
+    inv = None if inv is None else _unsigned(inv)
     K, N, _ = G.shape
     V = dz.shape[1]
-    kernel = _slim_segment_sum_parallel if N * V * K > PARALLEL_MIN_GATHER else _slim_segment_sum_serial
-    kernel(dz, idx_kv, G)
+    big = N * V * K > PARALLEL_MIN_GATHER
+    if inv is not None:
+        (_slim_segment_gather_parallel if big else _slim_segment_gather_serial)(dz, inv, G)
+    else:
+        (_slim_segment_sum_parallel if big else _slim_segment_sum_serial)(dz, idx_kv, G)
+
+
+def _slim_segment_gather_impl(dz, inv, G):
+    # The segment sum as a gather, for tables where every pool entry is used
+    # by the same number F of words (a shuffle mapping with Mk dividing V):
+    # inv (K, F, Mk) lists, for entry j of pool k, its words in ascending
+    # order (mapping.inverse_table), so
+    #     G[k, n, j] = dz[n, inv[k, 0, j]] + ... + dz[n, inv[k, F-1, j]]
+    # adds the same terms in the same order as the scatter form, but the
+    # loop over j vectorises (gathers from the dz row, contiguous stores)
+    # where the scatter's read-modify-write chain cannot.
+    K, F, Mk = inv.shape
+    N = dz.shape[0]
+    for n in nb.prange(N):
+        dzn = dz[n]
+        for k in range(K):
+            gkn = G[k, n]  # (Mk,)
+            i0 = inv[k, 0]
+            for j in range(Mk):
+                gkn[j] = dzn[i0[j]]
+            for r in range(1, F):
+                ir = inv[k, r]
+                for j in range(Mk):
+                    gkn[j] += dzn[ir[j]]
+
+
+_slim_segment_gather_serial, _slim_segment_gather_parallel = _serial_and_parallel(
+    _slim_segment_gather_impl)
 
 
 def _slim_gather_sum_t_impl(PT, idx_kv, b, has_bias, zT):
@@ -475,6 +524,7 @@ _slim_gather_sum_t_serial, _slim_gather_sum_t_parallel = _serial_and_parallel(_s
 
 
 def slim_gather_sum_t(PT, idx_kv, b, zT):
+    idx_kv = _unsigned(idx_kv)
     K, _, N = PT.shape
     V = idx_kv.shape[1]
     has_bias = b is not None

@@ -201,7 +201,7 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
         zT += xp.take(PT[k], idx_kv[k], axis=0)  # rows of (Mk, N) -> (V, N)
 
 
-def slim_segment_sum(dz, idx_kv, G):
+def slim_segment_sum(dz, idx_kv, G, inv=None):
     """Backward of :func:`slim_gather_sum` with respect to ``P``.
 
     ``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``
@@ -211,6 +211,9 @@ def slim_segment_sum(dz, idx_kv, G):
     dz : (N, V) float  gradient of the loss w.r.t. the logits
     idx_kv : (K, V) int32  in ``[0, Mk)``
     G : (K, N, Mk) float  out, overwritten (entries no word uses become 0)
+    inv : (K, F, Mk) int32 or None  the same table inverted
+        (:func:`slimnp.mapping.inverse_table`, for tables where each entry
+        has F words); fast kernels may use it, the result is the same
 
     The bias gradient is ``dz.sum(0)`` and is left to the caller.
     """
