@@ -49,7 +49,8 @@ CONFIGS = {
 VARIANTS = {
     "dense": {},
     # the slim setting: input K=10 at 10% of the dense table
-    # (M = 0.1*K*V), output K=10 at 1/10 (M/K = V/10)
+    # (M = 0.1*K*V), output K=10 at 1/10 (M/K = V/10); K=8 where 10 does
+    # not divide H (config D, H = 512)
     "slim": {"input": "slim", "input_k": 10, "input_ratio": 0.1,
              "output": "slim", "output_k": 10, "output_ratio": 0.1},
 }
@@ -235,7 +236,13 @@ def slimnp_config(cfg: dict, variant: str):
     try:
         from slimnp.trainer import slim_settings
 
-        extra = VARIANTS[variant]
+        extra = dict(VARIANTS[variant])
+        for side in ("input", "output"):
+            # K must divide H: where 10 does not (D: H = 512), the largest
+            # divisor of H up to K (8 for D, the paper's Table 7 choice)
+            k = extra.get(f"{side}_k")
+            if k and cfg["H"] % k:
+                extra[f"{side}_k"] = max(j for j in range(1, k + 1) if cfg["H"] % j == 0)
         d.update(slim_settings(extra, cfg["V"]) if extra else {})
         mc = ModelConfig.from_dict(d)
         mc.validate()

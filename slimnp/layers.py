@@ -562,6 +562,40 @@ def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=
     return nll, (dh, dA, dz.sum(axis=0))
 
 
+def slim_softmax_loss_t(h, A, b, idx_kv, targets, scale, compute_grad=True, inv=None, ws=None):
+    """:func:`slim_softmax_forward_backward` in the word-major layout (what
+    the layer trains and evaluates with).
+
+    ``PT[k] = A[k] h_k^T`` ``(K, Mk, N)``; logits ``zT (V, N)``, one column
+    per row of ``h``; the column softmax; then ``GT (K, Mk, N)``, the
+    segment sum of ``dzT`` (written over ``PT``), gives ``dA_k = GT_k h_k``
+    and ``dh_k = GT_k^T A_k``.  Every kernel then streams contiguous runs of
+    N floats instead of gathering single ones.  ``ws``: a :class:`Workspace`
+    for the two large buffers.
+
+    Returns ``nll (N,)`` and, with ``compute_grad``, ``(dh (N, H), GT,
+    hk (K, N, d), db (V,))``: ``dA = GT @ hk`` is left to the caller, which
+    can compute it straight into a gradient buffer.
+    """
+    xp = array_module(h)
+    K, Mk, d = A.shape
+    N, V = h.shape[0], idx_kv.shape[1]
+    ws = ws or Workspace(xp)
+    h3 = h.reshape(N, K, d)
+    PT = xp.matmul(A, h3.transpose(1, 2, 0), out=ws.get("PT", (K, Mk, N), h.dtype))
+    zT = ws.get("zT", (V, N), h.dtype)
+    kernels.slim_gather_sum_t(PT, idx_kv, None, zT)
+    nll = kernels.softmax_xent_t(zT, targets, scale, compute_grad, bias=b)
+    if not compute_grad:
+        return nll, None
+    GT = PT  # the partial products are spent: reuse their buffer
+    db = xp.empty(V, dtype=h.dtype)
+    kernels.slim_segment_sum_t(zT, idx_kv, GT, inv, db)
+    dh3 = xp.empty((N, K, d), dtype=h.dtype)
+    xp.matmul(GT.transpose(0, 2, 1), A, out=dh3.transpose(1, 0, 2))  # (K, N, d) view
+    return nll, (dh3.reshape(N, K * d), GT, h3.transpose(1, 0, 2), db)
+
+
 class SlimSoftmax:
     """Output layer: word w's vector is ``[A[0, idx[w,0]], ..., A[K-1, idx[w,K-1]]]``.
 
@@ -584,16 +618,13 @@ class SlimSoftmax:
         xp, N = self.store.xp, h.shape[0]
         if not compute_grad:
             nll = xp.empty(N, dtype=np.float64)
-            for i, j in (spans := _eval_chunks(N, self.V, chunk)):
-                # one buffer of the first (largest) span's rows, sliced for the last
-                buf = self.ws.get("logits", (spans[0][1], self.V), h.dtype)[: j - i]
-                nll[i:j] = slim_softmax_forward_backward(h[i:j], A, b, self.idx_kv, targets[i:j],
-                                                         1.0, False, out=buf)[0]
+            for i, j in _eval_chunks(N, self.V, chunk):
+                nll[i:j] = slim_softmax_loss_t(h[i:j], A, b, self.idx_kv, targets[i:j], 1.0, False,
+                                               ws=self.ws)[0]
             return nll, None
-        buf = self.ws.get("logits", (N, self.V), h.dtype)
-        nll, (dh, dA, db) = slim_softmax_forward_backward(h, A, b, self.idx_kv, targets, scale, True,
-                                                          self.inv, buf)
-        self.store.accumulate(f"{self.name}/A", dA)
+        nll, (dh, GT, hk, db) = slim_softmax_loss_t(h, A, b, self.idx_kv, targets, scale, True,
+                                                    self.inv, self.ws)
+        self.store.accumulate(f"{self.name}/A", GT, hk)  # dA = GT @ hk, one batched GEMM
         self.store.accumulate(f"{self.name}/b", db)
         return nll, dh
 

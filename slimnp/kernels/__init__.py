@@ -221,14 +221,56 @@ def slim_segment_sum(dz, idx_kv, G, inv=None):
     _check_shape("dz", dz, (N, V))
     arrays = (dz, idx_kv, G)
     if inv is not None:
-        if inv.dtype.kind not in "iu" or inv.ndim != 3 or inv.shape[0] != K or inv.shape[2] != Mk \
-                or inv.shape[1] * Mk != V:
-            raise ValueError(f"inv: expected an integer (K, V/Mk, Mk) = ({K}, {V // max(Mk, 1)}, {Mk}) "
-                             f"table from mapping.inverse_table, got {inv.dtype} {tuple(inv.shape)}")
-        if inv.size and (int(inv.min()) < 0 or int(inv.max()) >= V):
-            raise IndexError(f"inv: entries must lie in [0, {V})")
+        _check_inv(inv, K, V, Mk)
         arrays += (inv,)
     _impl(*arrays).slim_segment_sum(dz, idx_kv, G, inv)
+
+
+def softmax_xent_t(zT, targets, scale=1.0, compute_grad=True, bias=None):
+    """:func:`softmax_xent` for word-major logits ``zT (V, N)``; see
+    :func:`reference.softmax_xent_t`."""
+    _check_float("zT", zT)
+    _check_ndim("zT", zT, 2, "(V, N)")
+    V, N = zT.shape
+    _check_ids("targets", targets, N, V)
+    arrays = (zT, targets)
+    if bias is not None:
+        _check_float("bias", bias, zT.dtype)
+        _check_shape("bias", bias, (V,))
+        arrays += (bias,)
+    return _impl(*arrays).softmax_xent_t(zT, targets, scale, compute_grad, bias)
+
+
+def _check_inv(inv, K, V, Mk):
+    if inv.dtype.kind not in "iu" or inv.ndim != 3 or inv.shape[0] != K or inv.shape[2] != Mk \
+            or inv.shape[1] * Mk != V:
+        raise ValueError(f"inv: expected an integer (K, V/Mk, Mk) = ({K}, {V // max(Mk, 1)}, {Mk}) "
+                         f"table from mapping.inverse_table, got {inv.dtype} {tuple(inv.shape)}")
+    if inv.size and (int(inv.min()) < 0 or int(inv.max()) >= V):
+        raise IndexError(f"inv: entries must lie in [0, {V})")
+
+
+def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
+    """Word-major :func:`slim_segment_sum`: ``GT[k, j, :] = sum of dzT[w, :]
+    over the words w with idx_kv[k, w] == j``; ``dzT : (V, N)``, ``GT : (K,
+    Mk, N)`` overwritten, ``db (V,)`` (optional) overwritten with
+    ``dzT.sum(axis=1)``; see :func:`reference.slim_segment_sum_t`."""
+    _check_float("GT", GT)
+    _check_ndim("GT", GT, 3, "(K, Mk, N)")
+    K, Mk, N = GT.shape
+    _check_index_table("idx_kv", idx_kv, K, Mk)
+    V = idx_kv.shape[1]
+    _check_float("dzT", dzT, GT.dtype)
+    _check_shape("dzT", dzT, (V, N))
+    arrays = (dzT, idx_kv, GT)
+    if inv is not None:
+        _check_inv(inv, K, V, Mk)
+        arrays += (inv,)
+    if db is not None:
+        _check_float("db", db, GT.dtype)
+        _check_shape("db", db, (V,))
+        arrays += (db,)
+    _impl(*arrays).slim_segment_sum_t(dzT, idx_kv, GT, inv, db)
 
 
 def _check_pair(y, x):

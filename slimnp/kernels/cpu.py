@@ -535,6 +535,156 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
 
 
 # ---------------------------------------------------------------------------
+# Word-major (transposed) output layer: zT (V, N), one column per row of h.
+# Every loop below runs over a contiguous run of N (or of a 16-column
+# block), so nothing needs a hardware gather or a horizontal reduction.
+# ---------------------------------------------------------------------------
+def _softmax_xent_cols_impl(zT, b, has_bias, targets, scale, compute_grad, cw, nll):
+    # Column blocks of width cw (one per thread, a multiple of 16) are
+    # independent: prange over blocks is race-free.  Per block, three passes
+    # down the V rows, each reading the block's contiguous run of every row
+    # and updating per-column state (max, sum, ... : cw floats, in L1):
+    # bias + max (+ finite check), exp + sum, scale (+ flush).
+    V, N = zT.shape
+    dt = zT.dtype.type
+    tiny = np.finfo(zT.dtype).tiny
+    nblk = (N + cw - 1) // cw
+    for blk in nb.prange(nblk):
+        n0 = blk * cw
+        nn = min(cw, N - n0)
+        m = np.full(nn, -np.inf, zT.dtype)
+        tot = np.zeros(nn, zT.dtype)
+        for w in range(V):
+            row = zT[w, n0 : n0 + nn]
+            if has_bias:
+                bw = b[w]
+                for j in range(nn):
+                    row[j] += bw
+            for j in range(nn):
+                x = row[j]
+                m[j] = x if x > m[j] else m[j]
+                tot[j] += x
+        zt = np.empty(nn, np.float64)
+        for j in range(nn):
+            zt[j] = zT[targets[n0 + j], n0 + j]
+        s = np.zeros(nn, np.float64)
+        part = np.zeros(nn, zT.dtype)
+        for w0 in range(0, V, _BLOCK):
+            for j in range(nn):
+                part[j] = 0
+            for w in range(w0, min(V, w0 + _BLOCK)):
+                row = zT[w, n0 : n0 + nn]
+                if compute_grad:
+                    for j in range(nn):
+                        e = _exp(row[j] - m[j])
+                        row[j] = e
+                        part[j] += e
+                else:
+                    for j in range(nn):
+                        part[j] += _exp(row[j] - m[j])
+            for j in range(nn):
+                s[j] += part[j]
+        for j in range(nn):
+            ok = math.isfinite(tot[j]) and math.isfinite(m[j])
+            nll[n0 + j] = math.log(s[j]) + m[j] - zt[j] if ok else np.nan
+        if compute_grad:
+            k = np.empty(nn, zT.dtype)
+            for j in range(nn):
+                k[j] = dt(scale / s[j])
+            for w in range(V):
+                row = zT[w, n0 : n0 + nn]
+                for j in range(nn):
+                    r = row[j] * k[j]
+                    row[j] = r if r >= tiny else dt(0)
+            for j in range(nn):
+                zT[targets[n0 + j], n0 + j] -= dt(scale)
+
+
+_softmax_xent_cols_serial, _softmax_xent_cols_parallel = _serial_and_parallel(
+    _softmax_xent_cols_impl, _JIT_REDUCE)
+
+
+def softmax_xent_t(zT, targets, scale, compute_grad=True, bias=None):
+    V, N = zT.shape
+    nll = np.empty(N, dtype=np.float64)
+    has_bias = bias is not None
+    b = bias if has_bias else np.empty(0, zT.dtype)
+    threads = nb.get_num_threads() if N * V >= PARALLEL_MIN_GATHER else 1
+    cw = -(-N // threads)  # columns per block: one block per thread,
+    cw = max(16, -(-cw // 16) * 16)  # in whole cache lines
+    kernel = _softmax_xent_cols_parallel if threads > 1 and N > cw else _softmax_xent_cols_serial
+    kernel(zT, b, has_bias, targets, float(scale), bool(compute_grad), cw, nll)
+    return nll
+
+
+def _slim_segment_sum_t_inv_impl(dzT, inv, GT, db, want_db):
+    # GT[k, j, :] = sum of the rows dzT[w, :] of entry j's words (inv), in
+    # ascending w: the reference's order.  Items (k, j) write disjoint rows of
+    # GT, so prange over them is race-free; with want_db, the items of pool
+    # 0, which between them visit every word exactly once, also write
+    # db[w] = sum(dzT[w, :]).
+    K, F, Mk = inv.shape
+    N = dzT.shape[1]
+    for item in nb.prange(K * Mk):
+        k = item // Mk
+        j = item % Mk
+        g = GT[k, j]  # (N,)
+        r0 = dzT[inv[k, 0, j]]
+        for n in range(N):
+            g[n] = r0[n]
+        for r in range(1, F):
+            rr = dzT[inv[k, r, j]]
+            for n in range(N):
+                g[n] += rr[n]
+        if want_db and k == 0:
+            for r in range(F):
+                w = inv[0, r, j]
+                rw = dzT[w]
+                sb = dzT.dtype.type(0)
+                for n in range(N):
+                    sb += rw[n]
+                db[w] = sb
+
+
+def _slim_segment_sum_t_scatter_impl(dzT, idx_kv, GT, db, want_db):
+    # Any table: pool k's rows GT[k] are written only by iteration k of the
+    # prange (race-free); words ascending, as in the reference.
+    K, Mk, N = GT.shape
+    V = dzT.shape[0]
+    for k in nb.prange(K):
+        Gk = GT[k]
+        for j in range(Mk):
+            for n in range(N):
+                Gk[j, n] = 0
+        ik = idx_kv[k]
+        for w in range(V):
+            g = Gk[ik[w]]
+            rw = dzT[w]
+            for n in range(N):
+                g[n] += rw[n]
+        if want_db and k == 0:
+            for w in range(V):
+                rw = dzT[w]
+                sb = dzT.dtype.type(0)
+                for n in range(N):
+                    sb += rw[n]
+                db[w] = sb
+
+
+_slim_segment_sum_t_inv = nb.njit(parallel=True, **_JIT_REDUCE)(_slim_segment_sum_t_inv_impl)
+_slim_segment_sum_t_scatter = nb.njit(parallel=True, **_JIT_REDUCE)(_slim_segment_sum_t_scatter_impl)
+
+
+def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
+    want_db = db is not None
+    dbv = db if want_db else np.empty(0, dzT.dtype)
+    if inv is not None:
+        _slim_segment_sum_t_inv(dzT, _unsigned(inv), GT, dbv, want_db)
+    else:
+        _slim_segment_sum_t_scatter(dzT, _unsigned(idx_kv), GT, dbv, want_db)
+
+
+# ---------------------------------------------------------------------------
 # Optimizer passes over the flat buffers: memory-bound, so each is one
 # parallel pass (numpy's "grad *= c; params += grad" is three).
 # ---------------------------------------------------------------------------

@@ -228,6 +228,37 @@ def slim_segment_sum(dz, idx_kv, G, inv=None):
         G[k] = xp.bincount(bins, weights=weights, minlength=N * Mk).reshape(N, Mk)
 
 
+def softmax_xent_t(zT, targets, scale, compute_grad=True, bias=None):
+    """:func:`softmax_xent` in the word-major layout: column n of ``zT (V, N)``
+    holds row n's logits; ``bias (V,)`` is added down the columns.  The same
+    contract otherwise (``zT`` becomes the transposed gradient)."""
+    xp = array_module(zT)
+    if bias is not None:
+        zT += bias[:, None]
+    z = xp.ascontiguousarray(zT.T)
+    nll = softmax_xent(z, targets, scale, compute_grad)
+    if compute_grad:
+        zT[...] = z.T
+    return nll
+
+
+def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
+    """:func:`slim_segment_sum` in the word-major layout.
+
+    ``GT[k, j, n] = sum over w with idx_kv[k, w] == j of dzT[w, n]``, with
+    ``dzT : (V, N)`` and ``GT : (K, Mk, N)`` overwritten; ``inv`` as in
+    :func:`slim_segment_sum`; if ``db (V,)`` is given it is overwritten with
+    the bias gradient ``dzT.sum(axis=1)``.
+    """
+    xp = array_module(dzT)
+    K, Mk, N = GT.shape
+    for k in range(K):
+        GT[k] = 0
+        xp.add.at(GT[k], idx_kv[k], dzT)
+    if db is not None:
+        db[...] = dzT.sum(axis=1)
+
+
 # ---------------------------------------------------------------------------
 # Optimizer passes over flat buffers (and over listed rows of a 2-d view).
 # ---------------------------------------------------------------------------
