@@ -1,0 +1,232 @@
+"""The performance work's kernels and bookkeeping: parity with the reference,
+exactness where promised, and the same training result as the plain paths."""
+import numpy as np
+import pytest
+
+from slimnp import kernels
+from slimnp.backend import make_rng
+from slimnp.kernels import cpu, reference
+from slimnp.layers import ParamStore, Workspace, slim_softmax_forward_backward, slim_softmax_loss_t
+from slimnp.mapping import hash_assignment, inverse_table, shuffle_assignment_pools
+from slimnp.model import LanguageModel, ModelConfig
+from slimnp.optim import SGD, global_norm
+
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+# ----------------------------------------------------------------------------
+# exp, softmax
+# ----------------------------------------------------------------------------
+def test_exp32_accuracy_and_no_subnormals():
+    import numba as nb
+
+    @nb.njit
+    def run(x, out):
+        for i in range(x.shape[0]):
+            out[i] = cpu._exp(x[i])
+
+    x = np.linspace(-80, 80, 200_001, dtype=np.float32)
+    out = np.empty_like(x)
+    run(x, out)
+    rel = np.abs(out / np.exp(x.astype(np.float64)) - 1)
+    assert rel.max() < 3e-6
+    # clamped at the ends instead of under/overflowing
+    ext = np.array([-1e4, -200, 200, 1e4], np.float32)
+    out = np.empty_like(ext)
+    run(ext, out)
+    assert np.all(out >= np.finfo(np.float32).tiny) and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N,V", [(1, 1), (3, 17), (40, 1000), (130, 3001)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_softmax_xent_bias_parity(dtype, N, V, grad, rng):
+    logits = (rng.standard_normal((N, V)) * 4).astype(dtype)
+    bias = rng.standard_normal(V).astype(dtype)
+    t = rng.integers(0, V, N).astype(np.int32)
+    (n_r, a_r), (n_c, a_c) = [
+        (impl.softmax_xent(a := logits.copy(), t, 0.25, grad, bias), a)
+        for impl in (reference, cpu)]
+    np.testing.assert_allclose(n_c, n_r, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+    if grad:
+        np.testing.assert_allclose(a_c, a_r, **TOL[dtype])
+        np.testing.assert_allclose(a_c.sum(axis=1), 0, atol=1e-5)  # rows of p - onehot
+
+
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+def test_softmax_nan_and_inf_give_nan_loss(layout):
+    z = np.zeros((3, 40), np.float32)
+    z[0, 7] = np.nan
+    z[1, 3] = np.inf
+    t = np.zeros(3, np.int32)
+    if layout == "rows":
+        nll = kernels.softmax_xent(z, t, 1.0)
+    else:
+        nll = kernels.softmax_xent_t(z.T.copy(), t, 1.0)
+    assert np.isnan(nll[0]) and np.isnan(nll[1]) and np.isfinite(nll[2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("V,N", [(5, 1), (300, 7), (2000, 70)])
+@pytest.mark.parametrize("grad", [True, False])
+def test_softmax_xent_t_matches_row_layout(dtype, V, N, grad, rng):
+    z = (rng.standard_normal((N, V)) * 3).astype(dtype)
+    b = rng.standard_normal(V).astype(dtype)
+    t = rng.integers(0, V, N).astype(np.int32)
+    zr = z.copy()
+    n_rows = kernels.softmax_xent(zr, t, 0.5, grad, b)
+    for mode in ("reference", "cpu"):
+        with kernels.using(mode):
+            zT = z.T.copy()  # (for N = 1, ascontiguousarray(z.T) would be a view of z)
+            n_cols = kernels.softmax_xent_t(zT, t, 0.5, grad, b)
+        np.testing.assert_allclose(n_cols, n_rows, rtol=1e-5 if dtype == np.float32 else 1e-12)
+        if grad:
+            np.testing.assert_allclose(zT.T, zr, **TOL[dtype])
+
+
+# ----------------------------------------------------------------------------
+# slim output layer: inverted tables, word-major kernels
+# ----------------------------------------------------------------------------
+def test_inverse_table(rng):
+    V, K, Mk = 60, 3, 12
+    idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, 4).T)
+    inv = inverse_table(idx_kv, Mk)
+    assert inv.shape == (K, V // Mk, Mk)
+    for k in range(K):
+        for j in range(Mk):
+            words = inv[k, :, j]
+            assert np.all(np.diff(words) > 0)  # ascending
+            assert np.array_equal(np.flatnonzero(idx_kv[k] == j), words)
+    # uneven fan-out (hash mapping, or Mk not dividing V): no inverse
+    assert inverse_table(np.ascontiguousarray(hash_assignment(V, K, Mk, 0, 1).T), Mk) is None
+    assert inverse_table(idx_kv[:, :-1], Mk) is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_segment_sums_with_and_without_inverse(dtype, rng):
+    V, K, Mk, N = 200, 4, 20, 9
+    idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, 1).T)
+    inv = inverse_table(idx_kv, Mk)
+    dz = rng.standard_normal((N, V)).astype(dtype)
+    G_ref = np.empty((K, N, Mk), dtype)
+    reference.slim_segment_sum(dz, idx_kv, G_ref)
+    G_scatter, G_gather = np.empty_like(G_ref), np.empty_like(G_ref)
+    kernels.slim_segment_sum(dz, idx_kv, G_scatter)
+    kernels.slim_segment_sum(dz, idx_kv, G_gather, inv)
+    np.testing.assert_array_equal(G_gather, G_scatter)  # same terms, same order
+    np.testing.assert_allclose(G_gather, G_ref, **TOL[dtype])
+    # word-major: (V, N) in, (K, Mk, N) out, bias gradient fused
+    dzT = dz.T.copy()
+    for table in (inv, None):
+        for mode in ("reference", "cpu"):
+            with kernels.using(mode):
+                GT, db = np.empty((K, Mk, N), dtype), np.empty(V, dtype)
+                kernels.slim_segment_sum_t(dzT, idx_kv, GT, table, db)
+            np.testing.assert_allclose(GT.transpose(0, 2, 1), G_ref, **TOL[dtype])
+            np.testing.assert_allclose(db, dz.sum(axis=0), **TOL[dtype])
+
+
+def test_inverse_table_shape_checked(rng):
+    V, K, Mk = 40, 2, 10
+    idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, 0).T)
+    with pytest.raises(ValueError, match="inv"):
+        kernels.slim_segment_sum(np.zeros((3, V), np.float32), idx_kv, np.empty((K, 3, Mk), np.float32),
+                                 inv=np.zeros((K, 3, Mk), np.int32))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_word_major_slim_loss_matches_row_major(seed):
+    rng = np.random.default_rng(seed)
+    N, H, K, Mk, V = 13, 24, 4, 15, 60
+    h = rng.standard_normal((N, H))
+    A = rng.standard_normal((K, Mk, H // K)) * 0.3
+    b = rng.standard_normal(V)
+    idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, seed).T)
+    t = rng.integers(0, V, N).astype(np.int32)
+    nll_r, (dh_r, dA_r, db_r) = slim_softmax_forward_backward(h, A, b, idx_kv, t, 0.5)
+    for inv in (inverse_table(idx_kv, Mk), None):
+        nll_t, (dh_t, GT, hk, db_t) = slim_softmax_loss_t(h, A, b, idx_kv, t, 0.5, True, inv)
+        np.testing.assert_allclose(nll_t, nll_r, rtol=1e-12)
+        np.testing.assert_allclose(dh_t, dh_r, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(GT @ hk, dA_r, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(db_t, db_r, rtol=1e-10, atol=1e-12)
+        nll_e, _ = slim_softmax_loss_t(h, A, b, idx_kv, t, 1.0, False)
+        np.testing.assert_allclose(nll_e, nll_r, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------
+# optimizer passes, lazy gradients, row-tracked embedding gradients
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [13, 1000, 70_001])
+def test_sumsq_axpy_parity(n, rng):
+    x = rng.standard_normal(n).astype(np.float32)
+    y = rng.standard_normal(n).astype(np.float32)
+    assert kernels.sumsq(x) == pytest.approx(reference.sumsq(x), rel=1e-6)
+    y1, y2 = y.copy(), y.copy()
+    cpu.axpy(y1, -0.7, x)
+    reference.axpy(y2, -0.7, x)
+    np.testing.assert_array_equal(y1, y2)
+    X, Y = x[: n - n % 10].reshape(-1, 10), y[: n - n % 10].reshape(-1, 10).copy()
+    rows = np.unique(rng.integers(0, X.shape[0], 5))
+    assert kernels.sumsq_rows(X, rows) == pytest.approx(reference.sumsq(X[rows].ravel()), rel=1e-6)
+    Y1, Y2 = Y.copy(), Y.copy()
+    kernels.axpy_rows(Y1, 2.0, X, rows)
+    reference.axpy_rows(Y2, 2.0, X, rows)
+    np.testing.assert_array_equal(Y1, Y2)
+    with pytest.raises(IndexError):
+        kernels.axpy_rows(Y1, 1.0, X, np.array([X.shape[0]]))
+
+
+def test_lazy_zero_and_row_tracking():
+    store = ParamStore()
+    store.add("emb", (10, 3))
+    store.add("w", (3, 2))
+    store.allocate()
+    store.grad[:] = 7  # stale values from an earlier step
+    store.zero_grad(lazy=True)
+    g = store.grad_rows("emb", np.array([2, 5]))
+    g[[2, 5]] += 1
+    a, b = np.ones((3, 4), np.float32), np.ones((4, 2), np.float32)
+    store.accumulate("w", a, b)  # written, not added to the stale 7s
+    store.settle_grad()
+    assert np.all(store.grads["w"] == 4)
+    np.testing.assert_array_equal(store.grads["emb"].sum(axis=1), [0, 0, 3, 0, 0, 3, 0, 0, 0, 0])
+    assert [s[0] for s in store.segments()] == ["rows", "dense"]
+    # next step: only rows 2 and 5 needed clearing; a second scatter unions rows
+    store.zero_grad(lazy=True)
+    store.grad_rows("emb", np.array([1]))[1] += 1
+    store.grad_rows("emb", np.array([9]))[9] += 1
+    store.settle_grad()
+    np.testing.assert_array_equal(store.grads["emb"].sum(axis=1), [0, 3, 0, 0, 0, 0, 0, 0, 0, 3])
+    np.testing.assert_array_equal(store.segments()[0][3], [1, 9])
+    assert np.all(store.grads["w"] == 0)  # settled: nobody wrote it this step
+    assert global_norm(store.grad, store.segments()) == pytest.approx(np.sqrt(6))
+
+
+@pytest.mark.parametrize("extra", [{}, {"input": "slim", "input_k": 4, "input_m": 40,
+                                        "output": "slim", "output_k": 4, "output_m": 40}])
+def test_fast_step_equals_plain_step(extra):
+    """Lazy zeroing + row-tracked embeddings + fused SGD give the same model as
+    eager zeroing + a dense update."""
+    cfg = ModelConfig(vocab_size=80, hidden=16, layers=2, **extra)
+    rng = np.random.default_rng(3)
+    segs = [(rng.integers(0, 80, (5, 4)).astype(np.int32), rng.integers(0, 80, (5, 4)).astype(np.int32))
+            for _ in range(4)]
+    results = []
+    for fast in (True, False):
+        m = LanguageModel(cfg)
+        m.init_params(make_rng(0))
+        opt, state = SGD(clip=0.5), m.zero_state(4)
+        for x, y in segs:
+            m.store.zero_grad(lazy=fast)
+            _, state, _ = m.forward_backward(x, y, state, 0.25)
+            opt.step(m.store.data, m.store.grad, 1.0, m.store.segments() if fast else None)
+        results.append(m.store.data.copy())
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+def test_workspace_reuses_buffers():
+    ws = Workspace()
+    a = ws.get("x", (4, 5), np.float32)
+    assert ws.get("x", (4, 5), np.float32) is a
+    assert ws.get("x", (4, 6), np.float32).shape == (4, 6)
