@@ -536,6 +536,23 @@ def slim_logits_t(h, A, idx_kv, b):
     return zT
 
 
+def slim_log_probs_t(h, A, idx_kv, b, out=None):
+    """Log-probabilities of the whole vocabulary for a few hidden states.
+
+    Word-major: returns ``logp (V, N)`` (column n for ``h[n]``) and each
+    column's logsumexp ``(N,)``; ``out`` an optional (V, N) buffer.  The
+    inference path of the paper's Table 7: K GEMMs, the gather-sum with the
+    bias, an in-place column log-softmax.
+    """
+    xp = array_module(h)
+    K, Mk, d = A.shape
+    N = h.shape[0]
+    PT = xp.matmul(A, h.reshape(N, K, d).transpose(1, 2, 0))  # (K, Mk, N)
+    zT = xp.empty((idx_kv.shape[1], N), dtype=h.dtype) if out is None else out
+    kernels.slim_gather_sum_t(PT, idx_kv, b, zT)
+    return zT, kernels.log_softmax_t(zT)
+
+
 def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=True,
                                   inv=None, out=None):
     """Cross-entropy of the slim softmax and its gradients.

@@ -241,6 +241,20 @@ def softmax_xent_t(zT, targets, scale=1.0, compute_grad=True, bias=None):
     return _impl(*arrays).softmax_xent_t(zT, targets, scale, compute_grad, bias)
 
 
+def log_softmax_t(zT, bias=None):
+    """Column log-softmax of word-major logits ``zT (V, N)`` in place (+
+    ``bias``); returns the logsumexp of each column; see
+    :func:`reference.log_softmax_t`."""
+    _check_float("zT", zT)
+    _check_ndim("zT", zT, 2, "(V, N)")
+    arrays = (zT,)
+    if bias is not None:
+        _check_float("bias", bias, zT.dtype)
+        _check_shape("bias", bias, (zT.shape[0],))
+        arrays += (bias,)
+    return _impl(*arrays).log_softmax_t(zT, bias)
+
+
 def _check_inv(inv, K, V, Mk):
     if inv.dtype.kind not in "iu" or inv.ndim != 3 or inv.shape[0] != K or inv.shape[2] != Mk \
             or inv.shape[1] * Mk != V:

@@ -617,6 +617,68 @@ def softmax_xent_t(zT, targets, scale, compute_grad=True, bias=None):
     return nll
 
 
+_VCHUNK = 4096  # rows per work item of the row-parallel column log-softmax
+
+
+@nb.njit(parallel=True, **_JIT_REDUCE)
+def _log_softmax_cols(zT, b, has_bias, lse):
+    # Row-parallel (any N, including the few columns of inference): work
+    # items are chunks of _VCHUNK rows; each keeps per-column partials (max,
+    # then sum of exp) over its rows, which a serial step combines.  Three
+    # parallel passes: bias + max, exp-sum, subtract.
+    V, N = zT.shape
+    nch = (V + _VCHUNK - 1) // _VCHUNK
+    pmax = np.empty((nch, N), zT.dtype)
+    for c in nb.prange(nch):
+        pm = pmax[c]
+        for n in range(N):
+            pm[n] = -np.inf
+        for w in range(c * _VCHUNK, min(V, (c + 1) * _VCHUNK)):
+            row = zT[w]
+            if has_bias:
+                bw = b[w]
+                for n in range(N):
+                    row[n] += bw
+            for n in range(N):
+                x = row[n]
+                # NaN propagates: it compares false both ways, so take it
+                pm[n] = x if (x > pm[n] or x != x) else pm[n]
+    m = np.empty(N, zT.dtype)
+    for n in range(N):
+        m[n] = pmax[0, n]
+        for c in range(1, nch):
+            x = pmax[c, n]
+            m[n] = x if (x > m[n] or x != x) else m[n]
+    psum = np.zeros((nch, N), np.float64)
+    for c in nb.prange(nch):
+        part = np.zeros(N, zT.dtype)
+        for w in range(c * _VCHUNK, min(V, (c + 1) * _VCHUNK)):
+            row = zT[w]
+            for n in range(N):
+                part[n] += _exp(row[n] - m[n])
+        for n in range(N):
+            psum[c, n] = part[n]
+    for n in range(N):
+        t = 0.0
+        for c in range(nch):
+            t += psum[c, n]
+        lse[n] = math.log(t) + m[n]
+    sub = lse.astype(zT.dtype)
+    for c in nb.prange(nch):
+        for w in range(c * _VCHUNK, min(V, (c + 1) * _VCHUNK)):
+            row = zT[w]
+            for n in range(N):
+                row[n] -= sub[n]
+
+
+def log_softmax_t(zT, bias=None):
+    V, N = zT.shape
+    lse = np.empty(N, np.float64)
+    has_bias = bias is not None
+    _log_softmax_cols(zT, bias if has_bias else np.empty(0, zT.dtype), has_bias, lse)
+    return lse
+
+
 def _slim_segment_sum_t_inv_impl(dzT, inv, GT, db, want_db):
     # GT[k, j, :] = sum of the rows dzT[w, :] of entry j's words (inv), in
     # ascending w: the reference's order.  Items (k, j) write disjoint rows of

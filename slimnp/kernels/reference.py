@@ -242,6 +242,19 @@ def softmax_xent_t(zT, targets, scale, compute_grad=True, bias=None):
     return nll
 
 
+def log_softmax_t(zT, bias=None):
+    """Column log-softmax in place: ``zT (V, N)`` (+ ``bias (V,)`` down the
+    columns) becomes ``log p``; returns each column's logsumexp ``(N,)``
+    float64 (the normaliser: scoring and sampling need it, and the top-k)."""
+    xp = array_module(zT)
+    if bias is not None:
+        zT += bias[:, None]
+    m = zT.max(axis=0)
+    lse = xp.log(xp.exp((zT - m).astype(xp.float64)).sum(axis=0)) + m
+    zT -= lse.astype(zT.dtype)
+    return lse
+
+
 def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
     """:func:`slim_segment_sum` in the word-major layout.
 
