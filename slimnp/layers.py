@@ -291,18 +291,27 @@ class LSTM:
         p = self.store.params
         return lstm_forward(x, h0, c0, p[f"{self.name}/Wx"], p[f"{self.name}/Wh"], p[f"{self.name}/b"])
 
-    def backward(self, dh_seq, cache, dhT=None, dcT=None):
-        """Accumulate the weight gradients; return ``dx, dh0, dc0``."""
+    def weights(self):
+        p, n = self.store.params, self.name
+        return p[f"{n}/Wx"], p[f"{n}/Wh"], p[f"{n}/b"]
+
+    def weight_grads(self, cache, dG) -> None:
+        """Accumulate ``dWx, dWh, db`` of a segment from its gate gradients:
+        one GEMM each, written straight into the gradient buffer."""
         store, n = self.store, self.name
-        dG, dh0, dc0 = lstm_backward_gates(dh_seq, cache, store.params[f"{n}/Wh"], dhT, dcT)
         T, B, H4 = dG.shape
         dG2 = dG.reshape(T * B, H4)
-        # weight gradients of the whole segment: one GEMM each, written
-        # straight into the gradient buffer
         store.accumulate(f"{n}/Wx", cache.x.reshape(T * B, self.D).T, dG2)
         store.accumulate(f"{n}/Wh", cache.hs[:T].reshape(T * B, self.H).T, dG2)
         store.accumulate(f"{n}/b", dG2.sum(axis=0))
-        dx = (dG2 @ store.params[f"{n}/Wx"].T).reshape(T, B, self.D)
+
+    def backward(self, dh_seq, cache, dhT=None, dcT=None):
+        """Accumulate the weight gradients; return ``dx, dh0, dc0``."""
+        Wx, Wh, _ = self.weights()
+        dG, dh0, dc0 = lstm_backward_gates(dh_seq, cache, Wh, dhT, dcT)
+        self.weight_grads(cache, dG)
+        T, B, H4 = dG.shape
+        dx = (dG.reshape(T * B, H4) @ Wx.T).reshape(T, B, self.D)
         return dx, dh0, dc0
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import pipeline
 from .backend import get_xp
 from .layers import LSTM, Embedding, ParamStore, SlimEmbedding, SlimSoftmax, Softmax, dropout_mask
 from .mapping import input_table, output_table
@@ -220,19 +221,25 @@ class LanguageModel:
         """Embedding and LSTM stack over a segment.
 
         Returns the top layer's (masked) outputs ``(T, B, H)``, the final
-        state ``(L, 2, B, H)`` and the per-layer caches.
+        state ``(L, 2, B, H)``, the per-layer caches and whether the stack
+        ran as a pipeline over layers (:mod:`slimnp.pipeline`).
         """
-        new_state = self.xp.empty_like(state)
-        caches = []
         a = self.embedding.forward(x)  # (T, B, H)
         if masks is not None:
             a = a * masks[0]
+        T = x.shape[0]
+        if pipeline.enabled(self.xp, len(self.lstms), T):
+            weights = [lstm.weights() for lstm in self.lstms]
+            a, new_state, caches = pipeline.forward(a, state, weights, masks)
+            return a, new_state, caches, True
+        new_state = self.xp.empty_like(state)
+        caches = []
         for l, lstm in enumerate(self.lstms):
             h_seq, (hT, cT), cache = lstm.forward(a, state[l, 0], state[l, 1])
             new_state[l, 0], new_state[l, 1] = hT, cT
             caches.append(cache)
             a = h_seq * masks[l + 1] if masks is not None else h_seq
-        return a, new_state, caches
+        return a, new_state, caches, False
 
     def forward_backward(self, x, y, state, scale=None, rng=None, masks=None):
         """Loss and gradients (accumulated into ``store.grad``) of one segment.
@@ -258,14 +265,20 @@ class LanguageModel:
             scale = 1.0 / B
         if masks is None:
             masks = self._masks(rng, T, B)
-        a, new_state, caches = self._forward(x, state, masks)
+        a, new_state, caches, piped = self._forward(x, state, masks)
         nll, dh = self.output.loss(a.reshape(T * B, H), y.reshape(T * B), scale, True)
         da = dh.reshape(T, B, H)
-        dstate = self.xp.empty_like(state)
-        for l in range(self.config.layers - 1, -1, -1):
-            if masks is not None:
-                da = da * masks[l + 1]
-            da, dstate[l, 0], dstate[l, 1] = self.lstms[l].backward(da, caches[l])
+        if piped:
+            weights = [lstm.weights() for lstm in self.lstms]
+            da, dGs, dstate = pipeline.backward(da, caches, weights, masks)
+            for lstm, cache, dG in zip(self.lstms, caches, dGs):
+                lstm.weight_grads(cache, dG)
+        else:
+            dstate = self.xp.empty_like(state)
+            for l in range(self.config.layers - 1, -1, -1):
+                if masks is not None:
+                    da = da * masks[l + 1]
+                da, dstate[l, 0], dstate[l, 1] = self.lstms[l].backward(da, caches[l])
         if masks is not None:
             da = da * masks[0]
         self.embedding.backward(x, da)
@@ -278,12 +291,12 @@ class LanguageModel:
         Dropout is off unless explicit ``masks`` are given (gradient checks).
         """
         T, B = x.shape
-        a, new_state, _ = self._forward(x, state, masks)
+        a, new_state, _, _ = self._forward(x, state, masks)
         nll, _ = self.output.loss(a.reshape(T * B, -1), y.reshape(T * B), compute_grad=False)
         return nll.reshape(T, B), new_state
 
     def logits(self, x, state):
         """Unnormalised scores ``(T, B, V)`` and the final state (tests, sampling)."""
         T, B = x.shape
-        a, new_state, _ = self._forward(x, state)
+        a, new_state, _, _ = self._forward(x, state)
         return self.output.logits(a.reshape(T * B, -1)).reshape(T, B, -1), new_state

@@ -230,3 +230,58 @@ def test_workspace_reuses_buffers():
     a = ws.get("x", (4, 5), np.float32)
     assert ws.get("x", (4, 5), np.float32) is a
     assert ws.get("x", (4, 6), np.float32).shape == (4, 6)
+
+
+# ----------------------------------------------------------------------------
+# the LSTM stack as a pipeline over layers
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dropout,T", [(0.0, 23), (0.3, 10), (0.3, 31)])
+def test_pipelined_stack_equals_sequential(monkeypatch, dropout, T):
+    from slimnp import pipeline
+
+    cfg = ModelConfig(vocab_size=50, hidden=8, layers=3, dropout=dropout, dtype="float64")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, (T, 4)).astype(np.int32)
+    y = rng.integers(0, 50, (T, 4)).astype(np.int32)
+    state = rng.standard_normal((3, 2, 4, 8)) * 0.1
+    out = []
+    for piped in (True, False):
+        monkeypatch.setattr(pipeline, "enabled", lambda *a, piped=piped: piped)
+        m = LanguageModel(cfg)
+        m.init_params(make_rng(1))
+        masks = m._masks(make_rng(5), T, 4)
+        m.store.zero_grad()
+        nll, new_state, dstate = m.forward_backward(x, y, state, 0.25, masks=masks)
+        out.append((nll, new_state, dstate, m.store.grad.copy(), m.nll(x, y, state)[0]))
+    for a, b in zip(*out):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_pipeline_error_propagates_without_hanging(monkeypatch):
+    """A failure in a pool thread's layer surfaces in the caller, the other
+    layers stop waiting, and the BLAS thread count is restored."""
+    import threading
+
+    from slimnp import pipeline
+
+    real = pipeline.kernels.lstm_segment_kernels
+
+    def kernels_failing_off_main_thread(G, cs):
+        fwd, bwd = real(G, cs)
+
+        def step(*args):
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("kernel failed")
+            return fwd(*args)
+
+        return step, bwd
+
+    monkeypatch.setattr(pipeline, "enabled", lambda *a: True)
+    monkeypatch.setattr(pipeline.kernels, "lstm_segment_kernels", kernels_failing_off_main_thread)
+    m = LanguageModel(ModelConfig(vocab_size=20, hidden=4, layers=3))
+    m.init_params(make_rng(0))
+    before = pipeline.blas_threads()
+    x = np.zeros((12, 2), np.int32)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        m.nll(x, x, m.zero_state(2))
+    assert pipeline.blas_threads() == before
