@@ -12,7 +12,6 @@ version line, in the parent), never in a slimnp child.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib.util
 import json
 import os
@@ -104,35 +103,10 @@ def segments(cfg: dict, nseg: int, seed: int = 0) -> list:
 # ----------------------------------------------------------------------------
 # threads and machine
 # ----------------------------------------------------------------------------
-def _openblas_libs():
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {ln.split()[-1] for ln in f if "openblas" in ln.lower() and "/" in ln}
-    except OSError:
-        return []
-    libs = []
-    for p in sorted(paths):
-        try:
-            libs.append(ctypes.CDLL(p))
-        except OSError:
-            pass
-    return libs
-
-
-def _openblas_call(kind: str, *args):
-    """Call ``*openblas*_{get,set}_num_threads*`` in the loaded OpenBLAS (best effort)."""
-    names = [f"scipy_openblas_{kind}_num_threads64_", f"openblas_{kind}_num_threads64_",
-             f"scipy_openblas_{kind}_num_threads", f"openblas_{kind}_num_threads"]
-    for lib in _openblas_libs():
-        for name in names:
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                return fn(*args)
-    return None
-
-
 def blas_threads():
-    return _openblas_call("get")
+    from slimnp.threads import blas_threads as get
+
+    return get()
 
 
 def set_threads(n: int, engine: str) -> None:
@@ -142,13 +116,9 @@ def set_threads(n: int, engine: str) -> None:
 
         torch.set_num_threads(n)
         return
-    _openblas_call("set", ctypes.c_int(n))
-    try:
-        import numba
+    from slimnp.threads import set_threads as slimnp_set_threads
 
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    except Exception:
-        pass
+    slimnp_set_threads(n)
 
 
 def torch_status(no_torch: bool):

@@ -138,6 +138,7 @@ def _train_options(fn):
         click.option("--out", type=click.Path(dir_okay=False), default=None, help="Checkpoint file [default: model.h5]; the best model goes to <stem>.best.h5, metrics to <stem>.metrics.jsonl."),
         click.option("--resume", type=click.Path(dir_okay=False, exists=True), help="Continue the run stored in this checkpoint."),
         click.option("--force", is_flag=True, help="Overwrite an existing --out file."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the GEMMs and kernels [default: all cores]; 1 is faster when other jobs already load the cores."),
         click.option("--layers", type=int, help="LSTM layers."),
         click.option("--hidden", type=int, help="Hidden (and word-vector) size."),
         click.option("--dropout", type=float, help="Dropout on non-recurrent connections."),
@@ -178,7 +179,7 @@ def _train_options(fn):
 @main.command()
 @_train_options
 @friendly_errors
-def train(data, train_file, valid_file, test_file, out, resume, force, quiet, as_json,
+def train(data, train_file, valid_file, test_file, out, resume, force, threads, quiet, as_json,
           seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind, output_kind,
           mapping, mapping_seed, tie, **hyper):
     """Train an LSTM language model.
@@ -195,6 +196,10 @@ def train(data, train_file, valid_file, test_file, out, resume, force, quiet, as
     """
     from .trainer import run_training, resume_training
 
+    if threads:
+        from .threads import set_threads
+
+        set_threads(threads)
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     if resume:
         given = {k: v for k, v in hyper.items() if v is not None and k != "epochs"}
@@ -238,10 +243,11 @@ def train(data, train_file, valid_file, test_file, out, resume, force, quiet, as
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--batch-size", type=int, default=1, show_default=True, help="1 is exact; B>1 runs B pieces of the file in parallel from fresh states (faster, approximate).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @friendly_errors
-def evaluate(model, file, batch_size, as_json, quiet):
+def evaluate(model, file, batch_size, threads, as_json, quiet):
     """Exact perplexity of MODEL on the text FILE.
 
     Every token is predicted (the first from an <eos> prime); words outside
@@ -251,6 +257,10 @@ def evaluate(model, file, batch_size, as_json, quiet):
     from .progress import Progress
     from .trainer import load_model
 
+    if threads:
+        from .threads import set_threads
+
+        set_threads(threads)
     m, vocab, _ = load_model(model)
     t0 = time.perf_counter()
     enc = vocab.encode_file(file)

@@ -16,7 +16,6 @@ them after the pipeline with all BLAS threads.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,51 +24,9 @@ import numpy as np
 
 from . import kernels
 from .layers import LSTMCache
+from .threads import blas_threads, set_blas_threads
 
 CHUNK = 5  # time steps per pipeline stage
-
-
-# ----------------------------------------------------------------------------
-# OpenBLAS thread count (NumPy's bundled OpenBLAS, found through ctypes)
-# ----------------------------------------------------------------------------
-_blas_fns = None
-
-
-def _blas_functions():
-    """``(get_num_threads, set_num_threads)`` of the loaded OpenBLAS, or None."""
-    global _blas_fns
-    if _blas_fns is None:
-        _blas_fns = False
-        try:
-            with open("/proc/self/maps") as f:
-                paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and "/" in ln})
-        except OSError:
-            paths = []
-        for path in paths:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for pre, suf in (("scipy_openblas", "64_"), ("openblas", "64_"),
-                             ("scipy_openblas", ""), ("openblas", "")):
-                get = getattr(lib, f"{pre}_get_num_threads{suf}", None)
-                put = getattr(lib, f"{pre}_set_num_threads{suf}", None)
-                if get is not None and put is not None:
-                    get.restype = ctypes.c_int
-                    _blas_fns = (get, put)
-                    return _blas_fns
-    return _blas_fns or None
-
-
-def blas_threads() -> int | None:
-    fns = _blas_functions()
-    return int(fns[0]()) if fns else None
-
-
-def set_blas_threads(n: int) -> None:
-    fns = _blas_functions()
-    if fns:
-        fns[1](ctypes.c_int(int(n)))
 
 
 class _SingleThreadedBlas:

@@ -47,6 +47,26 @@ def test_train_evaluate_inspect(trained):
     assert run("inspect", d / "m.h5").exit_code == 0
 
 
+def test_threads_option(trained):
+    """--threads sets both pools; the result does not depend on the count."""
+    import numba
+
+    from slimnp.threads import blas_threads, set_blas_threads
+
+    d, files, summary = trained
+    before = numba.get_num_threads(), blas_threads()
+    try:
+        r = run("evaluate", d / "m.best.h5", files["test"], "--json", "-q", "--threads", "1")
+        assert r.exit_code == 0, r.output
+        assert numba.get_num_threads() == 1 and blas_threads() in (1, None)
+        assert json.loads(r.output)["perplexity"] == pytest.approx(summary["test_ppl"], rel=1e-6)
+        assert run("evaluate", d / "m.h5", files["test"], "--threads", "0").exit_code != 0
+    finally:
+        numba.set_num_threads(before[0])
+        if before[1]:
+            set_blas_threads(before[1])
+
+
 def test_evaluate_counts_oov(trained, tmp_path):
     d, files, _ = trained
     w1, w2 = files["train"].read_text().split()[:2]
