@@ -22,6 +22,10 @@ import os as _os
 # acts if slimnp is imported first (always, for the ``slimnp`` command);
 # a value the user set wins.
 _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+# Numba's thread pool: "workqueue", not OpenMP, whose workers spin after each
+# parallel kernel and take the cores from the next GEMM (see kernels/cpu.py,
+# which also sets it if Numba was imported before slimnp).
+_os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 from . import io, kernels, layers  # noqa: E402
 from .backend import get_xp, make_rng  # noqa: E402

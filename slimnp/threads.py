@@ -61,4 +61,6 @@ def set_threads(n: int) -> None:
     set_blas_threads(n)
     import numba
 
+    from .kernels import cpu  # noqa: F401  (picks Numba's threading layer before the pool starts)
+
     numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))

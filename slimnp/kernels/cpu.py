@@ -23,7 +23,7 @@ from numba.extending import intrinsic, overload
 # threads of the GEMM that follows (measured: the dlogits @ W GEMM right
 # after the softmax kernel took 10.1 ms instead of 6.2 ms).  The layer is
 # fixed at the first parallel launch, so this runs at import.
-if "NUMBA_THREADING_LAYER" not in os.environ:
+if nb.config.THREADING_LAYER == "default":
     nb.config.THREADING_LAYER = "workqueue"
 
 # error_model="numpy": float division follows IEEE (inf/nan), without the
