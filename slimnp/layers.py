@@ -303,7 +303,7 @@ class LSTM:
         dG2 = dG.reshape(T * B, H4)
         store.accumulate(f"{n}/Wx", cache.x.reshape(T * B, self.D).T, dG2)
         store.accumulate(f"{n}/Wh", cache.hs[:T].reshape(T * B, self.H).T, dG2)
-        store.accumulate(f"{n}/b", dG2.sum(axis=0))
+        store.accumulate(f"{n}/b", column_sums(dG2))
 
     def backward(self, dh_seq, cache, dhT=None, dcT=None):
         """Accumulate the weight gradients; return ``dx, dh0, dc0``."""
@@ -369,6 +369,13 @@ def softmax_loss(h, W, b, targets, scale, compute_grad=True, out=None):
     logits = xp.matmul(h, W.T, out=out)  # (N, V)
     nll = kernels.softmax_xent(logits, targets, scale, compute_grad, bias=b)
     return nll, logits
+
+
+def column_sums(a):
+    """``a.sum(axis=0)`` of a 2-d array as one BLAS matrix-vector product
+    (measured 0.5 ms instead of 1.2 ms for (700, 10000) float32)."""
+    xp = array_module(a)
+    return xp.matmul(xp.ones(a.shape[0], dtype=a.dtype), a)
 
 
 def softmax_forward_backward(h, W, b, targets, scale, compute_grad=True):
@@ -447,7 +454,7 @@ class Softmax:
         nll, dlogits = softmax_loss(h, W, b, targets, scale, True, buf)
         dh = xp.matmul(dlogits, W, out=self.ws.get("dh", (N, self.H), h.dtype))
         store.accumulate(f"{self.name}/W", dlogits.T, h)
-        store.accumulate(f"{self.name}/b", dlogits.sum(axis=0))
+        store.accumulate(f"{self.name}/b", column_sums(dlogits))
         return nll, dh
 
     def logits(self, h):
