@@ -203,6 +203,28 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
     _impl(*_check_gather(PT, idx_kv, b, zT, True)).slim_gather_sum_t(PT, idx_kv, b, zT)
 
 
+def _check_segment(dz, idx_kv, G, inv, db, word_major):
+    """Shared checks of the two segment-sum layouts; returns the arrays to dispatch on."""
+    names = ("dzT", "GT", "(K, Mk, N)") if word_major else ("dz", "G", "(K, N, Mk)")
+    _check_float(names[1], G)
+    _check_ndim(names[1], G, 3, names[2])
+    K, a, c = G.shape
+    Mk, N = (a, c) if word_major else (c, a)
+    _check_index_table("idx_kv", idx_kv, K, Mk)
+    V = idx_kv.shape[1]
+    _check_float(names[0], dz, G.dtype)
+    _check_shape(names[0], dz, (V, N) if word_major else (N, V))
+    arrays = (dz, idx_kv, G)
+    if inv is not None:
+        _check_inv(inv, K, V, Mk)
+        arrays += (inv,)
+    if db is not None:
+        _check_float("db", db, G.dtype)
+        _check_shape("db", db, (V,))
+        arrays += (db,)
+    return arrays
+
+
 def slim_segment_sum(dz, idx_kv, G, inv=None):
     """``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``.
 
@@ -212,18 +234,7 @@ def slim_segment_sum(dz, idx_kv, G, inv=None):
     (optional) is ``idx_kv`` inverted by :func:`slimnp.mapping.inverse_table`;
     given it, the CPU kernel runs the sum as a vectorised gather.
     """
-    _check_float("G", G)
-    _check_ndim("G", G, 3, "(K, N, Mk)")
-    K, N, Mk = G.shape
-    _check_index_table("idx_kv", idx_kv, K, Mk)
-    V = idx_kv.shape[1]
-    _check_float("dz", dz, G.dtype)
-    _check_shape("dz", dz, (N, V))
-    arrays = (dz, idx_kv, G)
-    if inv is not None:
-        _check_inv(inv, K, V, Mk)
-        arrays += (inv,)
-    _impl(*arrays).slim_segment_sum(dz, idx_kv, G, inv)
+    _impl(*_check_segment(dz, idx_kv, G, inv, None, False)).slim_segment_sum(dz, idx_kv, G, inv)
 
 
 def softmax_xent_t(zT, targets, scale=1.0, compute_grad=True, bias=None):
@@ -269,21 +280,7 @@ def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
     over the words w with idx_kv[k, w] == j``; ``dzT : (V, N)``, ``GT : (K,
     Mk, N)`` overwritten, ``db (V,)`` (optional) overwritten with
     ``dzT.sum(axis=1)``; see :func:`reference.slim_segment_sum_t`."""
-    _check_float("GT", GT)
-    _check_ndim("GT", GT, 3, "(K, Mk, N)")
-    K, Mk, N = GT.shape
-    _check_index_table("idx_kv", idx_kv, K, Mk)
-    V = idx_kv.shape[1]
-    _check_float("dzT", dzT, GT.dtype)
-    _check_shape("dzT", dzT, (V, N))
-    arrays = (dzT, idx_kv, GT)
-    if inv is not None:
-        _check_inv(inv, K, V, Mk)
-        arrays += (inv,)
-    if db is not None:
-        _check_float("db", db, GT.dtype)
-        _check_shape("db", db, (V,))
-        arrays += (db,)
+    arrays = _check_segment(dzT, idx_kv, GT, inv, db, True)
     _impl(*arrays).slim_segment_sum_t(dzT, idx_kv, GT, inv, db)
 
 

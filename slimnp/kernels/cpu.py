@@ -69,30 +69,26 @@ _BITS_OF_FLOAT = {nbtypes.float32: (nbtypes.int32, llvm_ir.IntType(32)),
                   nbtypes.float64: (nbtypes.int64, llvm_ir.IntType(64))}
 
 
-@intrinsic
-def _from_bits(typingctx, bits):
-    """The float (float32 for int32, float64 for int64) with these bits."""
-    if bits not in _FLOAT_OF_BITS:
-        return None
-    ty, llty = _FLOAT_OF_BITS[bits]
+def _bitcast(table, doc):
+    """An intrinsic reinterpreting a scalar's bits as the type ``table`` maps
+    its type to (no conversion: LLVM's bitcast)."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llty)
+    def typer(typingctx, x):
+        if x not in table:
+            return None
+        ty, llty = table[x]
 
-    return ty(bits), codegen
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llty)
+
+        return ty(x), codegen
+
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
-@intrinsic
-def _to_bits(typingctx, x):
-    """The bits of a float32 (as int32) or float64 (as int64)."""
-    if x not in _BITS_OF_FLOAT:
-        return None
-    ty, llty = _BITS_OF_FLOAT[x]
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], llty)
-
-    return ty(x), codegen
+_from_bits = _bitcast(_FLOAT_OF_BITS, "The float (float32 for int32, float64 for int64) with these bits.")
+_to_bits = _bitcast(_BITS_OF_FLOAT, "The bits of a float32 (as int32) or float64 (as int64).")
 
 
 def _order_key(i):  # pragma: no cover - jitted code uses the overload below
