@@ -31,6 +31,7 @@ class Progress:
         self.last = 0.0
         self.done = 0
         self._drawn = False
+        self._first = None  # (time, done) at the first update
 
     def update(self, done: int, info: str = "", force: bool = False) -> None:
         self.done = done
@@ -41,10 +42,14 @@ class Progress:
             return
         self.last = now
         frac = min(1.0, done / self.total)
-        elapsed = now - self.start
-        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        # the rate since the first update: the first unit of work also pays
+        # one-off costs (compiling the kernels), which would inflate the ETA
+        if self._first is None:
+            self._first = (now, done)
+        t0, d0 = self._first
+        eta = "--:--" if done <= d0 else fmt_duration((now - t0) / (done - d0) * (self.total - done))
         bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
-        line = f"{self.label} [{bar}] {frac * 100:5.1f}% {info} ETA {fmt_duration(eta)}"
+        line = f"{self.label} [{bar}] {frac * 100:5.1f}% {info} ETA {eta}"
         if self.tty:
             self.stream.write("\r" + line + "\x1b[K")
         else:
