@@ -297,35 +297,50 @@ _BLOCK = 1024  # elements summed in the input dtype before a float64 add
 
 @nb.njit(inline="always", **_JIT_REDUCE)
 def _bias_max_row(row, b, has_bias):
-    """``row += b`` (if has_bias); return ``(max(row), finite)`` in one pass.
+    """``(max(row + b), finite)`` in one read-only pass (b only if has_bias).
 
     The max runs on order-preserving integer keys of the bits (a float max
     reduction does not vectorise; an integer one does).  ``finite`` is False
     if the row holds a NaN or an infinity: their sum is then not finite.
     """
-    if has_bias:
-        for v in range(row.shape[0]):
-            row[v] += b[v]
     kmax = _order_key(_to_bits(row.dtype.type(-np.inf)))
     tot = row.dtype.type(0)
-    for v in range(row.shape[0]):
-        x = row[v]
-        k = _order_key(_to_bits(x))
-        kmax = k if k > kmax else kmax
-        tot += x
+    if has_bias:
+        for v in range(row.shape[0]):
+            x = row[v] + b[v]
+            k = _order_key(_to_bits(x))
+            kmax = k if k > kmax else kmax
+            tot += x
+    else:
+        for v in range(row.shape[0]):
+            x = row[v]
+            k = _order_key(_to_bits(x))
+            kmax = k if k > kmax else kmax
+            tot += x
     return _from_bits(_order_key(kmax)), math.isfinite(tot)
 
 
 @nb.njit(inline="always", **_JIT_REDUCE)
-def _exp_shift_sum(row, m, store):
-    """``sum(exp(row - m))`` in float64 (blocks summed in the row's dtype);
-    with ``store`` the exponentials overwrite ``row``."""
+def _exp_shift_sum(row, b, has_bias, m, store):
+    """``sum(exp(row + b - m))`` in float64 (blocks summed in the row's
+    dtype); with ``store`` the exponentials overwrite ``row``.  The bias is
+    added on the fly: no pass writes ``row + b`` back."""
     V = row.shape[0]
     s = 0.0
     for v0 in range(0, V, _BLOCK):
         blk = row[v0 : v0 + _BLOCK]  # zero-based loops over a view vectorise;
         sb = row.dtype.type(0)  # range(v0, v1) with a moving start does not
-        if store:
+        if has_bias:
+            bb = b[v0 : v0 + _BLOCK]
+            if store:
+                for j in range(blk.shape[0]):
+                    e = _exp(blk[j] + bb[j] - m)
+                    blk[j] = e
+                    sb += e
+            else:
+                for j in range(blk.shape[0]):
+                    sb += _exp(blk[j] + bb[j] - m)
+        elif store:
             for j in range(blk.shape[0]):
                 e = _exp(blk[j] - m)
                 blk[j] = e
@@ -338,8 +353,9 @@ def _exp_shift_sum(row, m, store):
 
 
 def _softmax_xent_rows_impl(logits, b, has_bias, targets, scale, compute_grad, nll):
-    # Rows are independent: prange over n is race-free.  Per row, three
-    # passes over V floats that stay in L1/L2: bias + max, exp + sum, scale.
+    # Rows are independent: prange over n is race-free.  Per row, passes over
+    # V floats that stay in L1/L2: max (read only), exp + sum (written only
+    # with the gradient), scale.
     N, V = logits.shape
     one = logits.dtype.type(scale)
     tiny = np.finfo(logits.dtype).tiny  # smallest normal number
@@ -348,8 +364,8 @@ def _softmax_xent_rows_impl(logits, b, has_bias, targets, scale, compute_grad, n
         row = logits[n]
         m, finite = _bias_max_row(row, b, has_bias)
         t = targets[n]
-        zt = row[t]
-        s = _exp_shift_sum(row, m, compute_grad)
+        zt = row[t] + b[t] if has_bias else row[t]
+        s = _exp_shift_sum(row, b, has_bias, m, compute_grad)
         nll[n] = math.log(s) + m - zt if finite else np.nan
         if compute_grad:
             k = row.dtype.type(scale / s)
