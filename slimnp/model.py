@@ -227,8 +227,8 @@ class LanguageModel:
         a = self.embedding.forward(x)  # (T, B, H)
         if masks is not None:
             a = a * masks[0]
-        T = x.shape[0]
-        if pipeline.enabled(self.xp, len(self.lstms), T):
+        T, B = x.shape
+        if pipeline.enabled(self.xp, len(self.lstms), T, B, self.config.hidden):
             weights = [lstm.weights() for lstm in self.lstms]
             a, new_state, caches = pipeline.forward(a, state, weights, masks)
             return a, new_state, caches, True
