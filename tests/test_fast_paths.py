@@ -285,3 +285,14 @@ def test_pipeline_error_propagates_without_hanging(monkeypatch):
     with pytest.raises(RuntimeError, match="kernel failed"):
         m.nll(x, x, m.zero_state(2))
     assert pipeline.blas_threads() == before
+
+
+def test_pipeline_heuristic(monkeypatch):
+    from slimnp import pipeline
+
+    monkeypatch.delenv("SLIMNP_PIPELINE", raising=False)
+    assert not pipeline.enabled(np, 1, 35, 20, 300)  # one layer: nothing to overlap
+    assert not pipeline.enabled(np, 2, 5, 20, 300)  # a single chunk
+    assert not pipeline.enabled(np, 2, 35, 1, 200)  # steps too small (exact B=1 evaluation)
+    monkeypatch.setenv("SLIMNP_PIPELINE", "0")
+    assert not pipeline.enabled(np, 2, 35, 20, 300)
