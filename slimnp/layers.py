@@ -98,16 +98,16 @@ class ParamStore:
         return self.grads[name]
 
     def grad_rows(self, name: str, rows):
-        """``grads[name]`` (2-d) for a scatter-add into rows ``rows`` only.
+        """``grads[name]`` for a scatter-add into rows ``rows`` only.
 
-        The store remembers which rows of such a gradient can be non-zero,
-        so a lazy :meth:`zero_grad` clears just those and the optimizer
-        (:meth:`segments`) visits just those: an embedding step then costs
-        O(rows touched), not O(vocabulary).  ``rows`` : distinct sorted ints.
+        Rows are those of the gradient seen as 2-d ``(-1, last axis)`` (a
+        ``(K, Mk, d)`` pool gradient has ``K*Mk`` rows of ``d``).  The store
+        remembers which rows can be non-zero, so a lazy :meth:`zero_grad`
+        clears just those and the optimizer (:meth:`segments`) visits just
+        those: an embedding step then costs O(rows touched), not
+        O(vocabulary).  ``rows`` : distinct sorted ints.
         """
         g = self.grads[name]
-        if g.ndim != 2:  # e.g. a tied slim model's (K, Mk, d) pools: dense
-            return self.grad_view(name)
         known = self._rows.get(name, False)  # False: not tracked (dense)
         if name in self._pending:
             self._pending.discard(name)
@@ -117,12 +117,16 @@ class ParamStore:
             self._rows[name] = self.xp.union1d(known, rows)
         return g
 
+    def _rows2d(self, name: str):
+        g = self.grads[name]
+        return g.reshape(-1, g.shape[-1])
+
     def _zero(self, name: str) -> None:
         rows = self._rows.get(name, False)
         if rows is False:
             self.grads[name].fill(0)
         elif rows.size:
-            self.grads[name][rows] = 0
+            self._rows2d(name)[rows] = 0
         if rows is not False:
             self._rows[name] = rows[:0]
 
@@ -138,7 +142,7 @@ class ParamStore:
             n = int(np.prod(shape))
             rows = self._rows.get(name, False)
             if rows is not False:
-                out.append(("rows", off, shape, rows))
+                out.append(("rows", off, (n // shape[-1], shape[-1]), rows))
             elif out and out[-1][0] == "dense" and out[-1][1] + out[-1][2] == off:
                 out[-1] = ("dense", out[-1][1], out[-1][2] + n)
             else:
@@ -457,6 +461,20 @@ class Softmax:
         store.accumulate(f"{self.name}/b", column_sums(dlogits))
         return nll, dh
 
+    # -- sampled objectives (slimnp.sampled) ---------------------------------
+    def candidates(self, ids):
+        """Output vectors ``(C, H)`` and biases ``(C,)`` of words ``ids``."""
+        p = self.store.params
+        return p[f"{self.name}/W"][ids], p[f"{self.name}/b"][ids]
+
+    def candidate_grads(self, ids, dW, db):
+        """Accumulate the gradients of :meth:`candidates` (repeated ids add up);
+        only the rows of ``ids`` are touched (row-tracked, see ParamStore)."""
+        store, xp = self.store, self.store.xp
+        g = store.grad_rows(f"{self.name}/W", xp.unique(ids))
+        kernels.embedding_scatter_add(g, ids, xp.ascontiguousarray(dW))
+        xp.add.at(store.grad_view(f"{self.name}/b"), ids, db)
+
     def logits(self, h):
         p = self.store.params
         return h @ p[f"{self.name}/W"].T + p[f"{self.name}/b"]
@@ -668,6 +686,28 @@ class SlimSoftmax:
         self.store.accumulate(f"{self.name}/A", GT, hk)  # dA = GT @ hk, one batched GEMM
         self.store.accumulate(f"{self.name}/b", db)
         return nll, dh
+
+    # -- sampled objectives (slimnp.sampled) ---------------------------------
+    def _rows(self, ids):
+        """Global rows ``(C, K)`` of the K pools seen as one ``(M, d)`` array."""
+        xp = self.store.xp
+        return (self.idx_kv[:, ids] + (xp.arange(self.K) * self.Mk)[:, None]).T
+
+    def candidates(self, ids):
+        """Output vectors ``(C, H)`` (concatenated pool rows) and biases ``(C,)``."""
+        p = self.store.params
+        A = p[f"{self.name}/A"].reshape(self.K * self.Mk, self.d)
+        return A[self._rows(ids)].reshape(len(ids), self.H), p[f"{self.name}/b"][ids]
+
+    def candidate_grads(self, ids, dW, db):
+        """Scatter-add the candidates' gradients into the pools (each word's k-th
+        slice into its k-th pool row) and the bias; only those rows are touched."""
+        store, xp = self.store, self.store.xp
+        rows = self._rows(ids).reshape(-1)  # (C*K,)
+        g = store.grad_rows(f"{self.name}/A", xp.unique(rows))
+        kernels.embedding_scatter_add(g.reshape(self.K * self.Mk, self.d), rows,
+                                      xp.ascontiguousarray(dW).reshape(-1, self.d))
+        xp.add.at(store.grad_view(f"{self.name}/b"), ids, db)
 
     def logits(self, h):
         p = self.store.params

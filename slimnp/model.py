@@ -241,7 +241,7 @@ class LanguageModel:
             a = h_seq * masks[l + 1] if masks is not None else h_seq
         return a, new_state, caches, False
 
-    def forward_backward(self, x, y, state, scale=None, rng=None, masks=None):
+    def forward_backward(self, x, y, state, scale=None, rng=None, masks=None, sampled=None):
         """Loss and gradients (accumulated into ``store.grad``) of one segment.
 
         Parameters
@@ -252,10 +252,13 @@ class LanguageModel:
             (Zaremba: loss summed over time, averaged over the batch)
         rng : host generator for dropout masks (None: no dropout)
         masks : explicit dropout masks (overrides ``rng``; used by tests)
+        sampled : a :class:`slimnp.sampled.Sampled` objective (importance
+            sampling or NCE) instead of the full softmax
 
         Returns
         -------
-        nll_sum : float, total NLL over the T*B tokens (natural log)
+        nll_sum : float, total NLL over the T*B tokens (natural log); with
+            ``sampled``, the total sampled loss instead
         new_state : (L, 2, B, H) final state (detached)
         dstate : (L, 2, B, H) gradient w.r.t. the incoming state
         """
@@ -266,7 +269,10 @@ class LanguageModel:
         if masks is None:
             masks = self._masks(rng, T, B)
         a, new_state, caches, piped = self._forward(x, state, masks)
-        nll, dh = self.output.loss(a.reshape(T * B, H), y.reshape(T * B), scale, True)
+        if sampled is None:
+            nll, dh = self.output.loss(a.reshape(T * B, H), y.reshape(T * B), scale, True)
+        else:
+            nll, dh = self._sampled_loss(sampled, a.reshape(T * B, H), y.reshape(T * B), scale)
         da = dh.reshape(T, B, H)
         if piped:
             weights = [lstm.weights() for lstm in self.lstms]
@@ -284,6 +290,22 @@ class LanguageModel:
         self.embedding.backward(x, da)
         self.store.settle_grad()  # zero what a lazy zero_grad left unwritten
         return float(nll.sum()), new_state, dstate
+
+    def _sampled_loss(self, sampled, h, y, scale):
+        """The sampled objective's loss per row and ``dh``; the output layer's
+        gradients go to the candidates' rows only."""
+        from .sampled import sampled_loss
+
+        samples, logq_s = sampled.draw()
+        ids = self.xp.concatenate([y, self.xp.asarray(samples)])
+        W, b = self.output.candidates(ids)
+        N = y.shape[0]
+        loss, (dh, dWT, dbT, dWS, dbS) = sampled_loss(
+            sampled.kind, h, W[:N], b[:N], W[N:], b[N:], sampled.log_expected(y), logq_s,
+            y, self.xp.asarray(samples), scale)
+        self.output.candidate_grads(ids, self.xp.concatenate([dWT, dWS]),
+                                    self.xp.concatenate([dbT, dbS]))
+        return loss, dh
 
     def nll(self, x, y, state, masks=None):
         """Per-token NLL ``(T, B)`` and the final state; no gradients.
