@@ -24,7 +24,11 @@ Root attributes
     dataset attribute ``orig_dtype`` and restored on load.  Non-array values
     (hash seed, hash name, ...) are attributes of the ``/mapping`` group.
 ``/optimizer``, ``/train_state``
-    Trees of values, see "Value trees" below.
+    Trees of values, see "Value trees" below.  Optimizer settings are
+    attributes; per-element state is a dataset, e.g. Adagrad's
+    ``/optimizer/accumulator`` (float, as long as all parameters together),
+    read back with its dtype and bits unchanged.  ``load(...,
+    optimizer=False)`` skips it, as loading a model for evaluation does.
 
 Value trees
 -----------

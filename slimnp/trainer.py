@@ -30,7 +30,7 @@ from .data import Vocabulary, batchify, num_segments, segment
 from .evaluate import evaluate_ids
 from .mapping import HASH_NAME
 from .model import LanguageModel, ModelConfig, param_shapes
-from .optim import Schedule, make_optimizer
+from .optim import OPTIMIZERS, Schedule, make_optimizer
 from .progress import Progress, fmt_duration
 
 
@@ -44,7 +44,7 @@ class TrainConfig:
     bptt: int = 20  # truncated-BPTT segment length T
     batch_size: int = 20  # B parallel streams
     lr: float = 1.0  # initial learning rate
-    optimizer: str = "sgd"
+    optimizer: str = "sgd"  # 'sgd' or 'adagrad' (slimnp.optim.OPTIMIZERS)
     clip: float = 5.0  # max global gradient norm (0: off)
     schedule: str = "epoch"  # 'epoch' (Zaremba), 'plateau' (Kim et al.), 'constant'
     lr_decay: float = 0.5  # multiplier applied by the schedule
@@ -63,6 +63,8 @@ class TrainConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.loss_average not in ("batch", "token"):
             problems.append(f"loss_average must be 'batch' or 'token', got {self.loss_average!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.schedule not in Schedule.KINDS:
             problems.append(f"schedule must be one of {', '.join(Schedule.KINDS)}, got {self.schedule!r}")
         if problems:
@@ -452,8 +454,8 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     mc.validate()  # before the slower encoding: a bad option fails fast
     enc = _encode_splits(vocab, files, log)
     tc = TrainConfig(epochs=hp["epochs"], bptt=hp["bptt"], batch_size=hp["batch_size"], lr=hp["lr"],
-                     clip=hp["clip"], schedule=hp["schedule"], lr_decay=hp["lr_decay"],
-                     decay_start=hp["decay_start"], decay_threshold=hp["decay_threshold"],
+                     optimizer=hp.get("optimizer") or "sgd", clip=hp["clip"], schedule=hp["schedule"],
+                     lr_decay=hp["lr_decay"], decay_start=hp["decay_start"], decay_threshold=hp["decay_threshold"],
                      loss_average=loss_average, seed=seed, eval_batch_size=eval_batch_size)
     data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}
     data_info.update(train_sha256=file_sha256(files["train"]), min_count=min_count,
@@ -498,6 +500,7 @@ def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True
     trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, path,
                       data_info=info, log=log, progress=progress)
     trainer.restore(ck)
+    del ck, st  # the model and optimizer hold copies now: free the file's arrays (Adagrad: GBs)
     trainer.state.finished = trainer.state.epoch > tc.epochs
     log(f"resuming {path}: epoch {trainer.state.epoch}, segment {trainer.state.segment}"
         f"/{trainer.segments_per_epoch}, lr {trainer.state.lr:g}")
