@@ -139,6 +139,9 @@ def _train_options(fn):
         click.option("--resume", type=click.Path(dir_okay=False, exists=True), help="Continue the run stored in this checkpoint."),
         click.option("--force", is_flag=True, help="Overwrite an existing --out file."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the GEMMs and kernels [default: all cores]; 1 is faster when other jobs already load the cores."),
+        click.option("--loss", type=click.Choice(["softmax", "is", "nce"]), default=None, help="Training objective [default: softmax]: the exact softmax, importance sampling (sampled softmax) or NCE, with --samples noise words per minibatch from the smoothed unigram law.  Evaluation is always exact."),
+        click.option("--samples", type=click.IntRange(min=1), default=None, help="Noise words per minibatch for --loss is/nce [default: 4000]."),
+        click.option("--optimizer", type=click.Choice(["sgd", "adagrad"]), default=None, help="Optimizer [default: sgd]; Adagrad wants a smaller --lr (about 0.1-0.2)."),
         click.option("--layers", type=int, help="LSTM layers."),
         click.option("--hidden", type=int, help="Hidden (and word-vector) size."),
         click.option("--dropout", type=float, help="Dropout on non-recurrent connections."),
@@ -221,7 +224,7 @@ def train(data, train_file, valid_file, test_file, out, resume, force, threads, 
             preset = PRESETS["zaremba-small"]
         slim = {k: hyper.pop(k) for k in ("input_k", "input_m", "input_ratio",
                                           "output_k", "output_m", "output_ratio")}
-        hp = {k: (v if v is not None else preset[k]) for k, v in hyper.items()}
+        hp = {k: (v if v is not None else preset.get(k)) for k, v in hyper.items()}
         hp.update(slim, input=input_kind, output=output_kind, mapping=mapping,
                   mapping_seed=mapping_seed, tie=tie)
         out = Path(out or "model.h5")

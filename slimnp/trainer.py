@@ -31,6 +31,8 @@ from .evaluate import evaluate_ids
 from .mapping import HASH_NAME
 from .model import LanguageModel, ModelConfig, param_shapes
 from .optim import OPTIMIZERS, Schedule, make_optimizer
+from .sampled import KINDS as SAMPLED_KINDS
+from .sampled import Sampled, prepare_model
 from .progress import Progress, fmt_duration
 
 
@@ -45,6 +47,8 @@ class TrainConfig:
     batch_size: int = 20  # B parallel streams
     lr: float = 1.0  # initial learning rate
     optimizer: str = "sgd"  # 'sgd' or 'adagrad' (slimnp.optim.OPTIMIZERS)
+    loss: str = "softmax"  # training objective: 'softmax' (exact), 'is' or 'nce' (slimnp.sampled)
+    samples: int = 4000  # S, noise words per minibatch for 'is' / 'nce'
     clip: float = 5.0  # max global gradient norm (0: off)
     schedule: str = "epoch"  # 'epoch' (Zaremba), 'plateau' (Kim et al.), 'constant'
     lr_decay: float = 0.5  # multiplier applied by the schedule
@@ -65,6 +69,10 @@ class TrainConfig:
             problems.append(f"loss_average must be 'batch' or 'token', got {self.loss_average!r}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.loss not in SAMPLED_KINDS:
+            problems.append(f"loss must be one of {', '.join(SAMPLED_KINDS)}, got {self.loss!r}")
+        if self.loss != "softmax" and self.samples < 1:
+            problems.append(f"samples must be >= 1, got {self.samples}")
         if self.schedule not in Schedule.KINDS:
             problems.append(f"schedule must be one of {', '.join(Schedule.KINDS)}, got {self.schedule!r}")
         if problems:
@@ -204,6 +212,15 @@ class Trainer:
         self.schedule = Schedule(config.schedule, config.lr, config.lr_decay,
                                  config.decay_threshold, config.decay_start)
         self.rng = make_rng(config.seed)
+        self.sampled = None
+        if config.loss != "softmax":
+            # noise: the smoothed unigram law of the training text; draws come
+            # from self.rng, which checkpoints store (resume stays exact)
+            from .sampling import AliasSampler, unigram_noise
+
+            counts = np.bincount(self.train_ids, minlength=model.config.vocab_size)
+            self.sampled = Sampled(config.loss, config.samples,
+                                   AliasSampler(unigram_noise(counts)), self.rng)
         self.state = TrainState(lr=config.lr)
         self.hidden = model.zero_state(config.batch_size)
         self.streams = batchify(self.train_ids, config.batch_size)  # (B, n)
@@ -215,6 +232,7 @@ class Trainer:
     # -- construction ----------------------------------------------------------
     def init_params(self) -> None:
         self.model.init_params(self.rng)
+        prepare_model(self.model, self.config.loss)
 
     @property
     def segments_per_epoch(self) -> int:
@@ -282,7 +300,8 @@ class Trainer:
                     y = xp.asarray(np.ascontiguousarray(y_bt.T))
                     seg_scale = 1.0 / B if cfg.loss_average == "batch" else 1.0 / x.size
                     model.store.zero_grad(lazy=True)
-                    nll, new_hidden, _ = model.forward_backward(x, y, self.hidden, seg_scale, self.rng)
+                    nll, new_hidden, _ = model.forward_backward(x, y, self.hidden, seg_scale, self.rng,
+                                                                sampled=self.sampled)
                     if not math.isfinite(nll):
                         prog.close()
                         raise TrainingError(
@@ -332,7 +351,13 @@ class Trainer:
                "valid_ppl": valid_ppl, "tokens_per_s": speed, "epoch_seconds": elapsed,
                "best": bool(improved)}
         st.history.append(rec)
-        self.log(f"epoch {st.epoch:3d}  lr {st.lr:<8.4g} train ppl {train_ppl:9.2f}  "
+        # the training loss: a perplexity for softmax, an importance-sampling
+        # estimate of it for 'is', the logistic loss per token for 'nce'
+        if cfg.loss == "nce":
+            shown = f"nce loss  {st.epoch_nll / max(st.epoch_tokens, 1):9.4f}"
+        else:
+            shown = ("train ppl " if cfg.loss == "softmax" else "is ppl~   ") + f"{train_ppl:9.2f}"
+        self.log(f"epoch {st.epoch:3d}  lr {st.lr:<8.4g} {shown}  "
                  f"valid ppl {valid_ppl:9.2f}  {speed:9,.0f} tok/s  {fmt_duration(elapsed)}"
                  + ("  *best" if improved else ""))
         next_lr = self.schedule.next_lr(st.lr, st.epoch, st.prev_valid_ppl, valid_ppl)
@@ -454,7 +479,8 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     mc.validate()  # before the slower encoding: a bad option fails fast
     enc = _encode_splits(vocab, files, log)
     tc = TrainConfig(epochs=hp["epochs"], bptt=hp["bptt"], batch_size=hp["batch_size"], lr=hp["lr"],
-                     optimizer=hp.get("optimizer") or "sgd", clip=hp["clip"], schedule=hp["schedule"],
+                     optimizer=hp.get("optimizer") or "sgd", loss=hp.get("loss") or "softmax",
+                     samples=hp.get("samples") or 4000, clip=hp["clip"], schedule=hp["schedule"],
                      lr_decay=hp["lr_decay"], decay_start=hp["decay_start"], decay_threshold=hp["decay_threshold"],
                      loss_average=loss_average, seed=seed, eval_batch_size=eval_batch_size)
     data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}

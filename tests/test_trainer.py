@@ -34,9 +34,11 @@ def test_tiny_run_learns_and_writes_files(tmp_path):
     assert [h["lr"] for h in epochs] == [2.0, 1.0, 0.5]  # Zaremba decay after epoch 1
 
 
-def test_interrupt_and_resume_is_bit_exact(tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"loss": "is", "samples": 15}, {"loss": "nce", "samples": 15}],
+                         ids=["softmax", "is", "nce"])
+def test_interrupt_and_resume_is_bit_exact(tmp_path, monkeypatch, extra):
     files, _ = tiny_corpus(tmp_path / "c")
-    _run(files, tmp_path / "full.h5")
+    _run(files, tmp_path / "full.h5", **extra)
     full = sio.load(tmp_path / "full.h5").params
 
     # Same run, with SIGINT delivered in the middle of epoch 1 (dropout is on,
@@ -51,7 +53,7 @@ def test_interrupt_and_resume_is_bit_exact(tmp_path, monkeypatch):
         return orig(self, params, grad, lr, segments)
 
     monkeypatch.setattr(SGD, "step", step)
-    s = _run(files, tmp_path / "part.h5")
+    s = _run(files, tmp_path / "part.h5", **extra)
     monkeypatch.setattr(SGD, "step", orig)
     assert not s["finished"]
     st = sio.load(tmp_path / "part.h5").train_state
@@ -61,6 +63,22 @@ def test_interrupt_and_resume_is_bit_exact(tmp_path, monkeypatch):
     resumed = sio.load(tmp_path / "part.h5").params
     for k in full:
         np.testing.assert_array_equal(resumed[k], full[k], err_msg=k)
+
+
+def test_sampled_training_is_checkpointed_and_evaluated_exactly(tmp_path):
+    """--loss is: the objective is in the file's config, validation is exact."""
+    files, _ = tiny_corpus(tmp_path / "c")
+    s = _run(files, tmp_path / "m.h5", loss="is", samples=10, epochs=1)
+    cfg = sio.read_config(tmp_path / "m.h5")
+    assert cfg["train"]["loss"] == "is" and cfg["train"]["samples"] == 10
+    from slimnp.trainer import load_model
+    from slimnp.evaluate import evaluate_ids
+
+    model, vocab, _ = load_model(tmp_path / "m.best.h5")
+    test_ids = vocab.encode_file(files["test"]).ids
+    assert evaluate_ids(model, test_ids, vocab.eos_id).perplexity == pytest.approx(s["test_ppl"], rel=1e-9)
+    with pytest.raises(ValueError, match="loss"):
+        _run(files, tmp_path / "bad.h5", loss="hinge")
 
 
 def test_resume_extends_epochs_and_refuses_finished(tmp_path):
