@@ -347,7 +347,9 @@ class Trainer:
         valid_ppl = self.validate(self.valid_ids) if self.valid_ids is not None else float("nan")
         speed = (st.epoch_tokens - tok0) / max(elapsed, 1e-9)
         improved = valid_ppl < st.best_valid_ppl
-        rec = {"event": "epoch", "epoch": st.epoch, "lr": st.lr, "train_ppl": train_ppl,
+        rec = {"event": "epoch", "epoch": st.epoch, "lr": st.lr, "loss": cfg.loss,
+               "train_loss": st.epoch_nll / max(st.epoch_tokens, 1),
+               "train_ppl": train_ppl if cfg.loss != "nce" else None,  # NCE's loss is no NLL
                "valid_ppl": valid_ppl, "tokens_per_s": speed, "epoch_seconds": elapsed,
                "best": bool(improved)}
         st.history.append(rec)
