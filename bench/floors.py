@@ -44,7 +44,6 @@ def work(cfg: dict, variant: str, kind: str) -> tuple[float, float]:
         params = V * H + V * H + V + lstm_params
         touched = params - V * H + min(N, V) * H  # embedding rows actually updated
     else:
-        extra = dict(common.VARIANTS[variant])
         mc = common.slimnp_config(cfg, variant)
         K, M = mc.output_k, mc.output_m
         d = H // K
@@ -53,7 +52,6 @@ def work(cfg: dict, variant: str, kind: str) -> tuple[float, float]:
         stream = (2 * rows if kind == "train" else rows) + (6 if kind == "train" else 2) * N * V * F32
         params = mc.input_m * (H // mc.input_k) + M * d + V + lstm_params
         touched = params
-        del extra
     if kind == "train":
         stream += 4 * touched * F32  # norm (read grad), update (read grad, read+write params)
     return flops, stream

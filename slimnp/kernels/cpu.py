@@ -8,7 +8,6 @@ call and cached on disk (``cache=True``).
 from __future__ import annotations
 
 import math
-import os
 import types
 
 import numba as nb
