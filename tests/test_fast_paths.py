@@ -296,3 +296,38 @@ def test_pipeline_heuristic(monkeypatch):
     assert not pipeline.enabled(np, 2, 35, 1, 200)  # steps too small (exact B=1 evaluation)
     monkeypatch.setenv("SLIMNP_PIPELINE", "0")
     assert not pipeline.enabled(np, 2, 35, 20, 300)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("V,N", [(1, 1), (37, 3), (9000, 20)])
+def test_log_softmax_t_parity_and_slim_log_probs(dtype, V, N, rng):
+    from slimnp.layers import slim_log_probs_t
+
+    z = (rng.standard_normal((V, N)) * 3).astype(dtype)
+    b = rng.standard_normal(V).astype(dtype)
+    outs = []
+    for mode in ("reference", "cpu"):
+        with kernels.using(mode):
+            zz = z.copy()
+            lse = kernels.log_softmax_t(zz, b)
+            outs.append((zz, lse))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], **TOL[dtype])
+    np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-6 if dtype == np.float32 else 1e-12)
+    np.testing.assert_allclose(np.exp(outs[1][0].astype(np.float64)).sum(axis=0), 1.0, rtol=1e-5)
+    # the slim inference path against the dense product of the same vectors
+    K, d, Mk = 2, 3, max(1, V // 3)
+    A = rng.standard_normal((K, Mk, d)).astype(dtype)
+    idx_kv = rng.integers(0, Mk, (K, V)).astype(np.int32)
+    h = rng.standard_normal((N, K * d)).astype(dtype)
+    W = np.concatenate([A[k][idx_kv[k]] for k in range(K)], axis=1)  # (V, H)
+    logits = h @ W.T + b
+    want = logits - np.log(np.exp(logits.astype(np.float64)).sum(axis=1, keepdims=True))
+    logp, _ = slim_log_probs_t(h, A, idx_kv, b)
+    np.testing.assert_allclose(logp.T, want, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4)
+
+
+def test_log_softmax_t_nan_propagates():
+    z = np.zeros((50, 3), np.float32)
+    z[7, 1] = np.nan
+    lse = kernels.log_softmax_t(z)
+    assert np.isnan(lse[1]) and np.isfinite(lse[0]) and np.isfinite(lse[2])
