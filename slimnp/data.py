@@ -286,6 +286,35 @@ class Vocabulary:
             counts = counts.astype(np.int64)
         return cls(words, counts)
 
+    @classmethod
+    def read(cls, path: PathLike) -> "Vocabulary":
+        """A fixed vocabulary from a file of one word per line (``vocab.txt``).
+
+        ``<eos>`` and ``<unk>`` are added if the file lacks them; counts are
+        left to the caller (:meth:`count`), since words of a fixed
+        vocabulary need not occur in the training text at all (a
+        793K-word vocabulary over a few million tokens).
+        """
+        try:
+            with open(path, encoding="utf-8") as f:
+                words = [w.strip() for w in f if w.strip()]
+        except UnicodeDecodeError as exc:
+            raise CorpusError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if not words:
+            raise CorpusError(f"{path}: the vocabulary file is empty")
+        for special in (EOS, UNK):
+            if special not in words:
+                words.append(special)
+        try:
+            return cls.from_words(words)
+        except ValueError as exc:
+            raise CorpusError(f"{path}: {exc}") from None
+
+    def count(self, ids: np.ndarray) -> "Vocabulary":
+        """Set ``counts`` from encoded training ids; returns self."""
+        self.counts = np.bincount(np.asarray(ids), minlength=len(self)).astype(np.int64)
+        return self
+
     # -- encoding --------------------------------------------------------
 
     def encode_file(
@@ -401,6 +430,8 @@ def _write_npy_header(f, n: int) -> None:
 # splits
 
 
+VOCAB_FILE = "vocab.txt"  # one word per line: fixes the vocabulary (find_splits)
+
 _SPLIT_NAMINGS = (
     ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"),
     ("train.txt", "valid.txt", "test.txt"),
@@ -417,7 +448,9 @@ def find_splits(data_dir: PathLike) -> dict:
     Returns
     -------
     dict
-        ``{"train": Path, "valid": Path, "test": Path}``.
+        ``{"train": Path, "valid": Path, "test": Path}``, plus ``"vocab"``
+        if the directory holds a ``vocab.txt`` (one word per line), which
+        then fixes the vocabulary instead of the training text's words.
     """
     d = Path(data_dir)
     if not d.is_dir():
@@ -425,7 +458,10 @@ def find_splits(data_dir: PathLike) -> dict:
     for names in _SPLIT_NAMINGS:
         paths = [d / n for n in names]
         if all(p.is_file() for p in paths):
-            return dict(zip(("train", "valid", "test"), paths))
+            found = dict(zip(("train", "valid", "test"), paths))
+            if (d / VOCAB_FILE).is_file():  # a fixed vocabulary beside the splits
+                found["vocab"] = d / VOCAB_FILE
+            return found
     looked = "; ".join(", ".join(n) for n in _SPLIT_NAMINGS)
     partial = [str(d / n) for names in _SPLIT_NAMINGS for n in names if (d / n).is_file()]
     hint = f" (found only: {', '.join(partial)})" if partial else ""

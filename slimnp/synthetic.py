@@ -30,7 +30,7 @@ import numba as nb
 import numpy as np
 
 from ._atomic import atomic_path
-from .data import EOS
+from .data import EOS, UNK
 
 _JIT = dict(nogil=True, cache=True)
 
@@ -482,5 +482,9 @@ def write_corpus(out_dir, spec: HMMSpec = DEFAULT_SPEC, train_tokens: int = DEFA
         "oracle_perplexity": {s: hmm.oracle_perplexity(ids) for s, ids in splits.items()},
         "unigram_perplexity": {s: unigram_perplexity(splits["train"], splits[s], hmm.V) for s in ("valid", "test")},
     }
+    # every word of the model, seen in train or not: fixes the vocabulary
+    # (a large Zipf vocabulary leaves most words out of a few million tokens)
+    words = list(hmm.words) + ([] if UNK in hmm.words else [UNK])
+    _write_atomic(out_dir / "vocab.txt", [("\n".join(words) + "\n").encode("utf-8")])
     _write_atomic(out_dir / "corpus.json", [(json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")])
     return info

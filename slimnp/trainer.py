@@ -384,7 +384,7 @@ class Trainer:
 def _encode_splits(vocab: Vocabulary, files: dict, log) -> dict:
     enc = {}
     for split, path in files.items():
-        if path is None:
+        if path is None or split not in ("train", "valid", "test"):
             continue
         e = vocab.encode_file(path)
         enc[split] = e
@@ -474,12 +474,17 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     Returns a summary dict (perplexities, times).
     """
     t_start = time.perf_counter()
-    vocab = Vocabulary.build(files["train"], min_count=min_count, max_vocab=max_vocab)
+    if files.get("vocab"):
+        vocab = Vocabulary.read(files["vocab"])  # counted below, from the encoded text
+    else:
+        vocab = Vocabulary.build(files["train"], min_count=min_count, max_vocab=max_vocab)
     mc = ModelConfig(vocab_size=len(vocab), hidden=hp["hidden"], layers=hp["layers"],
                      dropout=hp["dropout"], init_scale=hp["init_scale"],
                      **slim_settings(hp, len(vocab)))
     mc.validate()  # before the slower encoding: a bad option fails fast
     enc = _encode_splits(vocab, files, log)
+    if vocab.counts is None:
+        vocab.count(enc["train"].ids)
     tc = TrainConfig(epochs=hp["epochs"], bptt=hp["bptt"], batch_size=hp["batch_size"], lr=hp["lr"],
                      optimizer=hp.get("optimizer") or "sgd", loss=hp.get("loss") or "softmax",
                      samples=hp.get("samples") or 4000, clip=hp["clip"], schedule=hp["schedule"],
