@@ -413,7 +413,7 @@ class Workspace:
         shape = tuple(int(s) for s in shape)
         a = self._bufs.get(name)
         if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._bufs[name] = None  # release the old one first
+            a = self._bufs[name] = None  # drop the old buffer before allocating its successor
             a = self._bufs[name] = self.xp.empty(shape, dtype=dtype)
         return a
 
@@ -535,11 +535,11 @@ class SlimEmbedding:
         slim_embedding_backward(g.reshape(self.M, self.d), self._sub, dX)
 
 
-def slim_logits(h, A, idx_kv, b, out=None):
+def slim_logits(h, A, idx_kv, b):
     """Logits of the slim output layer by dynamic programming (Algorithm 1).
 
     h : (N, H);  A : (K, M/K, d) the K disjoint pools;  idx_kv : (K, V);
-    b : (V,);  out : optional (N, V) buffer.
+    b : (V,).
     ``z[n, w] = sum_k h_k[n] . A[k, idx_kv[k, w]] + b[w]``:
     (1) K GEMMs ``P[k] = h_k A[k]^T`` give every distinct partial product,
     (2) a K-term gather-sum per word.  Cost ``O(N M H / K + N V K)``; the
@@ -551,38 +551,21 @@ def slim_logits(h, A, idx_kv, b, out=None):
     N = h.shape[0]
     hk = h.reshape(N, K, d).transpose(1, 0, 2)  # (K, N, d)
     P = xp.matmul(hk, A.transpose(0, 2, 1))  # (K, N, Mk)
-    z = xp.empty((N, idx_kv.shape[1]), dtype=h.dtype) if out is None else out
+    z = xp.empty((N, idx_kv.shape[1]), dtype=h.dtype)
     kernels.slim_gather_sum(P, idx_kv, b, z)
     return z, hk
 
 
-def slim_logits_t(h, A, idx_kv, b):
-    """:func:`slim_logits` for few rows, in the word-major layout: ``zT (V, N)``.
+def slim_logits_t(h, A, idx_kv, b, out=None, ws=None):
+    """:func:`slim_logits` in the word-major layout: ``zT (V, N)`` (what
+    training, evaluation and inference use).
 
     ``PT[k] = A[k] h_k^T`` is ``(M/K, N)``: each pool entry's N partials lie
-    together, so the gather-sum reads one cache line per (word, pool) instead
-    of N scattered floats (inference on a handful of hidden states, the
-    paper's Table 7 setting).
-    """
-    xp = array_module(h)
-    K, Mk, d = A.shape
-    N = h.shape[0]
-    hk = h.reshape(N, K, d).transpose(1, 2, 0)  # (K, d, N)
-    PT = xp.matmul(A, hk)  # (K, Mk, N)
-    zT = xp.empty((idx_kv.shape[1], N), dtype=h.dtype)
-    kernels.slim_gather_sum_t(PT, idx_kv, b, zT)
-    return zT
-
-
-def slim_log_probs_t(h, A, idx_kv, b, out=None, ws=None):
-    """Log-probabilities of the whole vocabulary for a few hidden states.
-
-    Word-major: returns ``logp (V, N)`` (column n for ``h[n]``) and each
-    column's logsumexp ``(N,)``; ``out`` an optional (V, N) buffer, ``ws`` a
-    :class:`Workspace` for the partial products (at V = 800K a fresh 60 MB
-    buffer per call costs its page faults every time).  The inference path
-    of the paper's Table 7: K GEMMs, the gather-sum with the bias, an
-    in-place column log-softmax.
+    together, so the gather-sum reads one contiguous run per (word, pool)
+    instead of N scattered floats.  ``b`` may be None; ``out`` an optional
+    (V, N) buffer; ``ws`` a :class:`Workspace` holding the partial products
+    (at V = 800K a fresh 60 MB buffer per call costs its page faults every
+    time).  Returns ``zT`` and ``PT``.
     """
     xp = array_module(h)
     K, Mk, d = A.shape
@@ -590,24 +573,34 @@ def slim_log_probs_t(h, A, idx_kv, b, out=None, ws=None):
     ws = ws or Workspace(xp)
     PT = xp.matmul(A, h.reshape(N, K, d).transpose(1, 2, 0),
                    out=ws.get("PT", (K, Mk, N), h.dtype))  # (K, Mk, N)
-    zT = xp.empty((idx_kv.shape[1], N), dtype=h.dtype) if out is None else out
+    zT = ws.get("zT", (idx_kv.shape[1], N), h.dtype) if out is None else out
     kernels.slim_gather_sum_t(PT, idx_kv, b, zT)
+    return zT, PT
+
+
+def slim_log_probs_t(h, A, idx_kv, b, out=None, ws=None):
+    """Log-probabilities of the whole vocabulary for a few hidden states.
+
+    Word-major: returns ``logp (V, N)`` (column n for ``h[n]``) and each
+    column's logsumexp ``(N,)``; ``out`` and ``ws`` as in
+    :func:`slim_logits_t`.  The inference path of the paper's Table 7: K
+    GEMMs, the gather-sum with the bias, an in-place column log-softmax.
+    """
+    zT, _ = slim_logits_t(h, A, idx_kv, b, out, ws)
     return zT, kernels.log_softmax_t(zT)
 
 
-def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=True,
-                                  inv=None, out=None):
-    """Cross-entropy of the slim softmax and its gradients.
+def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=True):
+    """Cross-entropy of the slim softmax and its gradients, row-major (the
+    specification the word-major :func:`slim_softmax_loss_t` is tested against).
 
     Backward uses the structure too: ``G_k = segment-sum of dz by idx_kv[k]``
     ``(N, M/K)``, then ``dA_k = G_k^T h_k`` and ``dh_k = G_k A_k``.
-    ``inv`` (:func:`slimnp.mapping.inverse_table`) lets the segment sum run
-    as a gather; ``out`` is an optional (N, V) buffer for the logits.
 
     Returns ``nll (N,)`` and, with ``compute_grad``, ``(dh (N, H), dA (K, M/K, d), db (V,))``.
     """
     xp = array_module(h)
-    z, hk = slim_logits(h, A, idx_kv, None, out)
+    z, hk = slim_logits(h, A, idx_kv, None)
     nll = kernels.softmax_xent(z, targets, scale, compute_grad, bias=b)
     if not compute_grad:
         return nll, None
@@ -615,7 +608,7 @@ def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=
     K, Mk, d = A.shape
     N = h.shape[0]
     G = xp.empty((K, N, Mk), dtype=h.dtype)
-    kernels.slim_segment_sum(dz, idx_kv, G, inv)
+    kernels.slim_segment_sum(dz, idx_kv, G)
     dA = xp.matmul(G.transpose(0, 2, 1), hk)  # (K, Mk, d)
     dh = xp.matmul(G, A).transpose(1, 0, 2).reshape(N, K * d)  # (N, H)
     return nll, (dh, dA, dz.sum(axis=0))
@@ -639,11 +632,8 @@ def slim_softmax_loss_t(h, A, b, idx_kv, targets, scale, compute_grad=True, inv=
     xp = array_module(h)
     K, Mk, d = A.shape
     N, V = h.shape[0], idx_kv.shape[1]
-    ws = ws or Workspace(xp)
+    zT, PT = slim_logits_t(h, A, idx_kv, None, ws=ws)
     h3 = h.reshape(N, K, d)
-    PT = xp.matmul(A, h3.transpose(1, 2, 0), out=ws.get("PT", (K, Mk, N), h.dtype))
-    zT = ws.get("zT", (V, N), h.dtype)
-    kernels.slim_gather_sum_t(PT, idx_kv, None, zT)
     nll = kernels.softmax_xent_t(zT, targets, scale, compute_grad, bias=b)
     if not compute_grad:
         return nll, None

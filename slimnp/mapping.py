@@ -113,7 +113,7 @@ def inverse_table(idx_kv: np.ndarray, Mk: int):
     mapping with Mk dividing V does; a hash mapping generally does not).
 
     With it the output layer's backward gathers instead of scattering
-    (``kernels.slim_segment_sum(..., inv=...)``).
+    (``kernels.slim_segment_sum_t(..., inv=...)``).
     """
     idx_kv = np.asarray(idx_kv)
     K, V = idx_kv.shape

@@ -41,16 +41,16 @@ class _SingleThreadedBlas:
             set_blas_threads(self.prev)
 
 
-_pool = None
+_pool = None  # (ThreadPoolExecutor, its worker count), grown on demand
 _pool_lock = threading.Lock()
 
 
 def _executor(n: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
-        if _pool is None or _pool._max_workers < n:
-            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="slimnp-layer")
-        return _pool
+        if _pool is None or _pool[1] < n:
+            _pool = (ThreadPoolExecutor(max_workers=n, thread_name_prefix="slimnp-layer"), n)
+        return _pool[0]
 
 
 MIN_BH = 4000  # batch x hidden below which a step is too small to hand over

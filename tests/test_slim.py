@@ -301,5 +301,5 @@ def test_word_major_logits_equal_row_major(rng):
     A = rng.standard_normal((K, Mk, d))
     b = rng.standard_normal(V)
     idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, 2).T)
-    np.testing.assert_allclose(slim_logits_t(h, A, idx_kv, b).T, slim_logits(h, A, idx_kv, b)[0],
+    np.testing.assert_allclose(slim_logits_t(h, A, idx_kv, b)[0].T, slim_logits(h, A, idx_kv, b)[0],
                                rtol=1e-12, atol=1e-12)

@@ -225,16 +225,14 @@ def _check_segment(dz, idx_kv, G, inv, db, word_major):
     return arrays
 
 
-def slim_segment_sum(dz, idx_kv, G, inv=None):
+def slim_segment_sum(dz, idx_kv, G):
     """``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``.
 
     The backward of :func:`slim_gather_sum` w.r.t. ``P``; see
     :func:`reference.slim_segment_sum`.  ``dz : (N, V)``, ``idx_kv : (K, V)``
-    int in ``[0, Mk)``, ``G : (K, N, Mk)`` overwritten.  ``inv : (K, F, Mk)``
-    (optional) is ``idx_kv`` inverted by :func:`slimnp.mapping.inverse_table`;
-    given it, the CPU kernel runs the sum as a vectorised gather.
+    int in ``[0, Mk)``, ``G : (K, N, Mk)`` overwritten.
     """
-    _impl(*_check_segment(dz, idx_kv, G, inv, None, False)).slim_segment_sum(dz, idx_kv, G, inv)
+    _impl(*_check_segment(dz, idx_kv, G, None, None, False)).slim_segment_sum(dz, idx_kv, G)
 
 
 def softmax_xent_t(zT, targets, scale=1.0, compute_grad=True, bias=None):

@@ -469,44 +469,12 @@ def _slim_segment_sum_impl(dz, idx_kv, G):
 _slim_segment_sum_serial, _slim_segment_sum_parallel = _serial_and_parallel(_slim_segment_sum_impl)
 
 
-def slim_segment_sum(dz, idx_kv, G, inv=None):
+def slim_segment_sum(dz, idx_kv, G):
     idx_kv = _unsigned(idx_kv)
-    inv = None if inv is None else _unsigned(inv)
     K, N, _ = G.shape
     V = dz.shape[1]
-    big = N * V * K > PARALLEL_MIN_GATHER
-    if inv is not None:
-        (_slim_segment_gather_parallel if big else _slim_segment_gather_serial)(dz, inv, G)
-    else:
-        (_slim_segment_sum_parallel if big else _slim_segment_sum_serial)(dz, idx_kv, G)
-
-
-def _slim_segment_gather_impl(dz, inv, G):
-    # The segment sum as a gather, for tables where every pool entry is used
-    # by the same number F of words (a shuffle mapping with Mk dividing V):
-    # inv (K, F, Mk) lists, for entry j of pool k, its words in ascending
-    # order (mapping.inverse_table), so
-    #     G[k, n, j] = dz[n, inv[k, 0, j]] + ... + dz[n, inv[k, F-1, j]]
-    # adds the same terms in the same order as the scatter form, but the
-    # loop over j vectorises (gathers from the dz row, contiguous stores)
-    # where the scatter's read-modify-write chain cannot.
-    K, F, Mk = inv.shape
-    N = dz.shape[0]
-    for n in nb.prange(N):
-        dzn = dz[n]
-        for k in range(K):
-            gkn = G[k, n]  # (Mk,)
-            i0 = inv[k, 0]
-            for j in range(Mk):
-                gkn[j] = dzn[i0[j]]
-            for r in range(1, F):
-                ir = inv[k, r]
-                for j in range(Mk):
-                    gkn[j] += dzn[ir[j]]
-
-
-_slim_segment_gather_serial, _slim_segment_gather_parallel = _serial_and_parallel(
-    _slim_segment_gather_impl)
+    kernel = _slim_segment_sum_parallel if N * V * K > PARALLEL_MIN_GATHER else _slim_segment_sum_serial
+    kernel(dz, idx_kv, G)
 
 
 def _slim_gather_sum_t_impl(PT, idx_kv, b, has_bias, zT):

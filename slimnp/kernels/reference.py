@@ -201,7 +201,7 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
         zT += xp.take(PT[k], idx_kv[k], axis=0)  # rows of (Mk, N) -> (V, N)
 
 
-def slim_segment_sum(dz, idx_kv, G, inv=None):
+def slim_segment_sum(dz, idx_kv, G):
     """Backward of :func:`slim_gather_sum` with respect to ``P``.
 
     ``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``
@@ -211,9 +211,6 @@ def slim_segment_sum(dz, idx_kv, G, inv=None):
     dz : (N, V) float  gradient of the loss w.r.t. the logits
     idx_kv : (K, V) int32  in ``[0, Mk)``
     G : (K, N, Mk) float  out, overwritten (entries no word uses become 0)
-    inv : (K, F, Mk) int32 or None  the same table inverted
-        (:func:`slimnp.mapping.inverse_table`, for tables where each entry
-        has F words); fast kernels may use it, the result is the same
 
     The bias gradient is ``dz.sum(0)`` and is left to the caller.
     """
@@ -259,9 +256,11 @@ def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
     """:func:`slim_segment_sum` in the word-major layout.
 
     ``GT[k, j, n] = sum over w with idx_kv[k, w] == j of dzT[w, n]``, with
-    ``dzT : (V, N)`` and ``GT : (K, Mk, N)`` overwritten; ``inv`` as in
-    :func:`slim_segment_sum`; if ``db (V,)`` is given it is overwritten with
-    the bias gradient ``dzT.sum(axis=1)``.
+    ``dzT : (V, N)`` and ``GT : (K, Mk, N)`` overwritten.  ``inv : (K, F,
+    Mk)`` or None is the same table inverted
+    (:func:`slimnp.mapping.inverse_table`, for tables where each entry has F
+    words): fast kernels may use it, the result is the same.  If ``db (V,)``
+    is given it is overwritten with the bias gradient ``dzT.sum(axis=1)``.
     """
     xp = array_module(dzT)
     K, Mk, N = GT.shape
