@@ -101,14 +101,14 @@ def sampled_loss(kind, h, WT, bT, WS, bS, logq_t, logq_s, targets, samples, scal
             return loss, None
         dzt, dZS = L[:, 0].copy(), L[:, 1:]
     elif kind == "nce":
-        dT = (zt - logq_t).astype(np.float64)  # Delta of the targets
-        dS = (ZS - logq_s.astype(dt)).astype(np.float64)  # Delta of the noise words
-        # -log sigma(d) = softplus(-d); -log(1 - sigma(d)) = softplus(d)
-        loss = _softplus(-dT) + _softplus(dS).sum(axis=1)
+        # one fused pass: logistic losses of the Deltas and, in place of ZS,
+        # their gradients (-log sigma(d) = softplus(-d) for the target,
+        # -log(1 - sigma(d)) = softplus(d) for each noise word)
+        loss, dzt = kernels.nce_xent(xp.ascontiguousarray(zt), logq_t.astype(dt),
+                                     ZS, logq_s.astype(dt), scale, compute_grad)
         if not compute_grad:
             return loss, None
-        dzt = (scale * (_sigmoid(dT) - 1.0)).astype(dt)
-        dZS = (scale * _sigmoid(dS)).astype(dt)
+        dZS = ZS
     else:
         raise ValueError(f"unknown sampled loss {kind!r}")
     dh = dzt[:, None] * WT + dZS @ WS
@@ -116,10 +116,3 @@ def sampled_loss(kind, h, WT, bT, WS, bS, logq_t, logq_s, targets, samples, scal
     dWS = dZS.T @ h
     return loss, (dh, dWT, dzt, dWS, dZS.sum(axis=0))
 
-
-def _softplus(x):
-    return np.logaddexp(0.0, x)
-
-
-def _sigmoid(x):
-    return 0.5 * (1.0 + np.tanh(0.5 * x))

@@ -147,6 +147,16 @@ def softmax_xent(logits, targets, scale=1.0, compute_grad=True, bias=None):
     return _impl(*arrays).softmax_xent(logits, targets, scale, compute_grad, bias)
 
 
+
+def nce_xent(zt, logq_t, ZS, logq_s, scale=1.0, compute_grad=True):
+    """NCE logistic loss of targets and noise words; see :func:`reference.nce_xent`."""
+    N, S = ZS.shape
+    _check_float("ZS", ZS)
+    for name, a, n in (("zt", zt, N), ("logq_t", logq_t, N), ("logq_s", logq_s, S)):
+        _check_float(name, a, ZS.dtype)
+        _check_shape(name, a, (n,))
+    return _impl(zt, logq_t, ZS, logq_s).nce_xent(zt, logq_t, ZS, logq_s, scale, compute_grad)
+
 def _check_ndim(name, a, ndim, axes):
     if a.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-d array {axes}, got shape {tuple(a.shape)}")

@@ -111,6 +111,24 @@ def _order_key_overload(i):
     return None
 
 
+def _finite(x):  # pragma: no cover - jitted code uses the overload below
+    """``math.isfinite`` read from the exponent bits.  Under the reassociating
+    fast-math flags of the reduction kernels LLVM folds ``isfinite(a - b)``
+    to True (it rewrites the check as ``(a - b) - (a - b) == 0``), so the
+    kernels test the bits instead: all-ones exponent = inf or NaN."""
+    return math.isfinite(x)
+
+
+@overload(_finite)
+def _finite_overload(x):
+    for ty, mask in ((nbtypes.float32, 0x7F800000), (nbtypes.float64, 0x7FF0000000000000)):
+        if x == ty:
+            ity = _BITS_OF_FLOAT[ty][0]
+            m = ity(mask)
+            return lambda x: (_to_bits(x) & m) != m
+    return None
+
+
 @nb.njit(inline="always", fastmath={"contract", "afn"}, error_model="numpy")
 def _exp32(x):
     """exp(x) in float32 without a libm call, so loops over it vectorise.
@@ -316,7 +334,7 @@ def _bias_max_row(row, b, has_bias):
             k = _order_key(_to_bits(x))
             kmax = k if k > kmax else kmax
             tot += x
-    return _from_bits(_order_key(kmax)), math.isfinite(tot)
+    return _from_bits(_order_key(kmax)), _finite(tot)
 
 
 @nb.njit(inline="always", **_JIT_REDUCE)
@@ -388,6 +406,96 @@ def softmax_xent(logits, targets, scale, compute_grad=True, bias=None):
     kernel(logits, b, has_bias, targets, float(scale), bool(compute_grad), nll)
     return nll
 
+
+
+@nb.njit(inline="always", fastmath={"contract", "afn"}, error_model="numpy")
+def _log1p01_32(u):
+    """log(1 + u) for u in [0, 1], float32, without a libm call (so loops over
+    it vectorise): with t = u / (2 + u) in [0, 1/3], log(1 + u) = 2 atanh(t)
+    = 2 (t + t^3/3 + t^5/5 + ...); seven terms leave a relative error below
+    2e-8, and t is formed without cancellation for small u."""
+    t = u / (_F32(2.0) + u)
+    t2 = t * t
+    p = _F32(1.0 / 13.0)
+    p = p * t2 + _F32(1.0 / 11.0)
+    p = p * t2 + _F32(1.0 / 9.0)
+    p = p * t2 + _F32(1.0 / 7.0)
+    p = p * t2 + _F32(1.0 / 5.0)
+    p = p * t2 + _F32(1.0 / 3.0)
+    p = p * t2 + _F32(1.0)
+    return _F32(2.0) * t * p
+
+
+def _log1p01(u):  # pragma: no cover - jitted code uses the overload below
+    return math.log1p(u)
+
+
+@overload(_log1p01, jit_options={"error_model": "numpy"})
+def _log1p01_overload(u):
+    if u == nbtypes.float32:
+        return lambda u: _log1p01_32(u)
+    return lambda u: math.log1p(u)
+
+
+@nb.njit(inline="always", **_JIT_REDUCE)
+def _softplus_sig(d, zero, one):
+    """``(softplus(d), sigmoid(d))`` from one exponential of ``-|d|`` (never
+    overflows; the clamp in _exp32 keeps it normal).  ``zero`` and ``one``
+    carry d's dtype (a literal would promote float32 math to float64)."""
+    e = _exp(-abs(d))
+    r = one / (one + e)
+    sp = (d if d > zero else zero) + _log1p01(e)
+    return sp, (r if d >= 0 else e * r)
+
+
+def _nce_xent_impl(zt, logq_t, ZS, logq_s, scale, compute_grad, nll, dzt):
+    # Rows are independent (prange over n is race-free); per row one pass
+    # over the S noise scores, in blocks summed in the row's dtype.
+    N, S = ZS.shape
+    tiny = np.finfo(ZS.dtype).tiny
+    zero = ZS.dtype.type(0)
+    one = ZS.dtype.type(1)
+    sc = ZS.dtype.type(scale)
+    for n in nb.prange(N):
+        row = ZS[n]
+        acc = 0.0
+        tot = zero
+        for s0 in range(0, S, _BLOCK):
+            blk = row[s0 : s0 + _BLOCK]  # zero-based loops over views vectorise
+            lq = logq_s[s0 : s0 + _BLOCK]
+            sb = zero
+            if compute_grad:
+                for j in range(blk.shape[0]):
+                    d = blk[j] - lq[j]
+                    tot += d
+                    sp, sg = _softplus_sig(d, zero, one)
+                    sb += sp
+                    g = sg * sc  # flush would-be subnormals (slow GEMMs)
+                    blk[j] = g if g >= tiny else zero
+            else:
+                for j in range(blk.shape[0]):
+                    d = blk[j] - lq[j]
+                    tot += d
+                    sp, sg = _softplus_sig(d, zero, one)
+                    sb += sp
+            acc += sb
+        dT = zt[n] - logq_t[n]
+        sp, sg = _softplus_sig(-dT, zero, one)  # -log sigma(dT) = softplus(-dT)
+        nll[n] = acc + sp if _finite(tot) and _finite(dT) else np.nan
+        if compute_grad:
+            dzt[n] = -sg * sc  # sigma(dT) - 1 = -sigma(-dT)
+
+
+_nce_xent_serial, _nce_xent_parallel = _serial_and_parallel(_nce_xent_impl, _JIT_REDUCE)
+
+
+def nce_xent(zt, logq_t, ZS, logq_s, scale, compute_grad=True):
+    N, S = ZS.shape
+    nll = np.empty(N, dtype=np.float64)
+    dzt = np.empty(N if compute_grad else 0, dtype=ZS.dtype)
+    kernel = _nce_xent_parallel if N * S >= PARALLEL_MIN_GATHER // 4 else _nce_xent_serial
+    kernel(zt, logq_t, ZS, logq_s, float(scale), bool(compute_grad), nll, dzt)
+    return nll, (dzt if compute_grad else None)
 
 # ---------------------------------------------------------------------------
 # Slim output layer, step 2 of Algorithm 1 (Li et al. 2018); the notation and
@@ -564,7 +672,7 @@ def _softmax_xent_cols_impl(zT, b, has_bias, targets, scale, compute_grad, cw, n
             for j in range(nn):
                 s[j] += part[j]
         for j in range(nn):
-            ok = math.isfinite(tot[j]) and math.isfinite(m[j])
+            ok = _finite(tot[j]) and _finite(m[j])
             nll[n0 + j] = math.log(s[j]) + m[j] - zt[j] if ok else np.nan
         if compute_grad:
             k = np.empty(nn, zT.dtype)

@@ -130,6 +130,48 @@ def softmax_xent(logits, targets, scale, compute_grad=True, bias=None):
     return nll
 
 
+
+def nce_xent(zt, logq_t, ZS, logq_s, scale, compute_grad=True):
+    """NCE's logistic loss (+ gradient) over each row's target and S noise words.
+
+    With ``Delta = score - log(S q)`` (Mnih & Teh 2012; scores stand for
+    self-normalised log-probabilities), the target is labelled 1 and the
+    noise words 0::
+
+        nll[n] = softplus(-(zt[n] - logq_t[n])) + sum_s softplus(ZS[n, s] - logq_s[s])
+
+    Parameters
+    ----------
+    zt : (N,) float  target scores (bias included)
+    logq_t : (N,) same dtype  ``log(S q(target))``
+    ZS : (N, S) same dtype, scratch  noise-word scores (bias included); with
+        ``compute_grad`` overwritten by ``scale * sigmoid(ZS - logq_s)``,
+        the gradient of ``scale * sum(nll)`` with respect to them
+    logq_s : (S,) same dtype  ``log(S q(noise word))``
+    scale : float multiplier of the gradients
+
+    Returns
+    -------
+    ``(nll (N,) float64, dzt (N,) or None)``, ``dzt = scale * (sigmoid(zt -
+    logq_t) - 1)`` with ``compute_grad``.  A row holding a NaN or an infinity
+    gets a NaN loss.
+    """
+    xp = array_module(ZS)
+    dT = zt - logq_t
+    dS = ZS - logq_s
+    finite = xp.isfinite(dT) & xp.isfinite(dS).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        nll = xp.logaddexp(0, -dT).astype(xp.float64) + xp.logaddexp(0, dS).astype(xp.float64).sum(axis=1)
+    nll[~finite] = xp.nan
+    if not compute_grad:
+        return nll, None
+    dzt = _sigmoid(xp, dT, xp.empty_like(dT))
+    dzt -= 1
+    dzt *= ZS.dtype.type(scale)
+    _sigmoid(xp, dS, ZS)
+    ZS *= ZS.dtype.type(scale)
+    return nll, dzt
+
 # ---------------------------------------------------------------------------
 # Slim output layer (Li et al., "Slim Embedding Layers for Recurrent Neural
 # Language Models", AAAI 2018, Algorithm 1).
