@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from . import __version__
 
@@ -51,6 +52,11 @@ def friendly_errors(fn):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:
+            # the reader went away (`slimnp score ... | head`): not an error;
+            # point stdout at devnull so the interpreter's final flush is quiet
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         except _user_errors() as exc:
             msg = str(exc) or type(exc).__name__
             if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
@@ -317,6 +323,126 @@ def inspect(model, as_json):
         if r["tied_to_output"]:
             line += ", tied to the output pools"
         click.echo(line)
+
+
+# ---------------------------------------------------------------------------
+# score / generate / rerank: applying a trained model
+# ---------------------------------------------------------------------------
+def _read_lines(path) -> list:
+    """Lines of a UTF-8 text file ('-': stdin), without their line ends; a
+    decoding error names the line."""
+    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    lines = raw.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the final newline does not start another line
+    out = []
+    for i, b in enumerate(lines, 1):
+        try:
+            out.append(b.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise click.ClickException(
+                f"{path}:{i}: not valid UTF-8 (byte 0x{b[e.start]:02x} at column {e.start + 1}); "
+                "re-encode the file as UTF-8") from None
+    if out and out[0].startswith("\ufeff"):
+        out[0] = out[0][1:]
+    return out
+
+
+def _load_lm(model, threads):
+    from .apply import LM
+
+    if threads:
+        from .threads import set_threads
+
+        set_threads(threads)
+    return LM.load(model)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--words", is_flag=True, help="Also give every word's log-probability.")
+@click.option("--continuous", is_flag=True,
+              help="Carry the LSTM state from one line to the next (one stream, as `evaluate "
+                   "--batch-size 1` does) instead of scoring each line on its own.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Sentences scored together (independent lines only).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sentence, then one with the totals.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@friendly_errors
+def score(model, file, words, continuous, batch_size, threads, as_json, quiet):
+    """Log-probability of each line of FILE ('-': stdin) under MODEL.
+
+    Each line is a sentence: its words (OOV words count as <unk> and are
+    reported) and the <eos> that ends it are predicted, the first from the
+    <eos> prime and a fresh state.  Text output: one tab-separated line per
+    sentence -- natural-log probability, log10 probability, tokens (words +
+    <eos>), OOV words, perplexity, the sentence -- then, with --words, one
+    indented line per token.  Totals and the perplexity go to stderr.
+    """
+    from .progress import Progress
+
+    lm = _load_lm(model, threads)
+    lines = _read_lines(file)
+    t0 = time.perf_counter()
+    prog = Progress(max(len(lines), 1), "score", enabled=not quiet)
+    scores = lm.score(lines, batch_size=batch_size, continuous=continuous,
+                      progress=lambda done: prog.update(done, f"{done:,} sentences"))
+    prog.close()
+    secs = time.perf_counter() - t0
+    for i, (line, s) in enumerate(zip(lines, scores)):
+        if as_json:
+            click.echo(json.dumps({"sentence": i, "text": line, **s.to_dict(words)}))
+            continue
+        click.echo(f"{s.logprob:.4f}\t{s.log10prob:.4f}\t{s.tokens}\t{s.oov}\t{s.perplexity:.2f}\t{line}")
+        if words:
+            for w, d in zip(s.words, s.to_dict(True)["words"]):
+                click.echo(f"\t{w}\t{d['logprob']:.4f}\t{d['log10prob']:.4f}")
+    tokens = sum(s.tokens for s in scores)
+    total = sum(s.logprob for s in scores)
+    summary = {"sentences": len(scores), "tokens": tokens, "oov": sum(s.oov for s in scores),
+               "logprob": total, "log10prob": total / 2.302585092994046,
+               "perplexity": float(np.exp(-total / tokens)) if tokens else float("nan"),
+               "continuous": continuous, "seconds": secs,
+               "sentences_per_s": len(scores) / max(secs, 1e-9)}
+    if as_json:
+        click.echo(json.dumps({"total": summary}))
+    else:
+        click.echo(f"{summary['sentences']:,} sentences, {tokens:,} tokens, {summary['oov']:,} OOV; "
+                   f"logprob {total:.2f} (log10 {summary['log10prob']:.2f}), "
+                   f"perplexity {summary['perplexity']:.3f}; "
+                   f"{summary['sentences_per_s']:,.0f} sentences/s", err=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--prompt", default="", help="Words to start from (each sample continues them).")
+@click.option("--length", type=click.IntRange(min=0), default=50, show_default=True, help="Words to draw per sample, at most.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Divide the scores by this: <1 sharper, >1 flatter.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Draw only among the K most likely words (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed: the same seed gives the same text.")
+@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True, help="Samples (drawn in parallel).")
+@click.option("--through-eos", is_flag=True, help="Keep going past <eos> (as a line break) instead of stopping.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per sample.")
+@friendly_errors
+def generate(model, prompt, length, temperature, top_k, seed, count, through_eos, threads, as_json):
+    """Sample text from MODEL, one sample per line.
+
+    Each sample starts from a fresh state and the <eos> prime (the start of
+    a sentence), reads --prompt, then draws words until <eos> or --length.
+    """
+    lm = _load_lm(model, threads)
+    texts = lm.generate(prompt, length=length, temperature=temperature, top_k=top_k, seed=seed,
+                        count=count, stop_at_eos=not through_eos)
+    for i, t in enumerate(texts):
+        if as_json:
+            click.echo(json.dumps({"sample": i, "seed": seed, "text": t}))
+        else:
+            click.echo(t + ("\n" if through_eos and i < len(texts) - 1 else ""))
 
 
 # ---------------------------------------------------------------------------
