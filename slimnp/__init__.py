@@ -6,6 +6,7 @@ The public pieces, importable from the package root::
     Vocabulary                      vocabulary, fast file encoding
     Trainer, TrainConfig            truncated-BPTT training with checkpoints
     evaluate_ids                    exact perplexity of a token stream
+    load, LM                        a model file for scoring and generation
     io                              the HDF5 model file (save, load, describe)
     layers, kernels                 pure forward/backward pairs, kernels
 """
@@ -28,6 +29,7 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 _os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 from . import io, kernels, layers  # noqa: E402
+from .apply import LM, load  # noqa: E402
 from .backend import get_xp, make_rng  # noqa: E402
 from .data import Vocabulary  # noqa: E402
 from .evaluate import EvalResult, evaluate_ids  # noqa: E402
@@ -35,4 +37,4 @@ from .model import LanguageModel, ModelConfig  # noqa: E402
 from .trainer import TrainConfig, Trainer, load_model  # noqa: E402
 
 __all__ = ["LanguageModel", "ModelConfig", "Vocabulary", "Trainer", "TrainConfig", "EvalResult",
-           "evaluate_ids", "load_model", "io", "kernels", "layers", "get_xp", "make_rng"]
+           "evaluate_ids", "load_model", "load", "LM", "io", "kernels", "layers", "get_xp", "make_rng"]
