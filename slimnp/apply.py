@@ -84,7 +84,7 @@ def _check_sentences(sentences) -> list:
 
 
 def score_ids(model, seqs: Sequence[np.ndarray], eos_id: int, batch_size: int = 64,
-              max_tokens: int = 8192, bptt: int = 100, progress=None) -> List[np.ndarray]:
+              max_tokens: int = 2048, bptt: int = 100, progress=None) -> List[np.ndarray]:
     """Natural-log probabilities of each token of independent sequences.
 
     Parameters
@@ -92,7 +92,9 @@ def score_ids(model, seqs: Sequence[np.ndarray], eos_id: int, batch_size: int = 
     model : LanguageModel
     seqs : sequence of (n_i,) int arrays, each ending with ``eos_id``
     batch_size, max_tokens : at most this many sequences, and this many
-        padded tokens, per forward pass
+        padded tokens, per forward pass (2048 tokens keep a 10K-word
+        model's logits at 80 MB; larger vocabularies are chunked by the
+        output layer)
     bptt : sequences longer than this run in segments with the state carried
         (exact; bounds the activations kept)
     progress : optional callable receiving the number of sequences done
