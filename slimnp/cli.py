@@ -445,6 +445,125 @@ def generate(model, prompt, length, temperature, top_k, seed, count, through_eos
             click.echo(t + ("\n" if through_eos and i < len(texts) - 1 else ""))
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("nbest_file", metavar="NBEST", type=click.Path(dir_okay=False))
+@click.option("--weights", help="Feature weights, e.g. 'TM0=1 WordPenalty0=-0.3 SlimLM0=0.2' "
+              "(one value per feature value, comma-separated for multi-valued features).")
+@click.option("--tune", "dev_nbest", type=click.Path(dir_okay=False),
+              help="Development n-best list: learn the weights that maximise its corpus BLEU (needs --refs).")
+@click.option("--refs", "dev_refs", type=click.Path(dir_okay=False),
+              help="References of the --tune list, one line per sentence id.")
+@click.option("--test-refs", type=click.Path(dir_okay=False),
+              help="References of NBEST: report its BLEU before and after reranking.")
+@click.option("--feature-name", default="SlimLM0", show_default=True, help="Name of the added LM feature.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the reranked n-best list (LM feature added, new scores).")
+@click.option("--best", type=click.Path(dir_okay=False), help="Write the 1-best translations here [default: stdout].")
+@click.option("--restarts", type=click.IntRange(min=0), default=2, show_default=True, help="Random restarts of tuning.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of tuning's restarts.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Hypotheses scored together.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (weights, BLEU) as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@friendly_errors
+def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_name, out, best,
+           restarts, seed, batch_size, threads, as_json, quiet):
+    """Rerank a Moses n-best list NBEST with MODEL as an extra feature.
+
+    Every hypothesis gets the feature --feature-name: its natural-log
+    probability under MODEL (as a sentence, from a fresh state).  Weights
+    come from --weights, or are tuned for corpus BLEU on --tune/--refs
+    (MERT-style line search, starting from the decoder's weights recovered
+    from its scores, LM weight 0).  Without either, the feature is added and
+    nothing is reordered.  Writes the 1-best translations (stdout or
+    --best) and, with --out, the reranked list; reports BLEU with --refs
+    and --test-refs.
+    """
+    from . import nbest, rerank as rr
+    from .bleu import sacrebleu_corpus_bleu
+    from .progress import Progress
+
+    if bool(dev_nbest) != bool(dev_refs):
+        raise click.UsageError("--tune and --refs go together: the development n-best list and its references")
+    lm = _load_lm(model, threads)
+    groups = nbest.read_nbest(nbest_file)
+    dev = nbest.read_nbest(dev_nbest) if dev_nbest else None
+
+    def scored(gs, label):
+        n = len({h.text for g in gs for h in g})
+        prog = Progress(n, f"score {label}", enabled=not quiet)
+        vals = rr.lm_scores(lm, gs, batch_size, progress=lambda d: prog.update(d, f"{d:,}/{n:,} hypotheses"))
+        prog.close()
+        return vals
+
+    lm_test = scored(groups, Path(nbest_file).name)
+    layout = nbest.feature_names(rr.add_lm_feature(groups, lm_test, feature_name))
+    names = [n for n, _ in layout]
+    lm_col = sum(k for n, k in layout[: names.index(feature_name)])
+    summary = {"nbest": str(nbest_file), "sentences": len(groups),
+               "hypotheses": sum(len(g) for g in groups), "feature": feature_name}
+    w = None
+    if weights:
+        given = nbest.parse_weights(weights)
+        if dev is not None:
+            given.setdefault(feature_name, (0.0,))  # tuning may start without the LM
+        w = nbest.weight_vector(given, layout)
+    if dev is not None:
+        lm_dev = scored(dev, Path(dev_nbest).name)
+        dev_lm = rr.add_lm_feature(dev, lm_dev, feature_name)
+        dev_layout = nbest.feature_names(dev_lm)
+        if dev_layout != layout:
+            raise click.ClickException(f"the --tune list has features {dev_layout}, NBEST has {layout}")
+        if w is None:
+            w0, resid = rr.decoder_weights(dev, nbest.feature_names(dev))
+            w = np.insert(w0, lm_col, 0.0) if lm_col < len(w0) else np.append(w0, 0.0)
+            summary["decoder_weights_fit_residual"] = resid
+        refs_tok = rr.reference_tokens(dev, _read_lines(dev_refs), where=str(dev_refs))
+        rep = rr.tune_weights(dev_lm, layout, refs_tok, w, lm_col, restarts=restarts, seed=seed)
+        summary["init_weights"] = nbest.format_weights(rep.init, layout)
+        summary["weights_no_lm"] = nbest.format_weights(rep.weights_no_lm, layout)
+        summary["dev_bleu"] = rep.bleu
+        w = rep.weights
+    if w is not None:
+        summary["weights"] = nbest.format_weights(w, layout)
+        out_groups, choice = rr.rerank_groups(groups, lm_test, layout, w, feature_name)
+    else:
+        out_groups = rr.add_lm_feature(groups, lm_test, feature_name)
+        choice = [0] * len(groups)
+        click.echo("no --weights or --tune: the LM feature was added, the order is the decoder's", err=True)
+    firsts = rr.one_best(out_groups, [0] * len(out_groups)) if w is not None else rr.one_best(groups, choice)
+    if test_refs:
+        refs = _read_lines(test_refs)
+        refs_tok = rr.reference_tokens(groups, refs, where=str(test_refs))
+        test = {"decoder": rr.corpus_bleu_of(groups, [0] * len(groups), refs_tok)}
+        if dev is not None:
+            _, c0 = rr.rerank_groups(groups, lm_test, layout, rep.weights_no_lm, feature_name)
+            test["tuned_no_lm"] = rr.corpus_bleu_of(groups, c0, refs_tok)
+        if w is not None:
+            test["tuned_lm" if dev is not None else "reranked"] = rr.corpus_bleu_of(groups, choice, refs_tok)
+        sb = sacrebleu_corpus_bleu(firsts, [refs[g[0].sent_id] for g in groups])
+        if sb is not None:
+            test["sacrebleu_reranked"] = sb
+        summary["test_bleu"] = test
+    if out:
+        nbest.write_nbest(out, out_groups)
+    if best:
+        nbest.write_text(best, firsts)
+    elif not as_json:
+        for line in firsts:
+            click.echo(line)
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    if "weights" in summary:
+        click.echo(f"weights: {summary['weights']}", err=True)
+    for key, label in (("dev_bleu", "dev"), ("test_bleu", "test")):
+        if key in summary:
+            b = summary[key]
+            parts = [f"{k.replace('_', ' ')} {v:.2f}" for k, v in b.items()]
+            click.echo(f"{label} BLEU: " + ", ".join(parts), err=True)
+
+
 # ---------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------

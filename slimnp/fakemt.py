@@ -51,7 +51,7 @@ def corrupt(words: List[str], edits: int, rng: np.random.Generator, pool: Sequen
 
 
 def make_nbest(refs: Sequence[str], n: int = 20, max_edits: int = 4, noise: float = 1.0,
-               seed: int = 0) -> List[str]:
+               seed: int = 0, min_edits: int = 1) -> List[str]:
     """Moses n-best lines for each reference sentence (sentence ids 0, 1, ...).
 
     Parameters
@@ -59,7 +59,9 @@ def make_nbest(refs: Sequence[str], n: int = 20, max_edits: int = 4, noise: floa
     refs : reference sentences (whitespace-tokenised)
     n : hypotheses per sentence, at most (duplicates are dropped, and a
         sentence too short to vary may have fewer)
-    max_edits : each hypothesis gets 0..max_edits edits, uniformly
+    min_edits, max_edits : each hypothesis gets min_edits..max_edits
+        edits, uniformly (with min_edits >= 1 the reference itself is rarely
+        in the list, as in real decoder output)
     noise : standard deviation of the noise on the TM feature (0: the TM
         feature alone finds the least-damaged hypothesis)
     seed : everything is drawn from ``numpy.random.default_rng(seed)``
@@ -71,6 +73,8 @@ def make_nbest(refs: Sequence[str], n: int = 20, max_edits: int = 4, noise: floa
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 <= min_edits <= max_edits:
+        raise ValueError(f"need 0 <= min_edits <= max_edits, got {min_edits}, {max_edits}")
     rng = np.random.default_rng(seed)
     counts: dict = {}
     for r in refs:
@@ -88,7 +92,7 @@ def make_nbest(refs: Sequence[str], n: int = 20, max_edits: int = 4, noise: floa
         for _ in range(4 * n):  # a few tries per slot: duplicates are skipped
             if len(hyps) == n:
                 break
-            e = int(rng.integers(max_edits + 1))
+            e = int(rng.integers(min_edits, max_edits + 1))
             h = corrupt(words, e, rng, pool, p)
             key = " ".join(h)
             if not h or key in seen:
@@ -103,12 +107,12 @@ def make_nbest(refs: Sequence[str], n: int = 20, max_edits: int = 4, noise: floa
 
 
 def write_task(refs: Sequence[str], directory, name: str, n: int = 20, max_edits: int = 4,
-               noise: float = 1.0, seed: int = 0) -> dict:
+               noise: float = 1.0, seed: int = 0, min_edits: int = 1) -> dict:
     """Write ``<name>.nbest`` and ``<name>.ref`` under ``directory``; returns their paths."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     nbest, ref = d / f"{name}.nbest", d / f"{name}.ref"
-    for path, lines in ((nbest, make_nbest(refs, n, max_edits, noise, seed)),
+    for path, lines in ((nbest, make_nbest(refs, n, max_edits, noise, seed, min_edits)),
                         (ref, [" ".join(r.split()) for r in refs])):
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
