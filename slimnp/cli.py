@@ -632,5 +632,35 @@ def data_synthetic(directory, vocab, tokens, eval_tokens, states, seed):
                f"unigram test PPL {info['unigram_perplexity']['test']:.2f}")
 
 
+@data.command("nbest")
+@click.argument("refs", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="test", show_default=True, help="Writes NAME.nbest and NAME.ref.")
+@click.option("--n", "n", type=click.IntRange(min=1), default=20, show_default=True, help="Hypotheses per sentence.")
+@click.option("--min-edits", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--max-edits", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--noise", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Noise on the TM feature (0: it ranks by damage exactly).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N sentences.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@friendly_errors
+def data_nbest(refs, directory, name, n, min_edits, max_edits, noise, limit, seed):
+    """Make a synthetic MT n-best list from reference sentences REFS.
+
+    Each hypothesis is a reference damaged by random edits (swaps,
+    deletions, substitutions, insertions); its TM0 feature is minus the
+    number of edits plus noise.  A test bed for `slimnp rerank`: a good
+    language model must raise BLEU when added.
+    """
+    from .fakemt import write_task
+
+    lines = [line for line in _read_lines(refs) if line.strip()][:limit]
+    if not lines:
+        raise click.ClickException(f"{refs}: no sentences")
+    paths = write_task(lines, directory, name, n=n, max_edits=max_edits, noise=noise, seed=seed,
+                       min_edits=min_edits)
+    click.echo(f"wrote {paths['nbest']} ({len(lines):,} sentences, up to {n} hypotheses each) and {paths['ref']}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -125,3 +125,16 @@ def test_fakemt_lists_are_seeded_and_partly_informative(task):
         assert all(h.feature("WordPenalty0")[0] == -len(h.text.split()) for h in g)
     with pytest.raises(ValueError):
         fakemt.make_nbest(refs, n=0)
+
+
+def test_cli_data_nbest(tmp_path):
+    refs = tmp_path / "refs.txt"
+    refs.write_text("a b c d e\n\nf g h i\n")
+    r = CliRunner().invoke(main, ["data", "nbest", str(refs), str(tmp_path / "o"), "--name", "dev", "--n", "4"])
+    assert r.exit_code == 0, r.output
+    groups = nbest.read_nbest(tmp_path / "o" / "dev.nbest")
+    assert len(groups) == 2 and all(1 <= len(g) <= 4 for g in groups)  # blank line skipped
+    assert (tmp_path / "o" / "dev.ref").read_text() == "a b c d e\nf g h i\n"
+    r = CliRunner().invoke(main, ["data", "nbest", str(refs), str(tmp_path / "o"), "--min-edits", "3",
+                                  "--max-edits", "1"])
+    assert r.exit_code == 1 and "min_edits" in r.output
