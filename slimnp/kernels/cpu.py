@@ -159,15 +159,24 @@ def _exp32(x):
     return p * _from_bits(np.int32((np.int32(n) + np.int32(127)) << np.int32(23)))
 
 
-def _exp(x):  # pragma: no cover - jitted code uses the overload below
-    return math.exp(x)
+def _by_dtype(fast32, libm):
+    """A function for jitted code: float32 arguments go to ``fast32`` (no libm
+    call, so loops over it vectorise), float64 ones to ``libm`` (correctly
+    rounded, for the float64 gradient checks)."""
+
+    def stub(x):  # pragma: no cover - jitted code uses the overload below
+        return libm(x)
+
+    @overload(stub, jit_options={"error_model": "numpy"})
+    def _overload(x):
+        if x == nbtypes.float32:
+            return lambda x: fast32(x)
+        return lambda x: libm(x)
+
+    return stub
 
 
-@overload(_exp, jit_options={"error_model": "numpy"})
-def _exp_overload(x):
-    if x == nbtypes.float32:
-        return lambda x: _exp32(x)
-    return lambda x: math.exp(x)
+_exp = _by_dtype(_exp32, math.exp)
 
 
 def _sig(x):  # pragma: no cover - jitted code uses the overload below
@@ -426,15 +435,7 @@ def _log1p01_32(u):
     return _F32(2.0) * t * p
 
 
-def _log1p01(u):  # pragma: no cover - jitted code uses the overload below
-    return math.log1p(u)
-
-
-@overload(_log1p01, jit_options={"error_model": "numpy"})
-def _log1p01_overload(u):
-    if u == nbtypes.float32:
-        return lambda u: _log1p01_32(u)
-    return lambda u: math.log1p(u)
+_log1p01 = _by_dtype(_log1p01_32, math.log1p)  # log(1 + u), u in [0, 1]
 
 
 @nb.njit(inline="always", **_JIT_REDUCE)
