@@ -187,10 +187,11 @@ def _train_options(fn):
 
 @main.command()
 @_train_options
+@click.option("--distributed", is_flag=True, help="Data-parallel training across the ranks of an MPI job (mpiexec -n N / srun): each rank trains on --batch-size/N of the streams, gradients are summed every step, rank 0 writes the files [needs pip install 'slimnp[mpi]'].")
 @friendly_errors
 def train(data, train_file, valid_file, test_file, out, resume, force, threads, quiet, as_json,
           seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind, output_kind,
-          mapping, mapping_seed, tie, **hyper):
+          mapping, mapping_seed, tie, distributed, **hyper):
     """Train an LSTM language model.
 
     With no data options, trains on the built-in synthetic corpus (a hidden
@@ -202,9 +203,41 @@ def train(data, train_file, valid_file, test_file, out, resume, force, threads, 
 
     Ctrl-C stops after the current step and writes a checkpoint;
     `slimnp train --resume FILE` continues exactly where it stopped.
+
+    With --distributed, run under MPI (`mpiexec -n 4 slimnp train
+    --distributed ...`): the README's "Distributed training" says more.
     """
+    import contextlib
+
+    from .distributed import DistributedError, launched_by_mpi
+
+    comm = None
+    if distributed:
+        from .distributed import init as init_distributed
+
+        try:
+            comm = init_distributed()
+        except DistributedError as exc:
+            raise click.ClickException(str(exc)) from None
+        threads = threads or comm.default_threads()  # the node's cores, shared by its ranks
+    elif (launch := launched_by_mpi()) and launch[0] == 0:
+        click.echo(f"warning: this is rank 0 of {launch[1]} MPI processes but --distributed is not "
+                   "set: every process trains a model of its own and writes the same files; "
+                   "add --distributed", err=True)
+    # distributed: one rank's error must not leave the others waiting in a collective
+    with (comm.abort_on_error() if comm is not None else contextlib.nullcontext()):
+        _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
+               as_json, seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind,
+               output_kind, mapping, mapping_seed, tie, hyper)
+
+
+def _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
+           as_json, seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind,
+           output_kind, mapping, mapping_seed, tie, hyper):
+    """The body of ``train``; ``comm``: the distributed run's ranks, or None."""
     from .trainer import run_training, resume_training
 
+    root = comm is None or comm.is_root
     if threads:
         from .threads import set_threads
 
@@ -218,12 +251,17 @@ def train(data, train_file, valid_file, test_file, out, resume, force, threads, 
             names = ", ".join("--" + k.replace("_", "-") for k in given) or "data/--out options"
             raise click.UsageError(f"--resume continues the stored run; {names} cannot change "
                                    "(only --epochs may be raised)")
-        summary = resume_training(resume, epochs=hyper.get("epochs"), log=log, progress=not quiet)
+        summary = resume_training(resume, epochs=hyper.get("epochs"), log=log, progress=not quiet,
+                                  comm=comm)
     else:
         files = _resolve_data(data, train_file, valid_file, test_file)
         corpus_info = None
         if files is None:
-            d, corpus_info = ensure_builtin_corpus(log)
+            if comm is not None and not root:
+                comm.barrier()  # rank 0 generates the corpus first (see below)
+            d, corpus_info = ensure_builtin_corpus(log if root else (lambda m: None))
+            if comm is not None and root:
+                comm.barrier()
             files = {s: d / f"{s}.txt" for s in ("train", "valid", "test")}
             preset = PRESETS["builtin"]
         else:
@@ -240,8 +278,8 @@ def train(data, train_file, valid_file, test_file, out, resume, force, threads, 
                 "or pass --force to overwrite it (or choose another --out)")
         summary = run_training(files, out, hp, seed=seed, min_count=min_count, max_vocab=max_vocab,
                                eval_batch_size=eval_batch_size, loss_average=loss_average,
-                               corpus_info=corpus_info, log=log, progress=not quiet)
-    if as_json:
+                               corpus_info=corpus_info, log=log, progress=not quiet, comm=comm)
+    if as_json and root:
         click.echo(json.dumps(summary))
 
 

@@ -10,10 +10,18 @@ interrupted (Ctrl-C / SIGTERM).  They hold the parameters, optimizer state,
 learning rate, epoch, position inside the epoch, carried state and the RNG
 state, so ``resume`` continues bit-for-bit: a run stopped and resumed ends
 with exactly the parameters of an uninterrupted run.
+
+Data parallelism (``comm``, :mod:`slimnp.distributed`): each MPI rank trains
+on its ``B/N`` of the streams with the global loss scale, the gradient buffer
+is summed over ranks before every optimizer step, and only rank 0 logs and
+writes files; checkpoints hold the whole ``(L, 2, B, H)`` carried state, so a
+run resumes with any number of ranks that divides B (bit-for-bit with the
+same number).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -24,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distributed as dist
 from . import io as sio
 from .backend import make_rng, to_numpy
 from .data import Vocabulary, batchify, num_segments, segment
@@ -193,12 +202,19 @@ class Trainer:
         ``<out stem>.best.h5`` and metrics to ``<out stem>.metrics.jsonl``
     data_info : JSON-able description of the data (paths, sha256), stored in
         the checkpoint so ``resume`` can find and verify it
+    comm : a :class:`slimnp.distributed.Communicator` for data-parallel
+        training (every rank builds the same Trainer; this one takes streams
+        ``[r B/N, (r+1) B/N)``), or None for one process
     """
 
     def __init__(self, model: LanguageModel, vocab: Vocabulary, train_ids, valid_ids,
                  config: TrainConfig, out, data_info: dict | None = None,
-                 log=print, progress: bool = True):
+                 log=print, progress: bool = True, comm=None):
         config.validate()
+        self.comm = comm
+        self.is_root = comm is None or comm.is_root
+        if not self.is_root:  # rank 0 speaks for all
+            log, progress = _quiet, False
         self.model, self.vocab, self.config = model, vocab, config
         self.train_ids = np.asarray(train_ids)
         self.valid_ids = np.asarray(valid_ids) if valid_ids is not None else None
@@ -222,8 +238,11 @@ class Trainer:
             self.sampled = Sampled(config.loss, config.samples,
                                    AliasSampler(unigram_noise(counts)), self.rng)
         self.state = TrainState(lr=config.lr)
-        self.hidden = model.zero_state(config.batch_size)
-        self.streams = batchify(self.train_ids, config.batch_size)  # (B, n)
+        B = config.batch_size
+        # this rank's streams [lo, hi): all of them in a single process
+        self.lo, self.hi = (0, B) if comm is None else dist.shard_range(B, comm.rank, comm.size)
+        self.hidden = model.zero_state(self.hi - self.lo)  # (L, 2, B/N, H)
+        self.streams = batchify(self.train_ids, B)[self.lo : self.hi]  # (B/N, n)
         if self.streams.shape[1] < 2:
             raise ValueError(
                 f"training text too short: {len(self.train_ids)} tokens cannot fill "
@@ -244,17 +263,24 @@ class Trainer:
                 "data": self.data_info}
 
     def checkpoint(self) -> sio.Checkpoint:
+        """Everything :meth:`restore` needs (distributed: a collective call,
+        every rank gets the whole carried state)."""
         st = dataclasses.asdict(self.state)
         st["history"] = json.dumps(st["history"])
         st["rng"] = self.rng.bit_generator.state
-        st["hidden"] = to_numpy(self.hidden)
+        # the whole (L, 2, B, H) state: every rank's streams, in rank order
+        st["hidden"] = to_numpy(self.hidden) if self.comm is None else \
+            self.comm.allgather_axis(self.hidden, axis=2)
         return sio.Checkpoint(
             config=self._config_dict(), vocab=list(self.vocab.words),
             vocab_counts=self.vocab.counts, params=self.model.params_numpy(),
             **mapping_fields(self.model), optimizer=self.optimizer.state_dict(), train_state=st)
 
     def save(self, path=None) -> None:
-        sio.save(path or self.out, self.checkpoint())
+        """Write a checkpoint (distributed: every rank calls this, rank 0 writes)."""
+        ck = self.checkpoint()
+        if self.is_root:
+            sio.save(path or self.out, ck)
 
     def restore(self, ck: sio.Checkpoint) -> None:
         """Take parameters, optimizer and training state from a checkpoint."""
@@ -262,24 +288,77 @@ class Trainer:
         self.optimizer.load_state_dict(ck.optimizer)
         st = dict(ck.train_state)
         self.rng.bit_generator.state = st.pop("rng")
-        hidden = st.pop("hidden")
-        if tuple(hidden.shape) != tuple(self.hidden.shape):
-            raise TrainingError(f"checkpoint carries state of shape {hidden.shape}, "
-                                f"expected {self.hidden.shape}")
-        self.hidden = self.model.xp.asarray(hidden)
+        hidden = st.pop("hidden")  # (L, 2, B, H), all streams
+        L, _, _, H = self.hidden.shape
+        want = (L, 2, self.config.batch_size, H)
+        if tuple(hidden.shape) != want:
+            raise TrainingError(f"checkpoint carries state of shape {hidden.shape}, expected {want}")
+        self.hidden = self.model.xp.asarray(np.ascontiguousarray(hidden[:, :, self.lo : self.hi]))
         st["history"] = json.loads(st.get("history", "[]"))
         fields = {f.name for f in dataclasses.fields(TrainState)}
         self.state = TrainState(**{k: v for k, v in st.items() if k in fields})
 
     def _metrics(self, record: dict) -> None:
+        if not self.is_root:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     # -- the loop ----------------------------------------------------------------
     def validate(self, ids) -> float:
-        res = evaluate_ids(self.model, ids, self.vocab.eos_id,
-                           batch_size=self.config.eval_batch_size, bptt=max(self.config.bptt, 50))
-        return res.perplexity
+        """Perplexity of ``ids`` with ``eval_batch_size`` pieces; distributed,
+        each rank runs its share of the pieces and the NLL sums are added."""
+        bptt = max(self.config.bptt, 50)
+        if self.comm is None:
+            return evaluate_ids(self.model, ids, self.vocab.eos_id,
+                                batch_size=self.config.eval_batch_size, bptt=bptt).perplexity
+        part = dist.evaluate_shard(self.model, ids, self.vocab.eos_id, self.config.eval_batch_size,
+                                   bptt, self.comm.rank, self.comm.size)
+        return math.exp(self.comm.sum(part) / len(ids))
+
+    # -- data parallelism ----------------------------------------------------------
+    def _masks(self, t: int):
+        """Distributed: this rank's dropout masks for a segment of ``t`` steps.
+
+        Drawn for the whole batch, as one process would, and cut to this rank's
+        streams: every rank's generator then makes the same draws (it also
+        draws the sampled losses' noise words) and the run equals a single
+        process's.  None in a single process (``forward_backward`` draws them).
+        """
+        if self.comm is None:
+            return None
+        masks = self.model._masks(self.rng, t, self.config.batch_size)  # (t, B, H) each
+        if masks is None:
+            return None
+        return [self.model.xp.ascontiguousarray(m[:, self.lo : self.hi]) for m in masks]
+
+    def _relaunch(self) -> str:
+        """The command that continues this run (for messages)."""
+        if self.comm is None:
+            return "slimnp train"
+        return f"mpiexec -n {self.comm.size} slimnp train --distributed"
+
+    def _check_ranks(self, when: str, everything: bool = False) -> None:
+        """Checksums of what must be identical on every rank, compared over ranks."""
+        if self.comm is None:
+            return
+        st, model = self.state, self.model
+        items = {"parameters": dist.digest(model.store.data),
+                 "optimizer state": dist.digest(getattr(self.optimizer, "acc", None)),
+                 "RNG state": dist.digest(self.rng.bit_generator.state),
+                 "training position": dist.digest([st.epoch, st.segment, st.lr])}
+        if everything:
+            items.update({
+                "configuration": dist.digest(model.config.to_dict(), self.config.to_dict()),
+                "mapping tables": dist.digest(*(model.mapping[k] for k in sorted(model.mapping))),
+                "vocabulary": dist.digest("\n".join(self.vocab.words)),
+                "training text": dist.digest(self.train_ids),
+                "validation text": dist.digest(self.valid_ids)})
+        self.comm.check_same(items, when, (
+            "every rank must read the same files (same contents) with the same slimnp, NumPy and "
+            "settings" if everything else
+            "the ranks diverged while training (a bug, or a faulty node); the last checkpoint "
+            "was left untouched"))
 
     def train(self) -> TrainState:
         """Train until ``config.epochs`` are done or a stop is requested.
@@ -288,20 +367,31 @@ class Trainer:
         """
         cfg, st, model, xp = self.config, self.state, self.model, self.model.xp
         B, T = cfg.batch_size, cfg.bptt
+        comm = self.comm
+        ranks = 1 if comm is None else comm.size
         nseg = self.segments_per_epoch
+        if comm is not None:
+            self.log(dist.traffic_line(model.store.grad.nbytes, ranks))
+            self._check_ranks("at the start", everything=True)
         with _StopFlag() as stop:
             while st.epoch <= cfg.epochs and not st.finished:
                 prog = Progress(nseg, f"epoch {st.epoch}/{cfg.epochs}", enabled=self.show_progress)
                 t0 = time.perf_counter()
                 tok0 = st.epoch_tokens
+                requested = None  # a stop request (signal name) that every rank has seen
                 for i in range(st.segment, nseg):
-                    x_bt, y_bt = segment(self.streams, i, T)  # (B, t) views
-                    x = xp.asarray(np.ascontiguousarray(x_bt.T))  # time-major (t, B)
+                    x_bt, y_bt = segment(self.streams, i, T)  # (B/N, t) views
+                    x = xp.asarray(np.ascontiguousarray(x_bt.T))  # time-major (t, B/N)
                     y = xp.asarray(np.ascontiguousarray(y_bt.T))
-                    seg_scale = 1.0 / B if cfg.loss_average == "batch" else 1.0 / x.size
+                    ntok = x.size * ranks  # tokens of the whole batch
+                    # the global batch's scale: the summed gradient is one process's
+                    seg_scale = 1.0 / B if cfg.loss_average == "batch" else 1.0 / ntok
                     model.store.zero_grad(lazy=True)
                     nll, new_hidden, _ = model.forward_backward(x, y, self.hidden, seg_scale, self.rng,
+                                                                masks=self._masks(x.shape[0]),
                                                                 sampled=self.sampled)
+                    if comm is not None:  # sum gradients and NLL; agree on stopping
+                        nll, requested = comm.step(model.store, nll, stop.requested)
                     if not math.isfinite(nll):
                         prog.close()
                         raise TrainingError(
@@ -313,28 +403,32 @@ class Trainer:
                     self.hidden = new_hidden
                     st.segment = i + 1
                     st.epoch_nll += nll
-                    st.epoch_tokens += x.size
-                    st.tokens_seen += x.size
+                    st.epoch_tokens += ntok
+                    st.tokens_seen += ntok
                     dt = time.perf_counter() - t0
                     if prog.enabled:
                         ppl = math.exp(min(st.epoch_nll / st.epoch_tokens, 700))
                         prog.update(i + 1, f"loss {st.epoch_nll / st.epoch_tokens:.3f} ppl {ppl:8.2f} "
                                     f"lr {st.lr:.4g} {(st.epoch_tokens - tok0) / max(dt, 1e-9):,.0f} tok/s")
-                    if stop.requested:
+                    if comm is None:  # one process: a signal counts up to the last moment
+                        requested = stop.requested
+                    if requested:
                         break
                 prog.close()
                 elapsed = time.perf_counter() - t0
                 st.train_seconds += elapsed
-                if stop.requested and st.segment < nseg:
+                if comm is None:
+                    requested = stop.requested
+                if requested and st.segment < nseg:
                     self.save()
-                    self.log(f"stopped by {stop.requested} at epoch {st.epoch}, segment "
+                    self.log(f"stopped by {requested} at epoch {st.epoch}, segment "
                              f"{st.segment}/{nseg}; checkpoint written to {self.out} "
-                             f"(continue with: slimnp train --resume {self.out})")
+                             f"(continue with: {self._relaunch()} --resume {self.out})")
                     self._metrics({"event": "interrupted", "epoch": st.epoch, "segment": st.segment})
                     return st
                 self._end_epoch(elapsed, tok0)
-                if stop.requested:
-                    self.log(f"stopped by {stop.requested} after epoch {st.epoch - 1}; "
+                if requested:
+                    self.log(f"stopped by {requested} after epoch {st.epoch - 1}; "
                              f"checkpoint written to {self.out}")
                     return st
         st.finished = True
@@ -343,6 +437,7 @@ class Trainer:
 
     def _end_epoch(self, elapsed: float, tok0: int) -> None:
         st, cfg = self.state, self.config
+        self._check_ranks(f"after epoch {st.epoch}")
         train_ppl = math.exp(min(st.epoch_nll / max(st.epoch_tokens, 1), 700))
         valid_ppl = self.validate(self.valid_ids) if self.valid_ids is not None else float("nan")
         speed = (st.epoch_tokens - tok0) / max(elapsed, 1e-9)
@@ -371,7 +466,7 @@ class Trainer:
         st.epoch_nll, st.epoch_tokens = 0.0, 0
         st.lr = next_lr
         st.finished = st.epoch > cfg.epochs
-        self.hidden = self.model.zero_state(cfg.batch_size)
+        self.hidden = self.model.zero_state(self.hi - self.lo)
         if improved:
             self.save(self.best_path)
         self.save()
@@ -381,6 +476,25 @@ class Trainer:
 # ---------------------------------------------------------------------------
 # whole runs (what the CLI calls)
 # ---------------------------------------------------------------------------
+def _quiet(msg) -> None:
+    """The log of ranks other than 0."""
+
+
+def _stop_all_ranks_on_error(fn):
+    """With ``comm`` (a distributed run), an exception on one rank prints one
+    line naming it and aborts every rank (instead of leaving the others waiting
+    in a collective forever): :meth:`slimnp.distributed.Communicator.abort_on_error`."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, comm=None, **kw):
+        if comm is None:
+            return fn(*args, comm=None, **kw)
+        with comm.abort_on_error():
+            return fn(*args, comm=comm, **kw)
+
+    return wrapper
+
+
 def _encode_splits(vocab: Vocabulary, files: dict, log) -> dict:
     enc = {}
     for split, path in files.items():
@@ -401,7 +515,9 @@ def _finish(trainer: Trainer, test, corpus_info, log, t_start) -> dict:
                "best_valid_ppl": st.best_valid_ppl, "train_tokens_seen": st.tokens_seen,
                "train_seconds": st.train_seconds, "wall_seconds": time.perf_counter() - t_start,
                "parameters": trainer.model.num_parameters}
-    if not st.finished:
+    if trainer.comm is not None:
+        summary["ranks"] = trainer.comm.size
+    if not st.finished or not trainer.is_root:  # the test evaluation is rank 0's
         return summary
     model = trainer.model
     if trainer.best_path.exists():
@@ -464,23 +580,29 @@ def slim_settings(hp: dict, V: int) -> dict:
     return out
 
 
+@_stop_all_ranks_on_error
 def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=None,
                  eval_batch_size=10, loss_average="batch", corpus_info=None,
-                 device="cpu", log=print, progress=True) -> dict:
+                 device="cpu", log=print, progress=True, comm=None) -> dict:
     """Build the vocabulary, the model and a :class:`Trainer`, and train.
 
     ``files`` maps 'train', 'valid' and optionally 'test' to text files;
-    ``hp`` holds the model and schedule settings named like the CLI options.
+    ``hp`` holds the model and schedule settings named like the CLI options
+    (and optionally ``dtype``, float32 by default).  ``comm``: a
+    :class:`slimnp.distributed.Communicator` to train data-parallel (every
+    rank calls this with the same arguments; rank 0 logs and writes the files).
     Returns a summary dict (perplexities, times).
     """
     t_start = time.perf_counter()
+    if comm is not None and not comm.is_root:
+        log, progress = _quiet, False
     if files.get("vocab"):
         vocab = Vocabulary.read(files["vocab"])  # counted below, from the encoded text
     else:
         vocab = Vocabulary.build(files["train"], min_count=min_count, max_vocab=max_vocab)
     mc = ModelConfig(vocab_size=len(vocab), hidden=hp["hidden"], layers=hp["layers"],
                      dropout=hp["dropout"], init_scale=hp["init_scale"],
-                     **slim_settings(hp, len(vocab)))
+                     dtype=hp.get("dtype") or "float32", **slim_settings(hp, len(vocab)))
     mc.validate()  # before the slower encoding: a bad option fails fast
     enc = _encode_splits(vocab, files, log)
     if vocab.counts is None:
@@ -495,8 +617,8 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
                      max_vocab=max_vocab, corpus=corpus_info)
     model = LanguageModel(mc, device=device)
     trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, out,
-                      data_info=data_info, log=log, progress=progress)
-    if trainer.metrics_path.exists():
+                      data_info=data_info, log=log, progress=progress, comm=comm)
+    if trainer.is_root and trainer.metrics_path.exists():
         trainer.metrics_path.unlink()  # a fresh run starts a fresh log
     trainer.init_params()
     log(f"vocab {len(vocab):,}  train {enc['train'].n_tokens:,} tokens  model {mc.layers}x{mc.hidden} "
@@ -505,9 +627,17 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     return _finish(trainer, enc.get("test"), corpus_info, log, t_start)
 
 
-def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True) -> dict:
-    """Continue the run stored in checkpoint ``path`` exactly where it stopped."""
+@_stop_all_ranks_on_error
+def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True, comm=None) -> dict:
+    """Continue the run stored in checkpoint ``path`` exactly where it stopped.
+
+    ``comm``: as in :func:`run_training`; every rank reads ``path`` and takes
+    its streams' part of the carried state (the run must use as many ranks
+    as the one that wrote the file, or any number dividing the batch).
+    """
     t_start = time.perf_counter()
+    if comm is not None and not comm.is_root:
+        log, progress = _quiet, False
     ck = sio.load(path, expected_shapes=expected_shapes)
     cfg = ck.config
     if "train" not in cfg or "data" not in cfg or "train_sha256" not in cfg["data"]:
@@ -531,7 +661,7 @@ def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True
     enc = _encode_splits(vocab, files, log)
     model = model_from_checkpoint(ck, path, device)
     trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, path,
-                      data_info=info, log=log, progress=progress)
+                      data_info=info, log=log, progress=progress, comm=comm)
     trainer.restore(ck)
     del ck, st  # the model and optimizer hold copies now: free the file's arrays (Adagrad: GBs)
     trainer.state.finished = trainer.state.epoch > tc.epochs
