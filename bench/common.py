@@ -39,6 +39,8 @@ CONFIGS = {
     "B": dict(L=2, H=300, V=10_000, T=35, B=20),
     "C": dict(L=2, H=650, V=10_000, T=35, B=20),
     "D": dict(L=2, H=512, V=100_000, T=20, B=20),
+    # WikiText-2's vocabulary with the small recipe (issue 5's loss comparison)
+    "W": dict(L=2, H=200, V=33_278, T=20, B=20),
 }
 
 # slimnp model variants: extra ModelConfig fields on top of the dense model.

@@ -10,6 +10,7 @@ reference does the same with ``nn.Embedding -> nn.LSTM -> nn.Linear``,
 
     python bench/train_throughput.py --configs A,B
     python bench/train_throughput.py --configs A --steps 3 --rounds 1 --json
+    python bench/train_throughput.py --configs W --variant slim --loss is --samples 2000
 """
 from __future__ import annotations
 
@@ -30,10 +31,20 @@ def slimnp_step(model, cfg, args):
     rng = make_rng(0)
     scale = 1.0 / cfg["B"]  # Zaremba: sum over time, mean over the batch
     state = [model.zero_state(cfg["B"])]
+    sampled = None
+    if args.loss != "softmax":  # noise: the smoothed Zipf(1) law of the data
+        import numpy as np
+
+        from slimnp.sampled import Sampled, prepare_model
+        from slimnp.sampling import AliasSampler
+
+        q = np.arange(1, cfg["V"] + 1, dtype=np.float64) ** -0.75
+        sampled = Sampled(args.loss, args.samples, AliasSampler(q / q.sum()), rng)
+        prepare_model(model, args.loss)
 
     def step(x, y):
         model.store.zero_grad(lazy=True)
-        nll, new_state, _ = model.forward_backward(x, y, state[0], scale, rng)
+        nll, new_state, _ = model.forward_backward(x, y, state[0], scale, rng, sampled=sampled)
         optimizer.step(model.store.data, model.store.grad, args.lr, model.store.segments())
         state[0] = new_state  # truncated BPTT: carried, no gradient across
         return nll
@@ -67,11 +78,14 @@ def torch_step(model, cfg, args):
 
 def _extra(p):
     p.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (both engines)")
+    p.add_argument("--loss", choices=("softmax", "is", "nce"), default="softmax",
+                   help="slimnp's training objective (PyTorch always runs the full softmax)")
+    p.add_argument("--samples", type=int, default=2000, help="noise words per step for --loss is/nce")
 
 
 def main(argv=None):
     common.run(sys.modules[__name__], __doc__.split("\n\n")[0], os.path.abspath(__file__),
-               argv, extra=_extra, extra_keys=("lr",))
+               argv, extra=_extra, extra_keys=("lr", "loss", "samples"))
 
 
 if __name__ == "__main__":
