@@ -17,23 +17,37 @@ INDEX = np.int32
 
 _cupy = None
 _cupy_error: str | None = None
+_cupy_missing = False  # the import itself failed (not installed), as opposed to CUDA unusable
+
+DEVICES = ("cpu", "gpu")
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device asked for cannot be used here (no CuPy, no CUDA driver, no
+    GPU); the message says which and what to install."""
 
 
 def _import_cupy():
     """Import CuPy lazily; remember the failure so we only try once."""
-    global _cupy, _cupy_error
+    global _cupy, _cupy_error, _cupy_missing
     if _cupy is None and _cupy_error is None:
         try:
             import cupy  # noqa: F401  (optional extra: pip install slimnp[gpu])
-
-            cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # ImportError, or a broken installation
+            _cupy_missing = True
+            _cupy_error = f"{type(exc).__name__}: {exc}"
+            return None
+        try:
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                raise RuntimeError("no CUDA device found")
             _cupy = cupy
-        except Exception as exc:  # ImportError, or CUDA present but unusable
+        except Exception as exc:  # CuPy present, CUDA unusable (no driver, no GPU)
             _cupy_error = f"{type(exc).__name__}: {exc}"
     return _cupy
 
 
 def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
     return _import_cupy() is not None
 
 
@@ -44,10 +58,15 @@ def get_xp(device: str = "cpu"):
     if device == "gpu":
         cp = _import_cupy()
         if cp is None:
-            raise RuntimeError(
-                "device 'gpu' asked for but CuPy is not usable "
-                f"({_cupy_error}); install it with: pip install 'slimnp[gpu]'"
-            )
+            if _cupy_missing:
+                raise DeviceUnavailable(
+                    f"device 'gpu' needs CuPy, which does not import ({_cupy_error}); install "
+                    "the wheel for your CUDA major version, e.g. pip install 'slimnp[gpu]' "
+                    "(cupy-cuda12x; README: GPU)")
+            raise DeviceUnavailable(
+                f"device 'gpu': CuPy is installed but CUDA is not usable ({_cupy_error}); "
+                "check the NVIDIA driver (nvidia-smi) and that the cupy-cudaXXx wheel matches "
+                "the driver's CUDA major version (README: GPU)")
         return cp
     raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'gpu'")
 

@@ -32,12 +32,33 @@ PRESETS = {
 
 
 def _user_errors():
+    from .backend import DeviceUnavailable
     from .data import CorpusError
     from .fetch import FetchError
     from .io import FormatError
     from .trainer import TrainingError
 
-    return (CorpusError, FetchError, FormatError, TrainingError, ValueError, OSError)
+    return (CorpusError, DeviceUnavailable, FetchError, FormatError, TrainingError, ValueError, OSError)
+
+
+def _device_option(fn):
+    """``--device cpu|gpu``, checked before any work (a missing CuPy or CUDA
+    is one line, not a traceback after the data were read)."""
+
+    def check(ctx, param, value):
+        if value == "gpu":
+            from .backend import DeviceUnavailable, get_xp
+
+            try:
+                get_xp(value)
+            except DeviceUnavailable as exc:
+                raise click.ClickException(str(exc)) from None
+        return value
+
+    return click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+                        callback=check,
+                        help="cpu (NumPy + Numba) or gpu (CuPy on an NVIDIA GPU: pip install "
+                             "'slimnp[gpu]'; README: GPU).")(fn)
 
 
 def friendly_errors(fn):
@@ -188,10 +209,11 @@ def _train_options(fn):
 @main.command()
 @_train_options
 @click.option("--distributed", is_flag=True, help="Data-parallel training across the ranks of an MPI job (mpiexec -n N / srun): each rank trains on --batch-size/N of the streams, gradients are summed every step, rank 0 writes the files [needs pip install 'slimnp[mpi]'].")
+@_device_option
 @friendly_errors
 def train(data, train_file, valid_file, test_file, out, resume, force, threads, quiet, as_json,
           seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind, output_kind,
-          mapping, mapping_seed, tie, distributed, **hyper):
+          mapping, mapping_seed, tie, distributed, device, **hyper):
     """Train an LSTM language model.
 
     With no data options, trains on the built-in synthetic corpus (a hidden
@@ -228,13 +250,14 @@ def train(data, train_file, valid_file, test_file, out, resume, force, threads, 
     with (comm.abort_on_error() if comm is not None else contextlib.nullcontext()):
         _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
                as_json, seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind,
-               output_kind, mapping, mapping_seed, tie, hyper)
+               output_kind, mapping, mapping_seed, tie, hyper, device=device)
 
 
 def _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
            as_json, seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind,
-           output_kind, mapping, mapping_seed, tie, hyper):
-    """The body of ``train``; ``comm``: the distributed run's ranks, or None."""
+           output_kind, mapping, mapping_seed, tie, hyper, device="cpu"):
+    """The body of ``train``; ``comm``: the distributed run's ranks, or None;
+    ``device``: 'cpu' or 'gpu'."""
     from .trainer import run_training, resume_training
 
     root = comm is None or comm.is_root
@@ -251,8 +274,8 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
             names = ", ".join("--" + k.replace("_", "-") for k in given) or "data/--out options"
             raise click.UsageError(f"--resume continues the stored run; {names} cannot change "
                                    "(only --epochs may be raised)")
-        summary = resume_training(resume, epochs=hyper.get("epochs"), log=log, progress=not quiet,
-                                  comm=comm)
+        summary = resume_training(resume, epochs=hyper.get("epochs"), device=device, log=log,
+                                  progress=not quiet, comm=comm)
     else:
         files = _resolve_data(data, train_file, valid_file, test_file)
         corpus_info = None
@@ -278,7 +301,8 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
                 "or pass --force to overwrite it (or choose another --out)")
         summary = run_training(files, out, hp, seed=seed, min_count=min_count, max_vocab=max_vocab,
                                eval_batch_size=eval_batch_size, loss_average=loss_average,
-                               corpus_info=corpus_info, log=log, progress=not quiet, comm=comm)
+                               corpus_info=corpus_info, device=device, log=log, progress=not quiet,
+                               comm=comm)
     if as_json and root:
         click.echo(json.dumps(summary))
 
@@ -293,8 +317,9 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_device_option
 @friendly_errors
-def evaluate(model, file, batch_size, threads, as_json, quiet):
+def evaluate(model, file, batch_size, threads, as_json, quiet, device):
     """Exact perplexity of MODEL on the text FILE.
 
     Every token is predicted (the first from an <eos> prime); words outside
@@ -308,7 +333,7 @@ def evaluate(model, file, batch_size, threads, as_json, quiet):
         from .threads import set_threads
 
         set_threads(threads)
-    m, vocab, _ = load_model(model)
+    m, vocab, _ = load_model(model, device=device)
     t0 = time.perf_counter()
     enc = vocab.encode_file(file)
     prog = Progress(enc.n_tokens, "evaluate", enabled=not quiet)
@@ -386,14 +411,14 @@ def _read_lines(path) -> list:
     return out
 
 
-def _load_lm(model, threads):
+def _load_lm(model, threads, device="cpu"):
     from .apply import LM
 
     if threads:
         from .threads import set_threads
 
         set_threads(threads)
-    return LM.load(model)
+    return LM.load(model, device)
 
 
 @main.command()
@@ -408,8 +433,9 @@ def _load_lm(model, threads):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sentence, then one with the totals.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_device_option
 @friendly_errors
-def score(model, file, words, continuous, batch_size, threads, as_json, quiet):
+def score(model, file, words, continuous, batch_size, threads, as_json, quiet, device):
     """Log-probability of each line of FILE ('-': stdin) under MODEL.
 
     Each line is a sentence: its words (OOV words count as <unk> and are
@@ -421,7 +447,7 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet):
     """
     from .progress import Progress
 
-    lm = _load_lm(model, threads)
+    lm = _load_lm(model, threads, device)
     lines = _read_lines(file)
     t0 = time.perf_counter()
     prog = Progress(max(len(lines), 1), "score", enabled=not quiet)
@@ -466,14 +492,16 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet):
 @click.option("--through-eos", is_flag=True, help="Keep going past <eos> (as a line break) instead of stopping.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sample.")
+@_device_option
 @friendly_errors
-def generate(model, prompt, length, temperature, top_k, seed, count, through_eos, threads, as_json):
+def generate(model, prompt, length, temperature, top_k, seed, count, through_eos, threads, as_json,
+             device):
     """Sample text from MODEL, one sample per line.
 
     Each sample starts from a fresh state and the <eos> prime (the start of
     a sentence), reads --prompt, then draws words until <eos> or --length.
     """
-    lm = _load_lm(model, threads)
+    lm = _load_lm(model, threads, device)
     texts = lm.generate(prompt, length=length, temperature=temperature, top_k=top_k, seed=seed,
                         count=count, stop_at_eos=not through_eos)
     for i, t in enumerate(texts):
@@ -503,9 +531,10 @@ def generate(model, prompt, length, temperature, top_k, seed, count, through_eos
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (weights, BLEU) as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_device_option
 @friendly_errors
 def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_name, out, best,
-           restarts, seed, batch_size, threads, as_json, quiet):
+           restarts, seed, batch_size, threads, as_json, quiet, device):
     """Rerank a Moses n-best list NBEST with MODEL as an extra feature.
 
     Every hypothesis gets the feature --feature-name: its natural-log
@@ -523,7 +552,7 @@ def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_n
 
     if bool(dev_nbest) != bool(dev_refs):
         raise click.UsageError("--tune and --refs go together: the development n-best list and its references")
-    lm = _load_lm(model, threads)
+    lm = _load_lm(model, threads, device)
     groups = nbest.read_nbest(nbest_file)
     dev = nbest.read_nbest(dev_nbest) if dev_nbest else None
 

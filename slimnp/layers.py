@@ -375,6 +375,17 @@ def softmax_loss(h, W, b, targets, scale, compute_grad=True, out=None):
     return nll, logits
 
 
+def _add_at(a, ids, v):
+    """``a[ids] += v`` for 1-d ``a``, repeated ids accumulating: ``np.add.at``
+    on the CPU; on the GPU the atomic scatter kernel, with ``a`` and ``v``
+    seen as one-column tables."""
+    xp = array_module(a)
+    if xp is np:
+        np.add.at(a, ids, v)
+    else:
+        kernels.embedding_scatter_add(a.reshape(-1, 1), ids, xp.ascontiguousarray(v).reshape(-1, 1))
+
+
 def column_sums(a):
     """``a.sum(axis=0)`` of a 2-d array as one BLAS matrix-vector product
     (measured 0.5 ms instead of 1.2 ms for (700, 10000) float32)."""
@@ -473,7 +484,7 @@ class Softmax:
         store, xp = self.store, self.store.xp
         g = store.grad_rows(f"{self.name}/W", xp.unique(ids))
         kernels.embedding_scatter_add(g, ids, xp.ascontiguousarray(dW))
-        xp.add.at(store.grad_view(f"{self.name}/b"), ids, db)
+        _add_at(store.grad_view(f"{self.name}/b"), ids, db)
 
     def logits(self, h):
         p = self.store.params
@@ -517,7 +528,7 @@ class SlimEmbedding:
                  param: str | None = None):
         self.store, self.name, self.V, self.H, self.K, self.M = store, name, V, H, K, M
         self.d = H // K
-        self.idx = idx
+        self.idx = store.xp.asarray(idx)  # (V, K), on the parameters' device
         self.param = param or f"{name}/A"
         if param is None:
             store.add(self.param, (M, self.d))
@@ -655,8 +666,11 @@ class SlimSoftmax:
     def __init__(self, store: ParamStore, name: str, V: int, H: int, K: int, M: int, idx):
         self.store, self.name, self.V, self.H, self.K, self.M = store, name, V, H, K, M
         self.Mk, self.d = M // K, H // K
-        self.idx_kv = np.ascontiguousarray(np.asarray(idx).T)  # (K, V): row k read contiguously
-        self.inv = inverse_table(self.idx_kv, self.Mk)  # None unless uniform fan-out
+        idx_kv = np.ascontiguousarray(np.asarray(idx).T)  # (K, V): row k read contiguously
+        inv = inverse_table(idx_kv, self.Mk)  # None unless uniform fan-out
+        # on the parameters' device (a no-op for NumPy)
+        self.idx_kv = store.xp.asarray(idx_kv)
+        self.inv = None if inv is None else store.xp.asarray(inv)
         self.ws = Workspace(store.xp)
         store.add(f"{name}/A", (K, self.Mk, self.d))
         store.add(f"{name}/b", (V,))
@@ -697,7 +711,7 @@ class SlimSoftmax:
         g = store.grad_rows(f"{self.name}/A", xp.unique(rows))
         kernels.embedding_scatter_add(g.reshape(self.K * self.Mk, self.d), rows,
                                       xp.ascontiguousarray(dW).reshape(-1, self.d))
-        xp.add.at(store.grad_view(f"{self.name}/b"), ids, db)
+        _add_at(store.grad_view(f"{self.name}/b"), ids, db)
 
     def logits(self, h):
         p = self.store.params

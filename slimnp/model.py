@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import pipeline
-from .backend import get_xp
+from .backend import get_xp, to_numpy
 from .layers import LSTM, Embedding, ParamStore, SlimEmbedding, SlimSoftmax, Softmax, dropout_mask
 from .mapping import input_table, output_table
 
@@ -191,8 +191,6 @@ class LanguageModel:
         return dict(self.store.shapes)
 
     def params_numpy(self) -> dict:
-        from .backend import to_numpy
-
         return {k: to_numpy(v) for k, v in self.store.params.items()}
 
     def load_params(self, params: dict) -> None:
@@ -296,13 +294,16 @@ class LanguageModel:
         gradients go to the candidates' rows only."""
         from .sampled import sampled_loss
 
-        samples, logq_s = sampled.draw()
-        ids = self.xp.concatenate([y, self.xp.asarray(samples)])
+        xp = self.xp
+        samples, logq_s = sampled.draw()  # host arrays: the sampler and its RNG live there
+        samples = xp.asarray(samples)
+        ids = xp.concatenate([y, samples])
         W, b = self.output.candidates(ids)
         N = y.shape[0]
+        logq_t = xp.asarray(sampled.log_expected(to_numpy(y)))
         loss, (dh, dWT, dbT, dWS, dbS) = sampled_loss(
-            sampled.kind, h, W[:N], b[:N], W[N:], b[N:], sampled.log_expected(y), logq_s,
-            y, self.xp.asarray(samples), scale)
+            sampled.kind, h, W[:N], b[:N], W[N:], b[N:], logq_t, xp.asarray(logq_s),
+            y, samples, scale)
         self.output.candidate_grads(ids, self.xp.concatenate([dWT, dWS]),
                                     self.xp.concatenate([dbT, dbS]))
         return loss, dh

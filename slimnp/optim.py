@@ -199,8 +199,13 @@ def _adagrad_rows_numpy(p, acc, g, rows, a, lr, eps):
 
 def _numba_ok(*arrays) -> bool:
     """True where the Numba kernels apply: C-contiguous NumPy float arrays and
-    the kernel mode not 'reference' (``slimnp.kernels.use``)."""
-    return kernels._impl(*arrays) is not kernels.reference
+    the kernel mode 'auto' or 'cpu' (``slimnp.kernels.use``)."""
+    return kernels.implementation(*arrays) == "cpu"
+
+
+def _gpu_ok(*arrays) -> bool:
+    """True where the fused GPU pass applies (C-contiguous CuPy arrays)."""
+    return kernels.implementation(*arrays) == "gpu"
 
 
 def adagrad_update(p, acc, g, a, lr, eps, rows=None) -> None:
@@ -210,8 +215,9 @@ def adagrad_update(p, acc, g, a, lr, eps, rows=None) -> None:
     is updated (``rows`` None), or, for 2-d arrays, the rows ``rows``
     (distinct integers) only: the other rows of ``p`` and ``acc`` are left as
     they are.  Runs one fused Numba
-    pass on NumPy C-contiguous arrays, the NumPy/CuPy expression otherwise;
-    both give identical results.
+    pass on NumPy C-contiguous arrays (one CUDA kernel on CuPy ones), the
+    NumPy/CuPy expression otherwise; Numba and NumPy give identical results,
+    the GPU the same to rounding (it fuses multiply-adds).
     """
     if p.dtype not in (np.float32, np.float64):
         raise TypeError(f"adagrad_update: expected float32 or float64 parameters, got {p.dtype}")
@@ -223,6 +229,8 @@ def adagrad_update(p, acc, g, a, lr, eps, rows=None) -> None:
         if _numba_ok(p, acc, g):
             kernel = _adagrad_kernels()["dense"][p.size >= PARALLEL_MIN]
             kernel(p.reshape(-1), acc.reshape(-1), g.reshape(-1), float(a), float(lr), float(eps))
+        elif _gpu_ok(p, acc, g):
+            kernels.adagrad_update(p, acc, g, a, lr, eps)
         else:
             _adagrad_dense_numpy(p, acc, g, a, lr, eps)
     elif rows.shape[0]:
@@ -235,6 +243,8 @@ def adagrad_update(p, acc, g, a, lr, eps, rows=None) -> None:
         if _numba_ok(p, acc, g, rows):
             kernel = _adagrad_kernels()["rows"][rows.shape[0] * p.shape[1] >= PARALLEL_MIN]
             kernel(p, acc, g, rows, float(a), float(lr), float(eps))
+        elif _gpu_ok(p, acc, g, rows):
+            kernels.adagrad_update(p, acc, g, a, lr, eps, rows)
         else:
             _adagrad_rows_numpy(p, acc, g, rows, a, lr, eps)
 

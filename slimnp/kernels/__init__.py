@@ -4,11 +4,11 @@ Each public function validates its arguments once (dtype, shape, index range)
 and then runs one implementation:
 
 * ``cpu``       -- Numba kernels (``kernels/cpu.py``) for NumPy arrays;
+* ``gpu``       -- CUDA C compiled by CuPy (``kernels/gpu.py``) for CuPy arrays;
 * ``reference`` -- the NumPy/``xp`` specification (``kernels/reference.py``),
-  used for anything the fast path does not cover, and selectable for testing
-  with ``use("reference")`` or ``SLIMNP_KERNELS=reference``.
-
-Later backends (CuPy RawKernels) slot in here behind the same contracts.
+  used for anything the fast paths do not cover (non-contiguous arrays, on
+  either device), and selectable for testing with ``use("reference")`` or
+  ``SLIMNP_KERNELS=reference``.
 """
 from __future__ import annotations
 
@@ -17,11 +17,14 @@ import os
 
 import numpy as np
 
+from ..backend import array_module
 from . import reference
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _mode = os.environ.get("SLIMNP_KERNELS", "auto")
+_MODES = ("auto", "cpu", "gpu", "reference")
 _cpu = None
+_gpu = None
 
 
 def _cpu_module():
@@ -33,11 +36,27 @@ def _cpu_module():
     return _cpu
 
 
+def _gpu_module():
+    global _gpu
+    if _gpu is None:
+        from . import gpu  # CUDA C sources; CuPy compiles them on first launch
+
+        _gpu = gpu
+    return _gpu
+
+
 def use(mode: str) -> None:
-    """Select kernels: 'auto' (Numba on CPU arrays), 'cpu' or 'reference'."""
+    """Select kernels: 'auto' (Numba for NumPy arrays, CUDA for CuPy arrays),
+    'cpu', 'gpu' or 'reference'.
+
+    'cpu' and 'gpu' insist on their fast path (an error for arrays it does
+    not take); 'gpu' sends C-contiguous arrays of either module to
+    ``kernels/gpu.py`` (the tests run it on NumPy arrays through a CPU
+    emulator of its CUDA C).
+    """
     global _mode
-    if mode not in ("auto", "cpu", "reference"):
-        raise ValueError(f"unknown kernel mode {mode!r}; expected auto, cpu or reference")
+    if mode not in _MODES:
+        raise ValueError(f"unknown kernel mode {mode!r}; expected {', '.join(_MODES)}")
     _mode = mode
 
 
@@ -55,11 +74,24 @@ def using(mode: str):
 def _impl(*arrays):
     if _mode == "reference":
         return reference
+    if _mode == "gpu":
+        if not all(a.flags.c_contiguous for a in arrays):
+            raise ValueError("kernel mode 'gpu' needs C-contiguous arrays")
+        return _gpu_module()
     if all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in arrays):
         return _cpu_module()
     if _mode == "cpu":
         raise ValueError("kernel mode 'cpu' needs C-contiguous NumPy arrays")
+    xp = array_module(arrays[0])
+    if xp is not np and all(array_module(a) is xp and a.flags.c_contiguous for a in arrays):
+        return _gpu_module()
     return reference
+
+
+def implementation(*arrays) -> str:
+    """Which kernels ``arrays`` would run on: 'cpu', 'gpu' or 'reference'."""
+    impl = _impl(*arrays)
+    return "reference" if impl is reference else ("gpu" if impl is _gpu else "cpu")
 
 
 def _check_float(name, a, dtype=None):
@@ -331,3 +363,17 @@ def axpy_rows(y, a, x, rows):
     _check_ndim("y", y, 2, "(V, D)")
     _check_rows(rows, y.shape[0])
     _impl(y, x, rows).axpy_rows(y, a, x, rows)
+
+
+def adagrad_update(p, acc, g, a, lr, eps, rows=None):
+    """The fused Adagrad pass on the GPU: ``acc += (a g)^2; p -= lr (a g) /
+    (sqrt(acc) + eps)`` over every element, or over rows ``rows`` of 2-d
+    arrays.  :func:`slimnp.optim.adagrad_update` validates the arguments and
+    calls this where :func:`implementation` says 'gpu' (NumPy arrays take
+    its Numba kernels, anything else its NumPy/CuPy expression)."""
+    arrays = (p, acc, g) if rows is None else (p, acc, g, rows)
+    impl = _impl(*arrays)
+    if impl is not _gpu:
+        raise ValueError("kernels.adagrad_update is the GPU pass; slimnp.optim.adagrad_update "
+                         "handles the other arrays")
+    impl.adagrad_update(p, acc, g, a, lr, eps, rows)

@@ -1,10 +1,10 @@
 """NumPy reference kernels: the specification of every kernel in slimnp.
 
 Each function here is the readable, array-at-a-time statement of a kernel's
-contract.  ``kernels/cpu.py`` (Numba) implements the same signatures, dtypes
-and in-place rules; the dispatcher in ``kernels/__init__.py`` validates the
-arguments once and picks an implementation.  Tests compare the two on random
-inputs.  All functions are written against ``xp`` (the array module of their
+contract.  ``kernels/cpu.py`` (Numba) and ``kernels/gpu.py`` (CUDA C through
+CuPy) implement the same signatures, dtypes and in-place rules; the
+dispatcher in ``kernels/__init__.py`` validates the arguments once and picks
+an implementation.  Tests compare them with these on random inputs.  All functions are written against ``xp`` (the array module of their
 inputs) so they also serve as the CuPy fallback.
 
 LSTM gate layout (one fused ``(B, 4H)`` row per example)::
