@@ -181,17 +181,10 @@ def evaluate_shard(model, ids, eos_id: int, batch_size: int, bptt: int, rank: in
     ``batch_size`` pieces, each from a zero state; the tail that continues the
     last piece goes with that piece.  The ranks' sums add up to ``evaluate_ids``'s
     ``nll`` (up to the order of float additions)."""
-    from .evaluate import _run
+    from .evaluate import _run, primed_pieces
 
-    ids = np.asarray(ids, dtype=np.int32)
+    ids, inputs, B, m = primed_pieces(ids, eos_id, batch_size)  # as evaluate_ids cuts it
     n = int(ids.shape[0])
-    if n == 0:
-        raise ValueError("cannot evaluate an empty token stream")
-    inputs = np.empty(n, dtype=np.int32)
-    inputs[0] = eos_id
-    inputs[1:] = ids[:-1]
-    B = max(1, min(int(batch_size), n))  # as evaluate_ids cuts the stream
-    m = n // B
     lo, hi = shard_range(B, rank, size, even=False)
     total = 0.0
     if hi > lo:

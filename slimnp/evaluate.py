@@ -45,12 +45,10 @@ def _run(model, x_bn, y_bn, state, bptt, progress=None, done0=0):
     return total, state
 
 
-def evaluate_ids(model, ids, eos_id: int, batch_size: int = 1, bptt: int = 100,
-                 progress=None) -> EvalResult:
-    """Exact NLL and perplexity of ``ids`` (1-D int array) under ``model``.
-
-    ``progress`` is an optional callable receiving the number of tokens done.
-    """
+def primed_pieces(ids, eos_id: int, batch_size: int):
+    """``(ids, inputs, B, m)``: the targets as int32, the inputs (``<eos>``
+    then ``ids[:-1]``) and the cut into ``B`` pieces of ``m`` tokens (the
+    ``n - B m`` left over continue the last piece)."""
     ids = np.asarray(ids, dtype=np.int32)
     n = int(ids.shape[0])
     if n == 0:
@@ -59,7 +57,17 @@ def evaluate_ids(model, ids, eos_id: int, batch_size: int = 1, bptt: int = 100,
     inputs[0] = eos_id
     inputs[1:] = ids[:-1]
     B = max(1, min(int(batch_size), n))
-    m = n // B
+    return ids, inputs, B, n // B
+
+
+def evaluate_ids(model, ids, eos_id: int, batch_size: int = 1, bptt: int = 100,
+                 progress=None) -> EvalResult:
+    """Exact NLL and perplexity of ``ids`` (1-D int array) under ``model``.
+
+    ``progress`` is an optional callable receiving the number of tokens done.
+    """
+    ids, inputs, B, m = primed_pieces(ids, eos_id, batch_size)
+    n = int(ids.shape[0])
     state = model.zero_state(B)
     total, state = _run(model, inputs[: B * m].reshape(B, m), ids[: B * m].reshape(B, m),
                         state, bptt, progress)

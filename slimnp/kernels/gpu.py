@@ -458,17 +458,10 @@ __global__ void slim_segment_t_inv(const T* __restrict__ dzT, const int* __restr
  * Optimizer passes over flat buffers and over listed rows of a (R, D) view.
  * ========================================================================= */
 
-/* part[block] = sum of x^2 over the block's share, in float64.  The caller
- * sums the (fixed number of) partials: the result does not depend on
- * scheduling. */
-template <typename T>
-__global__ void sumsq_partial(const T* __restrict__ x, long long n, double* part) {
+/* The block's sum of each thread's acc, written to part[blockIdx.x] by thread
+ * 0: a shared-memory tree over the SX_BLOCK threads of a 1-d block. */
+__device__ void block_sum_to(double acc, double* part) {
     __shared__ double sacc[SX_BLOCK];
-    double acc = 0.0;
-    SX_FOR(e, n) {
-        const double v = (double)x[e];
-        acc += v * v;
-    }
     const int tid = threadIdx.x;
     sacc[tid] = acc;
     __syncthreads();
@@ -479,25 +472,30 @@ __global__ void sumsq_partial(const T* __restrict__ x, long long n, double* part
     if (tid == 0) part[blockIdx.x] = sacc[0];
 }
 
+/* part[block] = sum of x^2 over the block's share, in float64.  The caller
+ * sums the (fixed number of) partials: the result does not depend on
+ * scheduling. */
+template <typename T>
+__global__ void sumsq_partial(const T* __restrict__ x, long long n, double* part) {
+    double acc = 0.0;
+    SX_FOR(e, n) {
+        const double v = (double)x[e];
+        acc += v * v;
+    }
+    block_sum_to(acc, part);
+}
+
 /* sumsq_partial over rows rows[i] of x (R listed rows of D). */
 template <typename T>
 __global__ void sumsq_rows_partial(const T* __restrict__ x, const int* __restrict__ rows, long long R,
                                    long long D, double* part) {
-    __shared__ double sacc[SX_BLOCK];
     double acc = 0.0;
     SX_FOR(e, R * D) {
         const long long i = e / D, d = e - i * D;
         const double v = (double)x[(long long)rows[i] * D + d];
         acc += v * v;
     }
-    const int tid = threadIdx.x;
-    sacc[tid] = acc;
-    __syncthreads();
-    for (int half = SX_BLOCK / 2; half > 0; half /= 2) {
-        if (tid < half) sacc[tid] += sacc[tid + half];
-        __syncthreads();
-    }
-    if (tid == 0) part[blockIdx.x] = sacc[0];
+    block_sum_to(acc, part);
 }
 
 /* y += a x (the fused clip + SGD step: a = -lr * clip factor). */
