@@ -179,15 +179,16 @@ def _score_stream(model, seqs, eos_id, progress=None, bptt: int = 100):
     x[0] = eos_id
     x[1:] = ids[:-1]
     xp = model.xp
+    ends = np.cumsum([len(s) for s in seqs])  # where each sequence ends in the stream
     lp = np.empty(ids.shape[0], dtype=np.float64)
     state = model.zero_state(1)
     for t0 in range(0, ids.shape[0], bptt):
         seg, state = model.nll(xp.asarray(x[t0 : t0 + bptt, None]), xp.asarray(ids[t0 : t0 + bptt, None]),
                                state)
         lp[t0 : t0 + bptt] = -_to_numpy(seg)[:, 0]
-        if progress is not None:
-            progress(int(np.searchsorted(np.cumsum([len(s) for s in seqs]), t0 + bptt, "right")))
-    return np.split(lp, np.cumsum([len(s) for s in seqs])[:-1])
+        if progress is not None:  # sequences completed so far
+            progress(int(np.searchsorted(ends, t0 + bptt, "right")))
+    return np.split(lp, ends[:-1])
 
 
 def _log_softmax(z):
