@@ -232,10 +232,9 @@ class Communicator:
     backend : ``"mpi"`` (see :func:`choose_collective`)
     """
 
-    def __init__(self, comm, backend: str = "mpi"):
-        if backend != "mpi":
-            raise DistributedError(f"the {backend!r} collective is not implemented yet; "
-                                   "gradients go through MPI")
+    def __init__(self, comm, backend: str = "mpi", nccl=None):
+        if backend not in ("mpi", "nccl"):
+            raise DistributedError(f"unknown collective {backend!r}; expected 'mpi' or 'nccl'")
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -244,8 +243,15 @@ class Communicator:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         # ranks sharing this node (a collective call: every rank makes it here)
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_size = node.Get_size()
+        self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
+        self.nccl = self.nccl_comm = None
+        if backend == "nccl":
+            # NCCL (CuPy's binding): rank 0 makes the clique's id, MPI hands it
+            # to the others; device buffers are then summed GPU to GPU
+            self.nccl = nccl if nccl is not None else _import_nccl()
+            uid = self.nccl.get_unique_id() if self.rank == 0 else None
+            self.nccl_comm = self.nccl.NcclCommunicator(self.size, comm.bcast(uid, root=0), self.rank)
 
     @property
     def is_root(self) -> bool:
@@ -275,7 +281,13 @@ class Communicator:
     def allreduce_(self, buf) -> None:
         """``buf`` := the sum of every rank's ``buf``, in place: one
         ``Allreduce`` per :data:`MAX_COUNT` elements of the flat buffer.
-        Device (CuPy) buffers go through a host copy."""
+        Device (CuPy) buffers: one NCCL allReduce with the ``nccl`` backend,
+        else through a host copy."""
+        if self.nccl_comm is not None and not isinstance(buf, np.ndarray):
+            kinds = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32, np.dtype(np.float64): self.nccl.NCCL_FLOAT64}
+            self.nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, kinds[np.dtype(buf.dtype)],
+                                     self.nccl.NCCL_SUM, _current_stream_ptr(buf))
+            return
         MPI = self.MPI
         host = buf if isinstance(buf, np.ndarray) else to_numpy(buf)
         flat = host.reshape(-1)
@@ -351,6 +363,20 @@ class Communicator:
         self.comm.Abort(1)
 
 
+def _import_nccl():
+    from cupy.cuda import nccl  # the optional binding; nccl_available() said it is there
+
+    return nccl
+
+
+def _current_stream_ptr(buf) -> int:
+    """The CUDA stream CuPy launches on now (NCCL queues the sum behind the
+    kernels that wrote ``buf``)."""
+    from .backend import array_module
+
+    return array_module(buf).cuda.get_current_stream().ptr
+
+
 def _to_device(like, host):
     """``host`` copied into the device array ``like``'s module (CuPy)."""
     from .backend import array_module
@@ -372,6 +398,20 @@ def init(device: str = "cpu") -> Communicator:
     (``MPI.COMM_WORLD``).  Raises :class:`DistributedError` without mpi4py."""
     MPI = import_mpi()
     backend = choose_collective(device, True, device == "gpu" and nccl_available())
-    if backend == "nccl":
-        backend = "mpi"  # NCCL is chosen but not wired yet: MPI through the host
+    if device == "gpu":
+        _use_local_gpu(MPI.COMM_WORLD)
     return Communicator(MPI.COMM_WORLD, backend)
+
+
+def _use_local_gpu(comm) -> None:
+    """Give each rank of a node its own GPU (node-local rank modulo the GPUs
+    it sees), before any device memory is allocated."""
+    from mpi4py import MPI
+
+    from .backend import get_xp
+
+    cp = get_xp("gpu")
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    local = node.Get_rank()
+    node.Free()
+    cp.cuda.Device(local % cp.cuda.runtime.getDeviceCount()).use()

@@ -264,3 +264,44 @@ def test_cli_distributed_run_logs_and_writes_once(tmp_path):
                                "--valid", files["valid"], "--out", tmp_path / "b.h5", "-q",
                                "--batch-size", "5"])
     assert rc != 0 and "must be divisible by the number of ranks 2" in out + err
+
+
+def test_nccl_backend_plumbing(monkeypatch):
+    """Where a GPU run picks NCCL: the clique id made by rank 0 is broadcast
+    over MPI, and a device buffer is summed by one NCCL allReduce on its own
+    memory (a stand-in NCCL module and buffer; the real one needs GPUs)."""
+    pytest.importorskip("mpi4py")
+    from mpi4py import MPI
+
+    calls = []
+
+    class FakeNccl:
+        NCCL_FLOAT32, NCCL_FLOAT64, NCCL_SUM = "f32", "f64", "sum"
+
+        @staticmethod
+        def get_unique_id():
+            return b"uid"
+
+        class NcclCommunicator:
+            def __init__(self, size, uid, rank):
+                calls.append(("init", size, uid, rank))
+
+            def allReduce(self, send, recv, count, dtype, op, stream):
+                calls.append(("allReduce", send, recv, count, dtype, op, stream))
+
+    class DeviceBuf:  # what allreduce_ reads of a CuPy array
+        dtype, size = np.dtype(np.float32), 12
+
+        class data:
+            ptr = 4096
+
+    monkeypatch.setattr(dist, "_current_stream_ptr", lambda buf: 7)
+    c = dist.Communicator(MPI.COMM_SELF, "nccl", nccl=FakeNccl)
+    assert calls == [("init", 1, b"uid", 0)]
+    c.allreduce_(DeviceBuf())
+    assert calls[-1] == ("allReduce", 4096, 4096, 12, "f32", "sum", 7)
+    host = np.arange(4.0)
+    c.allreduce_(host)  # host buffers still go through MPI
+    np.testing.assert_array_equal(host, np.arange(4.0))
+    with pytest.raises(dist.DistributedError):
+        dist.Communicator(MPI.COMM_SELF, "gloo")
