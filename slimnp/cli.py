@@ -445,6 +445,7 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet, d
     <eos>), OOV words, perplexity, the sentence -- then, with --words, one
     indented line per token.  Totals and the perplexity go to stderr.
     """
+    from .apply import LOG10_E
     from .progress import Progress
 
     lm = _load_lm(model, threads, device)
@@ -466,7 +467,7 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet, d
     tokens = sum(s.tokens for s in scores)
     total = sum(s.logprob for s in scores)
     summary = {"sentences": len(scores), "tokens": tokens, "oov": sum(s.oov for s in scores),
-               "logprob": total, "log10prob": total / 2.302585092994046,
+               "logprob": total, "log10prob": total * LOG10_E,
                "perplexity": float(np.exp(-total / tokens)) if tokens else float("nan"),
                "continuous": continuous, "seconds": secs,
                "sentences_per_s": len(scores) / max(secs, 1e-9)}
@@ -563,8 +564,8 @@ def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_n
         prog.close()
         return vals
 
-    lm_test = scored(groups, Path(nbest_file).name)
-    layout = nbest.feature_names(rr.add_lm_feature(groups, lm_test, feature_name))
+    test_lm = rr.add_lm_feature(groups, scored(groups, Path(nbest_file).name), feature_name)
+    layout = nbest.feature_names(test_lm)
     names = [n for n, _ in layout]
     lm_col = sum(k for n, k in layout[: names.index(feature_name)])
     summary = {"nbest": str(nbest_file), "sentences": len(groups),
@@ -576,14 +577,13 @@ def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_n
             given.setdefault(feature_name, (0.0,))  # tuning may start without the LM
         w = nbest.weight_vector(given, layout)
     if dev is not None:
-        lm_dev = scored(dev, Path(dev_nbest).name)
-        dev_lm = rr.add_lm_feature(dev, lm_dev, feature_name)
+        dev_lm = rr.add_lm_feature(dev, scored(dev, Path(dev_nbest).name), feature_name)
         dev_layout = nbest.feature_names(dev_lm)
         if dev_layout != layout:
             raise click.ClickException(f"the --tune list has features {dev_layout}, NBEST has {layout}")
         if w is None:
             w0, resid = rr.decoder_weights(dev, nbest.feature_names(dev))
-            w = np.insert(w0, lm_col, 0.0) if lm_col < len(w0) else np.append(w0, 0.0)
+            w = np.insert(w0, lm_col, 0.0)
             summary["decoder_weights_fit_residual"] = resid
         refs_tok = rr.reference_tokens(dev, _read_lines(dev_refs), where=str(dev_refs))
         rep = rr.tune_weights(dev_lm, layout, refs_tok, w, lm_col, restarts=restarts, seed=seed)
@@ -591,21 +591,20 @@ def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_n
         summary["weights_no_lm"] = nbest.format_weights(rep.weights_no_lm, layout)
         summary["dev_bleu"] = rep.bleu
         w = rep.weights
+    X = [nbest.feature_matrix(g, layout) for g in test_lm]
     if w is not None:
         summary["weights"] = nbest.format_weights(w, layout)
-        out_groups, choice = rr.rerank_groups(groups, lm_test, layout, w, feature_name)
+        out_groups, choice = rr.rerank_groups(test_lm, X, w, feature_name)
     else:
-        out_groups = rr.add_lm_feature(groups, lm_test, feature_name)
-        choice = [0] * len(groups)
+        out_groups, choice = test_lm, [0] * len(groups)
         click.echo("no --weights or --tune: the LM feature was added, the order is the decoder's", err=True)
-    firsts = rr.one_best(out_groups, [0] * len(out_groups)) if w is not None else rr.one_best(groups, choice)
+    firsts = [g[0].text for g in out_groups]  # best first either way
     if test_refs:
         refs = _read_lines(test_refs)
         refs_tok = rr.reference_tokens(groups, refs, where=str(test_refs))
         test = {"decoder": rr.corpus_bleu_of(groups, [0] * len(groups), refs_tok)}
         if dev is not None:
-            _, c0 = rr.rerank_groups(groups, lm_test, layout, rep.weights_no_lm, feature_name)
-            test["tuned_no_lm"] = rr.corpus_bleu_of(groups, c0, refs_tok)
+            test["tuned_no_lm"] = rr.corpus_bleu_of(groups, nbest.rescore(X, rep.weights_no_lm), refs_tok)
         if w is not None:
             test["tuned_lm" if dev is not None else "reranked"] = rr.corpus_bleu_of(groups, choice, refs_tok)
         sb = sacrebleu_corpus_bleu(firsts, [refs[g[0].sent_id] for g in groups])

@@ -29,12 +29,15 @@ EDITS = ("swap", "delete", "substitute", "insert")
 
 
 def corrupt(words: List[str], edits: int, rng: np.random.Generator, pool: Sequence[str],
-            pool_p: np.ndarray) -> List[str]:
+            pool_cdf: np.ndarray) -> List[str]:
     """``words`` after ``edits`` random edits (a new list).
 
-    ``pool``/``pool_p``: words (and their probabilities) that substitutions
-    and insertions draw from.
+    ``pool``/``pool_cdf``: words (and their cumulative probabilities) that
+    substitutions and insertions draw from.
     """
+    def draw():  # inverse CDF: O(log V) per word (rng.choice(p=...) is O(V))
+        return pool[min(int(np.searchsorted(pool_cdf, rng.random(), "right")), len(pool) - 1)]
+
     w = list(words)
     for _ in range(edits):
         kind = EDITS[rng.integers(len(EDITS))]
@@ -44,9 +47,9 @@ def corrupt(words: List[str], edits: int, rng: np.random.Generator, pool: Sequen
         elif kind == "delete" and len(w) >= 2:
             del w[int(rng.integers(len(w)))]
         elif kind == "substitute" and w:
-            w[int(rng.integers(len(w)))] = pool[int(rng.choice(len(pool), p=pool_p))]
+            w[int(rng.integers(len(w)))] = draw()
         else:
-            w.insert(int(rng.integers(len(w) + 1)), pool[int(rng.choice(len(pool), p=pool_p))])
+            w.insert(int(rng.integers(len(w) + 1)), draw())
     return w
 
 
@@ -83,8 +86,8 @@ def make_nbest(refs: Sequence[str], n: int = 20, max_edits: int = 4, noise: floa
     if not counts:
         raise ValueError("the references contain no words")
     pool = sorted(counts)
-    p = np.array([counts[t] for t in pool], dtype=np.float64)
-    p /= p.sum()
+    cdf = np.cumsum([counts[t] for t in pool], dtype=np.float64)
+    cdf /= cdf[-1]
     lines = []
     for sid, ref in enumerate(refs):
         words = ref.split()
@@ -93,7 +96,7 @@ def make_nbest(refs: Sequence[str], n: int = 20, max_edits: int = 4, noise: floa
             if len(hyps) == n:
                 break
             e = int(rng.integers(min_edits, max_edits + 1))
-            h = corrupt(words, e, rng, pool, p)
+            h = corrupt(words, e, rng, pool, cdf)
             key = " ".join(h)
             if not h or key in seen:
                 continue

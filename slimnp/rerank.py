@@ -97,26 +97,22 @@ def tune_weights(groups, layout, refs_tok, init, lm_col: int, restarts: int = 2,
     return rep
 
 
-def rerank_groups(groups, lm_values, layout, w, name: str = DEFAULT_FEATURE) -> tuple:
-    """Each sentence's hypotheses with the LM feature added, re-sorted by
-    ``features @ w`` (best first; ties keep the decoder's order) and their
-    score fields set to the new totals; and the index (in the input order)
-    of each sentence's best.
+def rerank_groups(groups_lm, matrices, w, name: str = DEFAULT_FEATURE) -> tuple:
+    """Each sentence's hypotheses re-sorted by ``features @ w`` (best first;
+    ties keep the decoder's order, as :func:`slimnp.nbest.rescore` breaks
+    them) with their score fields set to the new totals; and the index (in
+    the input order) of each sentence's best.
 
-    ``groups``: the n-best list as read; ``lm_values``: per sentence, the
-    LM log-probabilities of its hypotheses.
+    ``groups_lm``: the n-best list with the LM feature ``name`` added
+    (:func:`add_lm_feature`); ``matrices``: their feature matrices.
     """
     out, best = [], []
-    for g, vals in zip(groups, lm_values):
-        g = [nbest.with_feature(h, name, [v]) for h, v in zip(g, vals)]
-        s = nbest.hypothesis_scores(nbest.feature_matrix(g, layout), w)
+    for g, X in zip(groups_lm, matrices):
+        s = nbest.hypothesis_scores(X, w)
         order = sorted(range(len(g)), key=lambda j: (-s[j], j))
         best.append(order[0])
+        # re-setting the feature to its own (already written) values leaves
+        # the line as it is but for the new score
         out.append([nbest.with_feature(g[j], name, list(g[j].feature(name)), score=float(s[j]))
                     for j in order])
     return out, best
-
-
-def one_best(groups, choice) -> List[str]:
-    """The chosen hypothesis of each sentence."""
-    return [g[i].text for g, i in zip(groups, choice)]
