@@ -462,8 +462,8 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet, d
             continue
         click.echo(f"{s.logprob:.4f}\t{s.log10prob:.4f}\t{s.tokens}\t{s.oov}\t{s.perplexity:.2f}\t{line}")
         if words:
-            for w, d in zip(s.words, s.to_dict(True)["words"]):
-                click.echo(f"\t{w}\t{d['logprob']:.4f}\t{d['log10prob']:.4f}")
+            for w, lp in zip(s.words, s.logprobs):
+                click.echo(f"\t{w}\t{lp:.4f}\t{lp * LOG10_E:.4f}")
     tokens = sum(s.tokens for s in scores)
     total = sum(s.logprob for s in scores)
     summary = {"sentences": len(scores), "tokens": tokens, "oov": sum(s.oov for s in scores),
