@@ -45,9 +45,11 @@ def _config(a, variant):
 
 def _state_bytes(cfg, optimizer):
     """Parameters + gradients (+ one Adagrad accumulator), float32."""
+    import numpy as np
+
     from slimnp.model import param_shapes
 
-    n = sum(int(__import__("numpy").prod(s)) for s in param_shapes(cfg).values())
+    n = sum(int(np.prod(s)) for s in param_shapes(cfg).values())
     copies = 3 if optimizer == "adagrad" else 2
     return n, n * 4 * copies
 
