@@ -278,9 +278,9 @@ def expand_dense(model):
     dense = LanguageModel(cfg, device=model.device)
     src, dst = model.store.params, dense.store.params
     for name in dst:
-        if name.startswith("lstm"):
+        if name.startswith(("lstm", "proj_")):
             dst[name][...] = src[name]
-    V, H = c.vocab_size, c.hidden
+    V, H = c.vocab_size, c.word_size
     xp = model.xp
     # output layer
     if c.output == "slim":

@@ -170,8 +170,10 @@ def _train_options(fn):
         click.option("--samples", type=click.IntRange(min=1), default=None, help="Noise words per minibatch for --loss is/nce [default: 4000]."),
         click.option("--optimizer", type=click.Choice(["sgd", "adagrad"]), default=None, help="Optimizer [default: sgd]; Adagrad wants a smaller --lr (about 0.1-0.2)."),
         click.option("--layers", type=int, help="LSTM layers."),
-        click.option("--hidden", type=int, help="Hidden (and word-vector) size."),
+        click.option("--hidden", type=int, help="Hidden size (and word-vector size unless --embedding-size)."),
         click.option("--dropout", type=float, help="Dropout on non-recurrent connections."),
+        click.option("--input-dropout", type=float, help="Dropout on the embedding -> LSTM connection alone [default: --dropout] (the paper's Tables 2-3 vary it with --dropout 0.5)."),
+        click.option("--embedding-size", type=click.IntRange(min=1), help="Word-vector size E [default: --hidden]; E != H adds learned E x H and H x E projections around the LSTM stack (the paper's PM baseline)."),
         click.option("--init-scale", type=float, help="Uniform init range +-."),
         click.option("--epochs", type=int, help="Epochs to train (with --resume: the new total)."),
         click.option("--bptt", type=int, help="Truncated-BPTT segment length."),
@@ -248,7 +250,7 @@ def train(data, train_file, valid_file, test_file, out, resume, force, threads, 
                    "add --distributed", err=True)
     # distributed: one rank's error must not leave the others waiting in a collective
     with (comm.abort_on_error() if comm is not None else contextlib.nullcontext()):
-        _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
+        return _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
                as_json, seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind,
                output_kind, mapping, mapping_seed, tie, hyper, device=device)
 
@@ -289,11 +291,7 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
             preset = PRESETS["builtin"]
         else:
             preset = PRESETS["zaremba-small"]
-        slim = {k: hyper.pop(k) for k in ("input_k", "input_m", "input_ratio",
-                                          "output_k", "output_m", "output_ratio")}
-        hp = {k: (v if v is not None else preset.get(k)) for k, v in hyper.items()}
-        hp.update(slim, input=input_kind, output=output_kind, mapping=mapping,
-                  mapping_seed=mapping_seed, tie=tie)
+        hp = train_hp(hyper, preset, input_kind, output_kind, mapping, mapping_seed, tie)
         out = Path(out or "model.h5")
         if out.exists() and not force:
             raise click.ClickException(
@@ -305,6 +303,21 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
                                comm=comm)
     if as_json and root:
         click.echo(json.dumps(summary))
+    return summary
+
+
+SLIM_SIZE_OPTIONS = ("input_k", "input_m", "input_ratio", "output_k", "output_m", "output_ratio")
+
+
+def train_hp(hyper: dict, preset: dict, input_kind="dense", output_kind="full", mapping="shuffle",
+             mapping_seed=0, tie=False) -> dict:
+    """The settings :func:`slimnp.trainer.run_training` takes, from the
+    ``train`` command's hyper-parameter options (None: the preset's value)."""
+    hp = {k: (v if v is not None else preset.get(k)) for k, v in hyper.items()
+          if k not in SLIM_SIZE_OPTIONS}
+    hp.update({k: hyper.get(k) for k in SLIM_SIZE_OPTIONS}, input=input_kind, output=output_kind,
+              mapping=mapping, mapping_seed=mapping_seed, tie=tie)
+    return hp
 
 
 # ---------------------------------------------------------------------------
@@ -633,6 +646,128 @@ def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_n
 # ---------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------
+@main.group()
+def experiment():
+    """Plans of many training runs: run them (resumable, in parallel), see where they stand.
+
+    \b
+      slimnp experiment status experiments/fig4-ptb.toml
+      slimnp experiment run experiments/fig4-ptb.toml --jobs 2 --threads 1
+      slimnp plot experiments/results/fig4-ptb.jsonl --out fig4.png
+
+    A plan is a TOML file of runs, each a set of `slimnp train` options
+    (the slimnp.experiment module documents the format).
+    """
+
+
+def _plan_errors(fn):
+    """Plan errors are one line; the rest as every command's."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .experiment import PlanError
+
+        try:
+            return fn(*args, **kwargs)
+        except PlanError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return friendly_errors(wrapper)
+
+
+def _parse_sets(sets) -> dict:
+    from .experiment import _toml
+
+    out = {}
+    for item in sets:
+        if "=" not in item:
+            raise click.UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = _toml().loads(f"x = {v}")["x"]
+        except Exception:
+            out[k.strip()] = v  # a bare word: a string
+    return out
+
+
+@experiment.command("run")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Runs trained at once, each in its own process.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="CPU threads per run (jobs x threads should not exceed the cores).")
+@click.option("--only", multiple=True, help="Run only these runs (repeatable).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override an option in every run, e.g. --set data=~/data/ptb (a changed setting makes existing checkpoints stale).")
+@_device_option
+@_plan_errors
+def experiment_run(plan, jobs, threads, only, sets, device):
+    """Train every run of PLAN that has no result yet; append each result.
+
+    Finished runs are skipped; stopped ones (Ctrl-C, kill, end of a
+    session) continue from their checkpoints.  Each finished run adds one
+    JSON line to the plan's results file (config, parameters per layer,
+    valid/test perplexity, epochs, times, tok/s, machine, version, commit).
+    """
+    from .experiment import Runner, load_plan, resolve
+
+    p = load_plan(plan, _parse_sets(sets))
+    resolve(p)
+    code = Runner(p, jobs=jobs, threads=threads, device=device, only=only,
+                  log=lambda m: click.echo(m, err=True)).run()
+    sys.exit(code)
+
+
+@experiment.command("status")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="As for `experiment run`.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
+@_plan_errors
+def experiment_status(plan, sets, as_json):
+    """Each run of PLAN: its state, size (matched sizes resolved) and results."""
+    from .experiment import configs_of, load_plan, parameter_counts, resolve, status
+
+    p = load_plan(plan, _parse_sets(sets))
+    resolve(p)
+    rows = []
+    for run, state, rec in status(p):
+        mc, tc = configs_of(run.options)
+        n = parameter_counts(mc)["total"]
+        row = {"run": run.name, "state": state, "parameters": n, "hidden": mc.hidden,
+               "embedding_size": mc.word_size, "epochs": tc.epochs, "matched": run.matched,
+               "valid_ppl": rec and rec.get("valid_ppl"), "test_ppl": rec and rec.get("test_ppl")}
+        rows.append(row)
+        if as_json:
+            click.echo(json.dumps(row))
+    if as_json:
+        return
+    click.echo(f"{p.path}: {p.description}" if p.description else str(p.path))
+    click.echo(f"results: {p.results}   checkpoints: {p.runs_dir}")
+    click.echo(f"{'run':<18} {'parameters':>11} {'H':>4} {'E':>4}  {'valid':>8} {'test':>8}  state")
+    for r in rows:
+        v = f"{r['valid_ppl']:8.2f}" if r["valid_ppl"] else f"{'-':>8}"
+        t = f"{r['test_ppl']:8.2f}" if r["test_ppl"] else f"{'-':>8}"
+        m = f"  (matches {r['matched']['run']}: {r['matched']['target_parameters']:,})" if r["matched"] else ""
+        click.echo(f"{r['run']:<18} {r['parameters']:>11,} {r['hidden']:>4} {r['embedding_size']:>4}  "
+                   f"{v} {t}  {r['state']}{m}")
+
+
+def _register_plot():
+    from .plot import plot_command
+
+    main.add_command(plot_command, "plot")
+
+
+_register_plot()
+
+
+@experiment.command("worker", hidden=True)
+@click.argument("spec", type=click.Path(dir_okay=False, exists=True))
+@friendly_errors
+def experiment_worker(spec):
+    """One run of a plan (started by `experiment run`)."""
+    from .experiment import work
+
+    work(spec)
+
+
 @main.group()
 def data():
     """Get corpora: download PTB / WikiText-2, or write a synthetic one."""

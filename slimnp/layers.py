@@ -320,6 +320,29 @@ class LSTM:
 
 
 # ----------------------------------------------------------------------------
+# Projection (the PM baseline's E x H and H x E maps; no bias)
+# ----------------------------------------------------------------------------
+class Projection:
+    """A learned linear map ``Y = X W``, ``W: (D_in, D_out)``, over the last axis."""
+
+    def __init__(self, store: ParamStore, name: str, D_in: int, D_out: int):
+        self.store, self.name, self.D_in, self.D_out = store, name, D_in, D_out
+        store.add(f"{name}/W", (D_in, D_out))
+
+    def forward(self, x):
+        """x : (..., D_in) -> (..., D_out)."""
+        W = self.store.params[f"{self.name}/W"]
+        return (x.reshape(-1, self.D_in) @ W).reshape(*x.shape[:-1], self.D_out)
+
+    def backward(self, x, dy):
+        """Accumulate ``dW += X^T dY``; return ``dX = dY W^T`` (..., D_in)."""
+        W = self.store.params[f"{self.name}/W"]
+        x2, dy2 = x.reshape(-1, self.D_in), dy.reshape(-1, self.D_out)
+        self.store.accumulate(f"{self.name}/W", x2.T, dy2)
+        return (dy2 @ W.T).reshape(*dy.shape[:-1], self.D_in)
+
+
+# ----------------------------------------------------------------------------
 # Dense embedding
 # ----------------------------------------------------------------------------
 def embedding_forward(W, ids):

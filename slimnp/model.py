@@ -1,7 +1,17 @@
 """The recurrent language model: embedding -> L LSTM layers -> softmax.
 
 Dropout (Zaremba et al. 2014) is applied on the non-recurrent connections
-only: the embedding output, between LSTM layers, and before the softmax.
+only: the embedding output (``input_dropout``, by default the same as
+``dropout``), between LSTM layers, and before the softmax (``dropout``).
+
+Word vectors have ``embedding_size`` E (default: the hidden size H).  With
+E < H the model is the paper's PM baseline (Li et al. 2018, Figure 4): the
+(V, E) word vectors go through a learned E x H projection into the first
+LSTM layer, and the top layer's H outputs through an H x E projection into a
+V x E softmax::
+
+    ids -> embedding (T, B, E) -> @ proj_in/W (E, H) -> [mask 0] -> LSTMs
+        -> [mask L] (T, B, H) -> @ proj_out/W (H, E) -> softmax over V
 """
 from __future__ import annotations
 
@@ -12,7 +22,8 @@ import numpy as np
 
 from . import pipeline
 from .backend import get_xp, to_numpy
-from .layers import LSTM, Embedding, ParamStore, SlimEmbedding, SlimSoftmax, Softmax, dropout_mask
+from .layers import (LSTM, Embedding, ParamStore, Projection, SlimEmbedding, SlimSoftmax, Softmax,
+                     dropout_mask)
 from .mapping import input_table, output_table
 
 
@@ -34,10 +45,27 @@ class ModelConfig:
     mapping: str = "shuffle"  # 'shuffle' (the paper; tables stored) or 'hash' (seed only)
     mapping_seed: int = 0  # seed of the assignment tables
     tie: bool = False  # input shares the output's parameters (same kind both sides)
+    # dropout on the embedding -> LSTM connection alone; None: the same as
+    # `dropout` (Tables 2-3 of the paper vary it with `dropout` fixed at 0.5)
+    input_dropout: float | None = None
+    # E: word-vector size; 0 means H (no projection); E != H adds the learned
+    # E x H and H x E projections of the PM baseline
+    embedding_size: int = 0
+
+    @property
+    def word_size(self) -> int:
+        """E, the size of the input and output word vectors."""
+        return self.embedding_size or self.hidden
+
+    @property
+    def p_input(self) -> float:
+        """Dropout probability on the embedding -> LSTM connection."""
+        return self.dropout if self.input_dropout is None else self.input_dropout
 
     def validate(self) -> None:
         problems = []
-        V, H = self.vocab_size, self.hidden
+        V, H = self.vocab_size, self.word_size
+        size = f"hidden={H}" if H == self.hidden else f"the word-vector size embedding_size={H}"
         if self.input not in ("dense", "slim"):
             problems.append(f"input must be 'dense' or 'slim', got {self.input!r}")
         if self.output not in ("full", "slim"):
@@ -47,13 +75,13 @@ class ModelConfig:
         if self.input == "slim" and not self.tie:
             K, M = self.input_k, self.input_m
             if K < 1 or H % K:
-                problems.append(f"input K={K} must divide hidden={H}")
+                problems.append(f"input K={K} must divide {size}")
             if not 1 <= M <= K * V:
                 problems.append(f"input M={M} must lie in [1, K*V={K * V}] (K={K}, V={V})")
         if self.output == "slim":
             K, M = self.output_k, self.output_m
             if K < 1 or H % K:
-                problems.append(f"output K={K} must divide hidden={H}")
+                problems.append(f"output K={K} must divide {size}")
             elif M < K or M % K:
                 problems.append(f"output M={M} must be a positive multiple of K={K}")
             elif M // K > V:
@@ -68,6 +96,11 @@ class ModelConfig:
             problems.append(f"layers must be >= 1, got {self.layers}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.input_dropout is not None and not 0.0 <= self.input_dropout < 1.0:
+            problems.append(f"input_dropout must lie in [0, 1), got {self.input_dropout}")
+        if self.embedding_size < 0:
+            problems.append(f"embedding_size must be >= 1 (or 0 for the hidden size), "
+                            f"got {self.embedding_size}")
         if not self.init_scale > 0:
             problems.append(f"init_scale must be > 0, got {self.init_scale}")
         if self.dtype not in ("float32", "float64"):
@@ -101,7 +134,7 @@ def make_mapping(config: ModelConfig) -> dict:
 
 def _declare(store: ParamStore, config: ModelConfig, mapping: dict | None):
     """Create the layers (declaring their parameter shapes in ``store``)."""
-    V, H, L = config.vocab_size, config.hidden, config.layers
+    V, H, L = config.vocab_size, config.word_size, config.layers
     if config.output == "slim":
         K, M = config.output_k, config.output_m
         output = SlimSoftmax(store, "output", V, H, K, M, mapping["output/idx"])
@@ -117,8 +150,13 @@ def _declare(store: ParamStore, config: ModelConfig, mapping: dict | None):
                                   mapping["input/idx"])
     else:
         embedding = Embedding(store, "embedding", V, H, param="output/W" if config.tie else None)
-    lstms = [LSTM(store, f"lstm{l}", H, H) for l in range(L)]
-    return embedding, lstms, output
+    Hl = config.hidden
+    lstms = [LSTM(store, f"lstm{l}", Hl, Hl) for l in range(L)]
+    if H != Hl:  # PM: word vectors of size E, projected to and from the LSTM's H
+        proj = (Projection(store, "proj_in", H, Hl), Projection(store, "proj_out", Hl, H))
+    else:
+        proj = (None, None)
+    return embedding, lstms, output, proj
 
 
 def param_shapes(config: ModelConfig) -> dict:
@@ -146,7 +184,8 @@ class LanguageModel:
         self.dtype = np.dtype(config.dtype)
         self.mapping = self._check_mapping(mapping) if mapping else make_mapping(config)
         self.store = ParamStore(self.xp, self.dtype)
-        self.embedding, self.lstms, self.output = _declare(self.store, config, self.mapping)
+        self.embedding, self.lstms, self.output, (self.proj_in, self.proj_out) = \
+            _declare(self.store, config, self.mapping)
         self.store.allocate()
 
     def _check_mapping(self, mapping: dict) -> dict:
@@ -207,37 +246,55 @@ class LanguageModel:
 
     # -- forward / backward ---------------------------------------------------
     def _masks(self, rng, T, B):
-        """Dropout masks for one segment: embedding output + each layer output."""
-        p = self.config.dropout
-        if p == 0.0 or rng is None:
+        """Dropout masks for one segment: ``[0]`` the LSTM stack's input (None
+        when ``input_dropout`` is 0), ``[l + 1]`` layer l's output (None when
+        ``dropout`` is 0); None when there is no dropout at all.  Drawn in
+        that order from ``rng`` (the order is part of reproducibility)."""
+        c = self.config
+        if rng is None or (c.dropout == 0.0 and c.p_input == 0.0):
             return None
-        H = self.config.hidden
-        return [dropout_mask(rng, (T, B, H), p, self.dtype.type, self.xp)
-                for _ in range(self.config.layers + 1)]
+        H, dt, xp = c.hidden, self.dtype.type, self.xp
+        first = dropout_mask(rng, (T, B, H), c.p_input, dt, xp) if c.p_input > 0 else None
+        rest = [dropout_mask(rng, (T, B, H), c.dropout, dt, xp) if c.dropout > 0 else None
+                for _ in range(c.layers)]
+        return [first] + rest
+
+    @staticmethod
+    def _layer_masks(masks):
+        """The masks of the layer outputs (``masks[1:]`` all set), or None."""
+        return masks if masks is not None and masks[1] is not None else None
 
     def _forward(self, x, state, masks=None):
         """Embedding and LSTM stack over a segment.
 
         Returns the top layer's (masked) outputs ``(T, B, H)``, the final
-        state ``(L, 2, B, H)``, the per-layer caches and whether the stack
-        ran as a pipeline over layers (:mod:`slimnp.pipeline`).
+        state ``(L, 2, B, H)``, ``(word vectors (T, B, E), per-layer
+        caches)`` and whether the stack ran as a pipeline over layers
+        (:mod:`slimnp.pipeline`).
         """
-        a = self.embedding.forward(x)  # (T, B, H)
-        if masks is not None:
+        e = self.embedding.forward(x)  # (T, B, E)
+        a = e if self.proj_in is None else self.proj_in.forward(e)  # (T, B, H)
+        if masks is not None and masks[0] is not None:
             a = a * masks[0]
         T, B = x.shape
+        lm = self._layer_masks(masks)
         if pipeline.enabled(self.xp, len(self.lstms), T, B, self.config.hidden):
             weights = [lstm.weights() for lstm in self.lstms]
-            a, new_state, caches = pipeline.forward(a, state, weights, masks)
-            return a, new_state, caches, True
+            a, new_state, caches = pipeline.forward(a, state, weights, lm)
+            return a, new_state, (e, caches), True
         new_state = self.xp.empty_like(state)
         caches = []
         for l, lstm in enumerate(self.lstms):
             h_seq, (hT, cT), cache = lstm.forward(a, state[l, 0], state[l, 1])
             new_state[l, 0], new_state[l, 1] = hT, cT
             caches.append(cache)
-            a = h_seq * masks[l + 1] if masks is not None else h_seq
-        return a, new_state, caches, False
+            a = h_seq * lm[l + 1] if lm is not None else h_seq
+        return a, new_state, (e, caches), False
+
+    def _top(self, a):
+        """The output layer's input from the top LSTM's (masked) output
+        ``(T, B, H)``: itself, or its projection to ``(T, B, E)`` (PM)."""
+        return a if self.proj_out is None else self.proj_out.forward(a)
 
     def forward_backward(self, x, y, state, scale=None, rng=None, masks=None, sampled=None):
         """Loss and gradients (accumulated into ``store.grad``) of one segment.
@@ -261,30 +318,36 @@ class LanguageModel:
         dstate : (L, 2, B, H) gradient w.r.t. the incoming state
         """
         T, B = x.shape
-        H = self.config.hidden
+        E = self.config.word_size
         if scale is None:
             scale = 1.0 / B
         if masks is None:
             masks = self._masks(rng, T, B)
-        a, new_state, caches, piped = self._forward(x, state, masks)
+        a, new_state, (e, caches), piped = self._forward(x, state, masks)
+        top = self._top(a)  # (T, B, E)
         if sampled is None:
-            nll, dh = self.output.loss(a.reshape(T * B, H), y.reshape(T * B), scale, True)
+            nll, dh = self.output.loss(top.reshape(T * B, E), y.reshape(T * B), scale, True)
         else:
-            nll, dh = self._sampled_loss(sampled, a.reshape(T * B, H), y.reshape(T * B), scale)
-        da = dh.reshape(T, B, H)
+            nll, dh = self._sampled_loss(sampled, top.reshape(T * B, E), y.reshape(T * B), scale)
+        da = dh.reshape(T, B, E)
+        if self.proj_out is not None:
+            da = self.proj_out.backward(a, da)  # (T, B, H)
+        lm = self._layer_masks(masks)
         if piped:
             weights = [lstm.weights() for lstm in self.lstms]
-            da, dGs, dstate = pipeline.backward(da, caches, weights, masks)
+            da, dGs, dstate = pipeline.backward(da, caches, weights, lm)
             for lstm, cache, dG in zip(self.lstms, caches, dGs):
                 lstm.weight_grads(cache, dG)
         else:
             dstate = self.xp.empty_like(state)
             for l in range(self.config.layers - 1, -1, -1):
-                if masks is not None:
-                    da = da * masks[l + 1]
+                if lm is not None:
+                    da = da * lm[l + 1]
                 da, dstate[l, 0], dstate[l, 1] = self.lstms[l].backward(da, caches[l])
-        if masks is not None:
+        if masks is not None and masks[0] is not None:
             da = da * masks[0]
+        if self.proj_in is not None:
+            da = self.proj_in.backward(e, da)  # (T, B, E)
         self.embedding.backward(x, da)
         self.store.settle_grad()  # zero what a lazy zero_grad left unwritten
         return float(nll.sum()), new_state, dstate
@@ -315,6 +378,7 @@ class LanguageModel:
         """
         T, B = x.shape
         a, new_state, _, _ = self._forward(x, state, masks)
+        a = self._top(a)
         nll, _ = self.output.loss(a.reshape(T * B, -1), y.reshape(T * B), compute_grad=False)
         return nll.reshape(T, B), new_state
 
@@ -322,4 +386,5 @@ class LanguageModel:
         """Unnormalised scores ``(T, B, V)`` and the final state (tests, sampling)."""
         T, B = x.shape
         a, new_state, _, _ = self._forward(x, state)
+        a = self._top(a)
         return self.output.logits(a.reshape(T * B, -1)).reshape(T, B, -1), new_state

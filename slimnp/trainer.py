@@ -580,6 +580,25 @@ def slim_settings(hp: dict, V: int) -> dict:
     return out
 
 
+def model_config(hp: dict, V: int) -> ModelConfig:
+    """The :class:`ModelConfig` of CLI-style settings ``hp`` for a vocabulary of ``V`` words."""
+    return ModelConfig(vocab_size=V, hidden=hp["hidden"], layers=hp["layers"],
+                       dropout=hp["dropout"], init_scale=hp["init_scale"],
+                       input_dropout=hp.get("input_dropout"),
+                       embedding_size=hp.get("embedding_size") or 0,
+                       dtype=hp.get("dtype") or "float32", **slim_settings(hp, V))
+
+
+def train_config(hp: dict, *, seed=0, loss_average="batch", eval_batch_size=10) -> TrainConfig:
+    """The :class:`TrainConfig` of CLI-style settings ``hp``."""
+    return TrainConfig(epochs=hp["epochs"], bptt=hp["bptt"], batch_size=hp["batch_size"], lr=hp["lr"],
+                       optimizer=hp.get("optimizer") or "sgd", loss=hp.get("loss") or "softmax",
+                       samples=hp.get("samples") or 4000, clip=hp["clip"], schedule=hp["schedule"],
+                       lr_decay=hp["lr_decay"], decay_start=hp["decay_start"],
+                       decay_threshold=hp["decay_threshold"], loss_average=loss_average, seed=seed,
+                       eval_batch_size=eval_batch_size)
+
+
 @_stop_all_ranks_on_error
 def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=None,
                  eval_batch_size=10, loss_average="batch", corpus_info=None,
@@ -600,18 +619,12 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
         vocab = Vocabulary.read(files["vocab"])  # counted below, from the encoded text
     else:
         vocab = Vocabulary.build(files["train"], min_count=min_count, max_vocab=max_vocab)
-    mc = ModelConfig(vocab_size=len(vocab), hidden=hp["hidden"], layers=hp["layers"],
-                     dropout=hp["dropout"], init_scale=hp["init_scale"],
-                     dtype=hp.get("dtype") or "float32", **slim_settings(hp, len(vocab)))
+    mc = model_config(hp, len(vocab))
     mc.validate()  # before the slower encoding: a bad option fails fast
     enc = _encode_splits(vocab, files, log)
     if vocab.counts is None:
         vocab.count(enc["train"].ids)
-    tc = TrainConfig(epochs=hp["epochs"], bptt=hp["bptt"], batch_size=hp["batch_size"], lr=hp["lr"],
-                     optimizer=hp.get("optimizer") or "sgd", loss=hp.get("loss") or "softmax",
-                     samples=hp.get("samples") or 4000, clip=hp["clip"], schedule=hp["schedule"],
-                     lr_decay=hp["lr_decay"], decay_start=hp["decay_start"], decay_threshold=hp["decay_threshold"],
-                     loss_average=loss_average, seed=seed, eval_batch_size=eval_batch_size)
+    tc = train_config(hp, seed=seed, loss_average=loss_average, eval_batch_size=eval_batch_size)
     data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}
     data_info.update(train_sha256=file_sha256(files["train"]), min_count=min_count,
                      max_vocab=max_vocab, corpus=corpus_info)
@@ -628,8 +641,13 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
 
 
 @_stop_all_ranks_on_error
-def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True, comm=None) -> dict:
+def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True, comm=None,
+                    allow_finished=False) -> dict:
     """Continue the run stored in checkpoint ``path`` exactly where it stopped.
+
+    A run that already finished its epochs is an error, unless
+    ``allow_finished``: then only the final test evaluation runs again (the
+    experiment runner's way to complete a run stopped during that evaluation).
 
     ``comm``: as in :func:`run_training`; every rank reads ``path`` and takes
     its streams' part of the carried state (the run must use as many ranks
@@ -646,7 +664,7 @@ def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True
     if epochs is not None:
         tc = dataclasses.replace(tc, epochs=epochs)
     st = ck.train_state
-    if st.get("finished") and tc.epochs <= int(st["epoch"]) - 1:
+    if st.get("finished") and tc.epochs <= int(st["epoch"]) - 1 and not allow_finished:
         raise TrainingError(f"{path}: the run already finished its {int(st['epoch']) - 1} epochs; "
                             "pass a larger --epochs to train further")
     info = cfg["data"]

@@ -461,11 +461,16 @@ MODELS = {
     "slim-hash": dict(input="slim", input_k=4, input_m=9, output="slim", output_k=2, output_m=6,
                       mapping="hash"),  # uneven fan-out: the scatter backward, not the inverse table
     "tied-slim": dict(input="slim", output="slim", output_k=4, output_m=12, tie=True),
+    # the PM baseline: E = 4 word vectors projected to and from H = 8
+    "pm": dict(embedding_size=4),
+    # Tables 2-3: dropout on the embedding -> LSTM connection alone differs
+    "input-dropout": dict(input_dropout=0.5),
 }
 # (model, loss, optimizer)
 STEPS = [("dense", "softmax", "sgd"), ("slim", "softmax", "sgd"), ("slim-hash", "softmax", "adagrad"),
          ("dense", "is", "adagrad"), ("slim", "is", "sgd"), ("slim", "nce", "adagrad"),
-         ("tied-slim", "softmax", "adagrad")]
+         ("tied-slim", "softmax", "adagrad"), ("pm", "softmax", "sgd"), ("pm", "nce", "adagrad"),
+         ("input-dropout", "is", "sgd")]
 
 
 def _train_steps(model, loss, optimizer, steps=2, seed=3):

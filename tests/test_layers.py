@@ -81,19 +81,39 @@ def test_softmax_gradient(rng):
         assert_grad(analytic, loss, arr)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.4])
-def test_model_gradients_two_layers(dropout, rng):
+VARIANTS = {
+    "plain": dict(),
+    "dropout": dict(dropout=0.4),
+    # Tables 2-3 of the paper: the embedding -> LSTM connection alone varies
+    "input-dropout-only": dict(dropout=0.0, input_dropout=0.3),
+    "no-input-dropout": dict(dropout=0.4, input_dropout=0.0),
+    "both-dropouts": dict(dropout=0.4, input_dropout=0.1),
+    # PM (Figure 4): E=4 word vectors, 4x6 and 6x4 projections
+    "pm": dict(embedding_size=4, dropout=0.4),
+    "pm-tied": dict(embedding_size=4, tie=True, input_dropout=0.2),
+    "pm-slim": dict(embedding_size=4, input="slim", input_k=2, input_m=9, output="slim",
+                    output_k=2, output_m=8, dropout=0.3),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_model_gradients_two_layers(variant, rng):
     """Whole model (2 layers, fixed dropout masks): every parameter and the incoming state."""
     V, H, L, T, B = 11, 6, 2, 4, 3
-    m = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=L, dropout=dropout,
-                                  init_scale=0.3, dtype="float64"))
+    cfg = ModelConfig(vocab_size=V, hidden=H, layers=L, init_scale=0.3, dtype="float64",
+                      **VARIANTS[variant])
+    m = LanguageModel(cfg)
     m.init_params(np.random.default_rng(0))
     x = rng.integers(0, V, (T, B)).astype(np.int32)
     y = rng.integers(0, V, (T, B)).astype(np.int32)
     state = rng.standard_normal((L, 2, B, H)) * 0.5
     masks = m._masks(np.random.default_rng(5), T, B)
-    if dropout:
-        assert masks is not None and any((mk == 0).any() for mk in masks)
+    if cfg.dropout or cfg.p_input:
+        assert masks is not None and any((mk == 0).any() for mk in masks if mk is not None)
+        assert (masks[0] is None) == (cfg.p_input == 0)
+        assert all((mk is None) == (cfg.dropout == 0) for mk in masks[1:])
+    else:
+        assert masks is None
     scale = 1.0 / B
 
     def loss():

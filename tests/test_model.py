@@ -84,3 +84,54 @@ def test_load_reports_shape_mismatch(tmp_path):
     else:
         raise AssertionError("mismatch not reported")
     assert "lstm0/Wx" in msg and "output/b" in msg
+
+
+def test_input_dropout_default_draws_the_masks_it_always_drew():
+    """input_dropout=None (the default, and every older file) is --dropout on
+    the input too: the same draws from the generator as an explicit equal value."""
+    a = _model(dropout=0.3)
+    b = _model(dropout=0.3, input_dropout=0.3)
+    ma, mb = a._masks(np.random.default_rng(2), 4, 3), b._masks(np.random.default_rng(2), 4, 3)
+    assert len(ma) == len(mb) == 3
+    for x, y in zip(ma, mb):
+        np.testing.assert_array_equal(x, y)
+    _steps(a, 3)
+    _steps(b, 3)
+    np.testing.assert_array_equal(a.store.data, b.store.data)
+
+
+def test_input_dropout_rate_is_its_own():
+    m = _model(hidden=64, dropout=0.5, input_dropout=0.1)
+    masks = m._masks(np.random.default_rng(0), 50, 8)
+    assert abs((masks[0] == 0).mean() - 0.1) < 0.02  # 20,000 draws
+    assert all(abs((mk == 0).mean() - 0.5) < 0.02 for mk in masks[1:])
+    assert _model(dropout=0.5, input_dropout=0.0)._masks(np.random.default_rng(0), 2, 2)[0] is None
+    only = _model(dropout=0.0, input_dropout=0.2)._masks(np.random.default_rng(0), 2, 2)
+    assert only[0] is not None and only[1:] == [None, None]
+
+
+def test_pm_parameter_count_and_round_trip(tmp_path):
+    """PM (E < H): V x E tables and the E x H, H x E projections."""
+    V, H, E = 30, 8, 3
+    m = _model(embedding_size=E)
+    assert m.num_parameters == V * E + E * H + 2 * (2 * H * 4 * H + 4 * H) + H * E + V * E + V
+    assert param_shapes(m.config) == m.param_shapes()
+    _steps(m, 2)
+    ck = sio.Checkpoint(config={"model": m.config.to_dict()},
+                        vocab=["<eos>", "<unk>"] + [f"w{i}" for i in range(V - 2)],
+                        params=m.params_numpy())
+    sio.save(tmp_path / "pm.h5", ck)
+    m2, _, _ = load_model(tmp_path / "pm.h5")
+    assert m2.config == m.config
+    x = np.arange(12, dtype=np.int32).reshape(4, 3)
+    np.testing.assert_array_equal(m.logits(x, m.zero_state(3))[0], m2.logits(x, m2.zero_state(3))[0])
+
+
+def test_bad_new_options_are_rejected():
+    import pytest
+
+    with pytest.raises(ValueError, match="input_dropout"):
+        ModelConfig(vocab_size=10, input_dropout=1.0).validate()
+    with pytest.raises(ValueError, match="must divide the word-vector size embedding_size=6"):
+        ModelConfig(vocab_size=10, hidden=8, embedding_size=6, output="slim", output_k=4,
+                    output_m=8).validate()

@@ -25,7 +25,9 @@ class FixedSampler:
 
 
 def _model(output, V=30, H=8):
-    extra = {"output": "slim", "output_k": 2, "output_m": 20} if output == "slim" else {}
+    extra = {"slim": {"output": "slim", "output_k": 2, "output_m": 20},
+             # PM: E = 4 word vectors, projections around the LSTM
+             "pm": {"embedding_size": 4}, "full": {}}[output]
     m = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=1, dtype="float64", **extra))
     m.init_params(make_rng(0))
     m.store.data *= 5  # larger weights: non-trivial probabilities
@@ -33,7 +35,7 @@ def _model(output, V=30, H=8):
 
 
 @pytest.mark.parametrize("kind", ["is", "nce"])
-@pytest.mark.parametrize("output", ["full", "slim"])
+@pytest.mark.parametrize("output", ["full", "slim", "pm"])
 def test_sampled_gradients_match_finite_differences(kind, output):
     rng = np.random.default_rng(1)
     m = _model(output)

@@ -1,0 +1,879 @@
+"""Experiment plans: many training runs from one TOML file, resumable, in parallel.
+
+A plan names runs; each run is a set of ``slimnp train`` options.  ``slimnp
+experiment run PLAN`` trains every run that has no line in the results file
+yet, evaluates it exactly on the test text and appends one JSON line per
+finished run.  A stopped run (Ctrl-C, SIGTERM, kill -9, end of a session)
+continues from its checkpoint the next time; a finished run is skipped, so a
+plan run over several sittings ends with the same table as one sitting.
+
+The plan file::
+
+    [plan]                      # optional
+    description = "Figure 4 on PTB"
+    results = "results/fig4-ptb.jsonl"   # default: results/<plan stem>.jsonl
+    runs_dir = "runs/fig4-ptb"           # checkpoints and logs; default: runs/<plan stem>
+
+    [base]                      # options every run starts from: `slimnp train --help`
+    data = "../../shared/data/ptb"       # paths are relative to the plan file
+    epochs = 6
+
+    [[run]]                     # one run
+    name = "uncompressed"
+    method = "uncompressed"     # free labels, copied into the results (plots use them)
+
+    [[grid]]                    # many runs: list values are axes (a Cartesian
+    name = "se-{label}"         # product, or `zip = true` to vary together);
+    zip = true                  # strings are formatted with the axis values
+    label = ["2", "8"]
+    input_ratio = [0.5, 0.125]
+    input = "slim"
+    input_k = 8
+
+Runner keys besides the options: ``name`` (unique), ``method`` and
+``compression`` (labels for plots), ``label`` (a grid axis that is no
+option), and ``match`` / ``match_by``: give this run the ``hidden`` size or
+``embedding_size`` whose parameter count is nearest to run ``match``'s (the
+SM and PM baselines of the paper's Figure 4).  The runner owns ``out``,
+``resume``, ``force``, ``threads``, ``quiet``, ``json``, ``device`` and
+``distributed``.
+
+Each run trains in its own process (``slimnp experiment worker``), so
+``--jobs N`` runs N at once and a crash ends one run, not the plan.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RUNNER_KEYS = ("name", "method", "compression", "label", "match", "match_by")
+OWNED = ("out", "resume", "force", "threads", "quiet", "json", "device", "distributed")
+MATCH_BY = ("hidden", "embedding_size")
+
+
+class PlanError(ValueError):
+    """A plan file is wrong; the message names the file and line."""
+
+
+@dataclass
+class Run:
+    name: str
+    options: dict  # `slimnp train` options, underscore names, plan-relative paths resolved
+    meta: dict  # runner keys: method, compression, match, match_by
+    line: int  # where the run was declared
+    argv: list = field(default_factory=list)
+    matched: dict | None = None  # set by Plan.resolve_matches
+
+
+@dataclass
+class Plan:
+    path: Path
+    description: str
+    results: Path
+    runs_dir: Path
+    runs: list
+
+    def run(self, name: str) -> Run:
+        for r in self.runs:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------
+# reading a plan
+# ---------------------------------------------------------------------------
+def _toml():
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise PlanError("reading plans needs Python >= 3.11 or `pip install tomli`") from None
+    return tomllib
+
+
+def _key_lines(text: str) -> dict:
+    """``(table, index, key) -> line`` for every ``key = ...`` of a TOML text
+    (``table`` is the header name, ``index`` counts ``[[array]]`` entries)."""
+    where, table, index, counts = {}, "", 0, {}
+    for no, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if m := re.match(r"^\[\[\s*([^\]]+?)\s*\]\]", line):
+            table = m.group(1)
+            index = counts[table] = counts.get(table, -1) + 1
+            where[(table, index, None)] = no
+        elif m := re.match(r"^\[\s*([^\]]+?)\s*\]", line):
+            table, index = m.group(1), 0
+            where[(table, 0, None)] = no
+        elif m := re.match(r"^([A-Za-z0-9_\-\"']+)\s*=", line):
+            where.setdefault((table, index, m.group(1).strip("\"'")), no)
+    return where
+
+
+def _train_command():
+    from .cli import train
+
+    return train
+
+
+def _option_table() -> dict:
+    """``name -> click parameter`` of ``slimnp train``, by parameter name and
+    by long flag (``lr_schedule`` and ``schedule`` are the same option)."""
+    table = {}
+    for p in _train_command().params:
+        table[p.name] = p
+        for o in getattr(p, "opts", []):
+            if o.startswith("--"):
+                table[o[2:].replace("-", "_")] = p
+    return table
+
+
+def _check_type(param, value):
+    """A TOML value for a click option, strictly typed; returns an error or None."""
+    import click
+
+    t = param.type
+    if getattr(param, "is_flag", False):
+        return None if isinstance(value, bool) else "expects true or false"
+    if isinstance(value, bool):
+        return f"expects {t.name}, got a boolean"
+    if isinstance(t, click.types.IntParamType) and not isinstance(value, int):
+        return f"expects an integer, got {value!r}"
+    if isinstance(t, click.types.FloatParamType) and not isinstance(value, (int, float)):
+        return f"expects a number, got {value!r}"
+    if isinstance(t, (click.Choice, click.Path, click.types.StringParamType)) and not isinstance(value, str):
+        return f"expects a string, got {value!r}"
+    try:
+        t.convert(value, param, None)
+    except click.BadParameter as exc:
+        return exc.message
+    return None
+
+
+def _expand_grid(entry: dict, where) -> list:
+    """The runs of one ``[[grid]]`` table: ``[(options+runner keys)]``."""
+    entry = dict(entry)
+    zipped = entry.pop("zip", False)
+    if not isinstance(zipped, bool):
+        raise PlanError(f"{where('zip')}: zip expects true or false")
+    axes = {k: v for k, v in entry.items() if isinstance(v, list)}
+    fixed = {k: v for k, v in entry.items() if not isinstance(v, list)}
+    if not axes:
+        raise PlanError(f"{where(None)}: a [[grid]] needs at least one list of values "
+                        "(or use [[run]] for a single run)")
+    for k, v in axes.items():
+        if not v:
+            raise PlanError(f"{where(k)}: {k} is an empty list")
+    if zipped:
+        lengths = {len(v) for v in axes.values()}
+        if len(lengths) > 1:
+            raise PlanError(f"{where(None)}: with zip = true every list must have the same "
+                            f"length (got {', '.join(f'{k}: {len(v)}' for k, v in axes.items())})")
+        combos = [dict(zip(axes, vals)) for vals in zip(*axes.values())]
+    else:
+        combos = [dict(zip(axes, vals)) for vals in itertools.product(*axes.values())]
+    out = []
+    for combo in combos:
+        run = {**fixed, **combo}
+        for k, v in list(run.items()):
+            if isinstance(v, str) and "{" in v:
+                try:
+                    run[k] = v.format(**combo)
+                except (KeyError, IndexError, ValueError) as exc:
+                    raise PlanError(f"{where(k)}: cannot fill {v!r} from the grid's lists "
+                                    f"({type(exc).__name__}: {exc})") from None
+        out.append(run)
+    return out
+
+
+def load_plan(path, overrides: dict | None = None) -> Plan:
+    """Read and check a plan: every option known and well typed, names unique.
+
+    ``overrides``: options set on every run after the plan's own (``--set``).
+    Errors raise :class:`PlanError` naming ``file:line``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlanError(f"{path}: no such plan file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"{path}: cannot read the plan ({exc})") from None
+    tomllib = _toml()
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise PlanError(f"{path}: not valid TOML: {exc}") from None
+    lines = _key_lines(text)
+
+    def at(table, index=0, key=None):
+        no = lines.get((table, index, key)) or lines.get((table, index, None))
+        return f"{path}:{no}" if no else str(path)
+
+    unknown_tables = sorted(set(doc) - {"plan", "base", "run", "grid"})
+    if unknown_tables:
+        t = unknown_tables[0]
+        raise PlanError(f"{at(t)}: unknown table [{t}]; a plan has [plan], [base], [[run]] and [[grid]]")
+    head = doc.get("plan", {})
+    for k in head:
+        if k not in ("description", "results", "runs_dir"):
+            raise PlanError(f"{at('plan', 0, k)}: unknown [plan] key {k!r} "
+                            "(known: description, results, runs_dir)")
+    base_dir = path.parent
+    results = base_dir / head.get("results", f"results/{path.stem}.jsonl")
+    runs_dir = base_dir / head.get("runs_dir", f"runs/{path.stem}")
+    table = _option_table()
+
+    def check(opts: dict, where) -> tuple[dict, dict]:
+        """Split runner keys from options; check names and types; resolve paths."""
+        import click
+
+        options, meta = {}, {}
+        for raw_key, value in opts.items():
+            key = raw_key.replace("-", "_")
+            if key in RUNNER_KEYS:
+                meta[key] = value
+                continue
+            if key in OWNED:
+                raise PlanError(f"{where(raw_key)}: {raw_key} is set by the runner, not the plan "
+                                "(slimnp experiment run --help)")
+            param = table.get(key)
+            if param is not None and (param.name in OWNED or param.name == "as_json"):
+                raise PlanError(f"{where(raw_key)}: {raw_key} is set by the runner, not the plan "
+                                "(slimnp experiment run --help)")
+            if param is None:
+                close = sorted(n for n in table if n.startswith(key[:4]))
+                hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
+                raise PlanError(f"{where(raw_key)}: unknown option {raw_key!r}{hint}; "
+                                "see `slimnp train --help`")
+            problem = _check_type(param, value)
+            if problem:
+                raise PlanError(f"{where(raw_key)}: {raw_key} {problem}")
+            if isinstance(param.type, click.Path):
+                value = str((base_dir / Path(value).expanduser()).resolve())
+            options[param.name] = value
+        if "match" in meta or "match_by" in meta:
+            if meta.get("match_by") not in MATCH_BY or not isinstance(meta.get("match"), str):
+                raise PlanError(f"{where('match')}: match = \"RUN\" needs match_by = "
+                                f"{' or '.join(repr(m) for m in MATCH_BY)}")
+        for k in ("name", "method", "label"):
+            if k in meta and not isinstance(meta[k], str):
+                raise PlanError(f"{where(k)}: {k} expects a string, got {meta[k]!r}")
+        if "compression" in meta and (isinstance(meta["compression"], bool)
+                                      or not isinstance(meta["compression"], (int, float))):
+            raise PlanError(f"{where('compression')}: compression expects a number")
+        return options, meta
+
+    base, base_meta = check(doc.get("base", {}), lambda k: at("base", 0, k))
+    if base_meta:
+        raise PlanError(f"{at('base', 0, next(iter(base_meta)))}: [base] takes options only, "
+                        f"not {', '.join(base_meta)}")
+    over = {}
+    if overrides:
+        over, _ = check(overrides, lambda k: f"--set {k}")
+    runs, seen = [], {}
+    entries = [("run", i, e, [e]) for i, e in enumerate(doc.get("run", []))]
+    for i, g in enumerate(doc.get("grid", [])):
+        entries.append(("grid", i, g, _expand_grid(g, lambda k, i=i: at("grid", i, k))))
+    for kind, i, _, expanded in entries:
+        for spec in expanded:
+            where = lambda k, kind=kind, i=i: at(kind, i, k)  # noqa: E731
+            opts, meta = check(spec, where)
+            name = meta.get("name")
+            if not name:
+                raise PlanError(f"{where(None)}: every [[{kind}]] needs a name")
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+\-]*", name):
+                raise PlanError(f"{where('name')}: run name {name!r} must be letters, digits, "
+                                "'.', '_', '+' or '-' (it names files)")
+            if name in seen:
+                raise PlanError(f"{where('name')}: duplicate run name {name!r} "
+                                f"(first at {seen[name]})")
+            seen[name] = where("name")
+            line = int(where("name").rsplit(":", 1)[-1]) if ":" in where("name") else 0
+            runs.append(Run(name=name, options={**base, **opts, **over}, meta=meta, line=line))
+    if not runs:
+        raise PlanError(f"{path}: the plan has no runs ([[run]] or [[grid]])")
+    names = {r.name for r in runs}
+    for r in runs:
+        m = r.meta.get("match")
+        if m is not None and m not in names:
+            raise PlanError(f"{path}:{r.line}: run {r.name!r} matches {m!r}, which the plan "
+                            "does not have")
+        if m is not None and runs_by(runs, m).meta.get("match"):
+            raise PlanError(f"{path}:{r.line}: run {r.name!r} matches {m!r}, which itself "
+                            "matches another run; match a run with fixed sizes")
+    plan = Plan(path=path, description=head.get("description", ""), results=results,
+                runs_dir=runs_dir, runs=runs)
+    return plan
+
+
+def runs_by(runs, name):
+    return next(r for r in runs if r.name == name)
+
+
+# ---------------------------------------------------------------------------
+# options -> argv, configs and parameter counts
+# ---------------------------------------------------------------------------
+def to_argv(options: dict) -> list:
+    """``slimnp train`` arguments for an options dict (underscore names)."""
+    table = _option_table()
+    argv = []
+    for name, value in options.items():
+        param = table[name]
+        flag = max(param.opts, key=len)  # the long form
+        if getattr(param, "is_flag", False):
+            if value:
+                argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def hp_of(options: dict) -> tuple[dict, dict]:
+    """``(hp, params)``: run_training's settings and the train command's
+    parsed parameters for ``options`` (exactly as the CLI would take them)."""
+    from .cli import PRESETS, SLIM_SIZE_OPTIONS, train_hp
+
+    cmd = _train_command()
+    ctx = cmd.make_context("train", to_argv(options) + ["--out", "x.h5"])
+    p = dict(ctx.params)
+    named = {"data", "train_file", "valid_file", "test_file", "out", "resume", "force", "threads",
+             "quiet", "as_json", "seed", "min_count", "max_vocab", "eval_batch_size", "loss_average",
+             "input_kind", "output_kind", "mapping", "mapping_seed", "tie", "distributed", "device"}
+    hyper = {k: v for k, v in p.items() if k not in named}
+    builtin = not (p.get("data") or p.get("train_file"))
+    preset = PRESETS["builtin" if builtin else "zaremba-small"]
+    assert all(k in hyper for k in SLIM_SIZE_OPTIONS)
+    hp = train_hp(hyper, preset, p["input_kind"], p["output_kind"], p["mapping"],
+                  p["mapping_seed"], p["tie"])
+    return hp, p
+
+
+_VOCAB_SIZES: dict = {}
+
+
+def vocab_size(params: dict) -> int:
+    """V of a run's data (the built-in corpus, --data or --train), cached."""
+    from .data import Vocabulary, find_splits
+
+    vocab_file = None
+    if params.get("data"):
+        files = find_splits(params["data"])
+        train, vocab_file = files["train"], files.get("vocab")
+    elif params.get("train_file"):
+        train = Path(params["train_file"])
+    else:
+        from .cli import ensure_builtin_corpus
+
+        d, _ = ensure_builtin_corpus(echo=lambda m: None)
+        train = d / "train.txt"
+        vocab_file = d / "vocab.txt" if (d / "vocab.txt").exists() else None
+    key = (str(train), str(vocab_file), params.get("min_count"), params.get("max_vocab"))
+    if key not in _VOCAB_SIZES:
+        # as run_training builds it
+        vocab = Vocabulary.read(vocab_file) if vocab_file else \
+            Vocabulary.build(train, min_count=params["min_count"], max_vocab=params["max_vocab"])
+        _VOCAB_SIZES[key] = len(vocab)
+    return _VOCAB_SIZES[key]
+
+
+def configs_of(options: dict):
+    """``(ModelConfig, TrainConfig)`` a run's options give."""
+    from .trainer import model_config, train_config
+
+    hp, p = hp_of(options)
+    mc = model_config(hp, vocab_size(p))
+    mc.validate()
+    tc = train_config(hp, seed=p["seed"], loss_average=p["loss_average"],
+                      eval_batch_size=p["eval_batch_size"])
+    tc.validate()
+    return mc, tc
+
+
+def parameter_counts(mc) -> dict:
+    """Parameters per layer (first path component) and ``total``."""
+    from .model import param_shapes
+
+    counts: dict = {}
+    for name, shape in param_shapes(mc).items():
+        layer = name.split("/")[0]
+        counts[layer] = counts.get(layer, 0) + int(math.prod(shape))
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def match_size(run: Run, target: Run) -> dict:
+    """Set ``run``'s hidden or embedding size so its parameter count is
+    nearest ``target``'s (ties: the smaller size); returns what was chosen."""
+    by = run.meta["match_by"]
+    mc_t, _ = configs_of(target.options)
+    want = parameter_counts(mc_t)["total"]
+    mc, _ = configs_of(run.options)
+    hi = mc.hidden if by == "embedding_size" else max(mc.hidden, mc_t.hidden)
+    best = None
+    for v in range(1, hi + 1):
+        try:
+            cand = dataclasses.replace(mc, **{by: v})
+            cand.validate()
+        except ValueError:
+            continue
+        n = parameter_counts(cand)["total"]
+        if best is None or abs(n - want) < abs(best[1] - want):
+            best = (v, n)
+    if best is None:
+        raise PlanError(f"{run.name}: no {by} gives a valid model to match {target.name}")
+    run.options[by] = best[0]
+    return {"run": target.name, "by": by, "value": best[0], "parameters": best[1],
+            "target_parameters": want}
+
+
+def resolve(plan: Plan) -> None:
+    """Fill in matched sizes and each run's argv (checks every run's config)."""
+    for r in plan.runs:
+        if r.meta.get("match"):
+            r.matched = match_size(r, plan.run(r.meta["match"]))
+        try:
+            configs_of(r.options)
+        except ValueError as exc:
+            raise PlanError(f"{plan.path}:{r.line}: run {r.name!r}: {exc}") from None
+        r.argv = to_argv(r.options)
+
+
+# ---------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------
+def read_results(path) -> dict:
+    """``run name -> record`` of a results file (the last line of a name wins)."""
+    out = {}
+    path = Path(path)
+    if not path.exists():
+        return out
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise PlanError(f"{path}:{no}: not a JSON line (a damaged results file? "
+                            "remove the line to run that run again)") from None
+        out[rec["run"]] = rec
+    return out
+
+
+def _finite(x):
+    """``x`` with non-finite floats as None (strict JSON)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _append_line(path: Path, record: dict) -> None:
+    """One JSON line, flushed and synced (a crash loses at most this line)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(_finite(record), allow_nan=False, default=_jsonable) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _jsonable(x):
+    try:
+        return x.item()
+    except AttributeError:
+        return str(x)
+
+
+def machine() -> dict:
+    """CPU model, cores, L3 and platform of this machine."""
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "cores": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        info["cpu"] = platform.processor()
+    try:
+        info["l3"] = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        pass
+    return info
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty``), or None outside a git tree."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _stored_config(ckpt: Path) -> dict:
+    from . import io as sio
+
+    return sio.describe(ckpt)["config"]
+
+
+def check_stale(run: Run, ckpt: Path) -> None:
+    """A checkpoint of this run's name made with other options is an error
+    (the plan changed after the run started)."""
+    mc, tc = configs_of(run.options)
+    stored = _stored_config(ckpt)
+    want = {"model": mc.to_dict(), "train": tc.to_dict()}
+    diffs = []
+    for part in ("model", "train"):
+        have = stored.get(part, {})
+        for k, v in want[part].items():
+            if have.get(k, v) != v:
+                diffs.append(f"{k} {have.get(k)!r} -> {v!r}")
+    if diffs:
+        raise PlanError(f"run {run.name!r}: its checkpoint {ckpt} was made with other settings "
+                        f"({'; '.join(diffs[:4])}); delete it to start the run again, "
+                        "or give the changed run a new name")
+
+
+# ---------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------
+def status(plan: Plan) -> list:
+    """``[(run, state, record-or-None)]``: state is done, partial (epoch/segment) or new."""
+    from . import io as sio
+
+    done = read_results(plan.results)
+    out = []
+    for r in plan.runs:
+        ckpt = plan.runs_dir / f"{r.name}.h5"
+        if r.name in done:
+            out.append((r, "done", done[r.name]))
+        elif ckpt.exists():
+            try:
+                st = sio.describe(ckpt)["train_state"]
+                epochs = _stored_config(ckpt).get("train", {}).get("epochs")
+                state = f"epoch {st.get('epoch')}/{epochs}, segment {st.get('segment')}"
+                if st.get("finished"):
+                    state = "trained, test not evaluated"
+            except Exception as exc:  # a damaged file: say so, the run will say more
+                state = f"checkpoint unreadable ({type(exc).__name__})"
+            out.append((r, state, None))
+        else:
+            out.append((r, "new", None))
+    return out
+
+
+def record(plan: Plan, run: Run, summary: dict, wall: float) -> dict:
+    """The results line of a finished run."""
+    from . import __version__
+    from . import io as sio
+
+    info = sio.describe(summary.get("best") or plan.runs_dir / f"{run.name}.h5")
+    cfg = info["config"]
+    from .model import ModelConfig
+
+    counts = parameter_counts(ModelConfig.from_dict(cfg["model"]))
+    emb = counts.get("embedding", 0) + counts.get("output", 0) - cfg["model"]["vocab_size"]
+    train_s = summary.get("train_seconds") or 0.0
+    import numpy
+
+    return {
+        "run": run.name, "plan": str(plan.path), **{k: v for k, v in run.meta.items()
+                                                   if k not in ("name", "match", "match_by")},
+        "options": run.options, "config": cfg,
+        "parameters": counts["total"], "parameters_by_layer": {k: v for k, v in counts.items()
+                                                               if k != "total"},
+        "embedding_parameters": emb, "matched": run.matched,
+        "valid_ppl": summary.get("best_valid_ppl"), "test_ppl": summary.get("test_ppl"),
+        "test_tokens": summary.get("test_tokens"), "epochs": summary.get("epochs_done"),
+        "train_seconds": train_s, "wall_seconds": wall,
+        "tokens_per_s": (summary.get("train_tokens_seen") or 0) / train_s if train_s else None,
+        "history": [{k: h.get(k) for k in ("epoch", "lr", "train_ppl", "valid_ppl")}
+                    for h in _history(plan.runs_dir / f"{run.name}.metrics.jsonl")],
+        "machine": machine(), "slimnp_version": __version__, "numpy_version": numpy.__version__,
+        "git_commit": git_commit(),
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _history(metrics: Path) -> list:
+    out = []
+    if metrics.exists():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("event") == "epoch":
+                out.append(rec)
+    return out
+
+
+class Runner:
+    """Runs a plan's unfinished runs, ``jobs`` at a time, each in a worker process.
+
+    ``log`` gets one line per event (a run starts, finishes an epoch, ends).
+    SIGINT/SIGTERM stop every worker after its current step with a
+    checkpoint; the next ``run`` continues them.
+    """
+
+    def __init__(self, plan: Plan, jobs: int = 1, threads: int = 1, device: str = "cpu",
+                 only=None, log=print):
+        self.plan, self.jobs, self.threads, self.device = plan, jobs, threads, device
+        self.only = set(only or ())
+        self.log = log
+        self.lock = threading.Lock()
+        self.procs: dict = {}
+        self.stopping = None
+        self.failed: list = []
+        self.finished: list = []
+
+    def pending(self) -> list:
+        done = read_results(self.plan.results)
+        runs = [r for r in self.plan.runs if r.name not in done]
+        if self.only:
+            unknown = self.only - {r.name for r in self.plan.runs}
+            if unknown:
+                raise PlanError(f"{self.plan.path}: no run named {', '.join(sorted(unknown))}")
+            runs = [r for r in runs if r.name in self.only]
+        return runs
+
+    def run(self) -> int:
+        """Returns the exit code: 0 all done, 1 a run failed, 130 stopped."""
+        plan = self.plan
+        plan.runs_dir.mkdir(parents=True, exist_ok=True)
+        todo = self.pending()
+        skipped = len(plan.runs) - len(todo) if not self.only else len(self.only) - len(todo)
+        for r in todo:
+            ckpt = plan.runs_dir / f"{r.name}.h5"
+            if ckpt.exists():
+                check_stale(r, ckpt)
+        self.log(f"{plan.path}: {len(plan.runs)} runs, {skipped} finished, {len(todo)} to run "
+                 f"({self.jobs} at a time, {self.threads} thread(s) each, {self.device}); "
+                 f"results: {plan.results}")
+        queue = list(todo)
+        old = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)
+               if threading.current_thread() is threading.main_thread()}
+        try:
+            workers = [threading.Thread(target=self._work, args=(queue,), daemon=True)
+                       for _ in range(max(1, min(self.jobs, len(queue))))]
+            for w in workers:
+                w.start()
+            while any(w.is_alive() for w in workers):
+                for w in workers:
+                    w.join(timeout=0.5)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+        left = len(self.pending())
+        if self.stopping:
+            self.log(f"stopped by {self.stopping}: {len(self.finished)} run(s) finished now, "
+                     f"{left} left; `slimnp experiment run {plan.path}` continues them")
+            return 130
+        if self.failed:
+            self.log(f"{len(self.failed)} run(s) failed: {', '.join(self.failed)} "
+                     f"(logs in {plan.runs_dir}); {left} left")
+            return 1
+        self.log(f"all {len(plan.runs)} runs done; results: {plan.results}")
+        return 0
+
+    def _stop(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.stopping:  # a second signal: stop hard
+            for p in list(self.procs.values()):
+                p.kill()
+            return
+        self.stopping = name
+        self.log(f"{name}: stopping every run after its current step (checkpoints are written)...")
+        for p in list(self.procs.values()):
+            try:
+                p.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+
+    def _work(self, queue: list) -> None:
+        while not self.stopping:
+            with self.lock:
+                if not queue:
+                    return
+                run = queue.pop(0)
+            self._one(run)
+
+    def _one(self, run: Run) -> None:
+        plan = self.plan
+        ckpt = plan.runs_dir / f"{run.name}.h5"
+        logf = plan.runs_dir / f"{run.name}.log"
+        spec = plan.runs_dir / f"{run.name}.spec.json"
+        summary_path = plan.runs_dir / f"{run.name}.summary.json"
+        summary_path.unlink(missing_ok=True)
+        spec.write_text(json.dumps({"argv": run.argv, "out": str(ckpt), "summary": str(summary_path),
+                                    "threads": self.threads, "device": self.device}))
+        lock_path = plan.runs_dir / f"{run.name}.lock"
+        lock = _try_lock(lock_path)
+        if lock is None:
+            who = lock_path.read_text().split()
+            self.log(f"[{run.name}] skipped: another process (pid {who[-1] if who else '?'}) "
+                     "is training it now")
+            self.failed.append(run.name)
+            return
+        try:
+            self._launch(run, ckpt, logf, spec, summary_path, lock)
+        finally:
+            os.close(lock)
+
+    def _launch(self, run, ckpt, logf, spec, summary_path, lock) -> None:
+        plan = self.plan
+        how = "resuming" if ckpt.exists() else "starting"
+        self.log(f"[{run.name}] {how}: slimnp train {' '.join(run.argv)}")
+        t0 = time.perf_counter()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(logf, "a", encoding="utf-8") as lf:
+            lf.write(f"--- {how} {datetime.datetime.now().isoformat(timespec='seconds')}\n")
+            lf.flush()
+            p = subprocess.Popen([sys.executable, "-m", "slimnp", "experiment", "worker", str(spec)],
+                                 stdout=lf, stderr=subprocess.STDOUT, env=env,
+                                 # signals reach it through the runner only; it holds the
+                                 # run's lock too, so a killed runner leaves it locked
+                                 start_new_session=True, pass_fds=(lock,))
+            with self.lock:
+                self.procs[run.name] = p
+            os.ftruncate(lock, 0)  # who holds the run: the runner and its worker
+            os.pwrite(lock, f"{os.getpid()} {p.pid}\n".encode(), 0)
+            pos = logf.stat().st_size
+            while p.poll() is None:
+                time.sleep(1.0)
+                pos = self._echo_epochs(run.name, logf, pos)
+            self._echo_epochs(run.name, logf, pos)
+        with self.lock:
+            self.procs.pop(run.name, None)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0 or not summary_path.exists():
+            if self.stopping:
+                self.log(f"[{run.name}] stopped; checkpoint {ckpt}")
+                return
+            last = [ln for ln in logf.read_text(encoding="utf-8", errors="replace").splitlines()
+                    if ln.strip()]
+            self.log(f"[{run.name}] FAILED (exit {p.returncode}): {last[-1] if last else 'no output'}")
+            self.failed.append(run.name)
+            return
+        summary = json.loads(summary_path.read_text())
+        if not summary.get("finished"):
+            self.log(f"[{run.name}] stopped at epoch {summary.get('epochs_done')}; checkpoint {ckpt}")
+            return
+        rec = record(plan, run, summary, wall)
+        with self.lock:
+            _append_line(plan.results, rec)
+            self.finished.append(run.name)
+        self.log(f"[{run.name}] done: valid {rec['valid_ppl']:.2f}  test {rec['test_ppl']:.2f}  "
+                 f"{rec['parameters']:,} parameters  {fmt_s(wall)}")
+
+    def _echo_epochs(self, name: str, logf: Path, pos: int) -> int:
+        """Echo the new epoch lines of a worker's log; returns the new offset."""
+        try:
+            with open(logf, "rb") as f:
+                f.seek(pos)
+                chunk = f.read()
+        except OSError:
+            return pos
+        end = chunk.rfind(b"\n") + 1
+        for line in chunk[:end].decode("utf-8", "replace").splitlines():
+            if line.startswith("epoch ") and "valid ppl" in line:
+                self.log(f"[{name}] {line.strip()}")
+        return pos + end
+
+
+def _try_lock(path: Path):
+    """An exclusive lock on ``path`` (a file descriptor), or None if another
+    process holds it.  The kernel drops it when every holder exits (kill -9
+    included): no stale locks."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): no protection against two runners
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def fmt_s(s: float) -> str:
+    from .progress import fmt_duration
+
+    return fmt_duration(s)
+
+
+def _final_summary(ckpt: Path):
+    """The ``final`` record of a finished run's metrics log, if the run's
+    checkpoint says it finished (None otherwise)."""
+    from . import io as sio
+
+    metrics = ckpt.with_name(ckpt.stem + ".metrics.jsonl")
+    if not (ckpt.exists() and metrics.exists()):
+        return None
+    if not sio.describe(ckpt)["train_state"].get("finished"):
+        return None
+    final = None
+    for line in metrics.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("event") == "final" and rec.get("finished") and "test_ppl" in rec:
+            final = {k: v for k, v in rec.items() if k != "event"}
+    return final
+
+
+def work(spec_path) -> dict:
+    """The worker: train (or resume, or finish) one run as its spec says,
+    and write the summary file.  Runs in its own process."""
+    from .cli import main
+    from .threads import set_threads
+    from .trainer import resume_training
+
+    spec = json.loads(Path(spec_path).read_text())
+    set_threads(spec["threads"])
+    out = Path(spec["out"])
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    final = _final_summary(out)
+    if final is not None:  # trained and evaluated; stopped before its result was recorded
+        log(f"{out}: finished and evaluated before; taking its final summary")
+        summary = final
+    elif out.exists():
+        summary = resume_training(out, device=spec["device"], log=log, progress=False,
+                                  allow_finished=True)
+    else:
+        summary = main.main(["train", *spec["argv"], "--out", str(out), "--quiet",
+                             "--threads", str(spec["threads"]), "--device", spec["device"]],
+                            standalone_mode=False)
+    tmp = Path(spec["summary"] + ".tmp")
+    tmp.write_text(json.dumps(summary, default=_jsonable))
+    os.replace(tmp, spec["summary"])
+    return summary

@@ -1,0 +1,228 @@
+"""The experiment runner: plans, results, skipping, resuming, parallel jobs, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from slimnp.cli import main
+from slimnp.experiment import PlanError, load_plan, read_results, resolve
+
+from helpers import tiny_corpus
+
+PLAN = """\
+[plan]
+description = "toy"
+
+[base]
+data = "{data}"
+hidden = 12
+layers = 1
+epochs = {epochs}
+bptt = 10
+batch-size = 8
+
+[[run]]
+name = "dense"
+method = "uncompressed"
+compression = 1
+
+[[grid]]
+name = "se-{{label}}"
+method = "SE"
+zip = true
+label = ["4"]
+compression = [4]
+input = "slim"
+output = "slim"
+input-k = 4
+output-k = 4
+input-ratio = [0.25]
+output-ratio = [0.25]
+
+[[run]]
+name = "sm-4"
+method = "SM"
+compression = 4
+match = "se-4"
+match_by = "hidden"
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    tiny_corpus(d, tokens=12000)
+    return d
+
+
+def _plan(tmp_path, corpus, epochs=2, text=PLAN) -> Path:
+    p = tmp_path / "plan.toml"
+    p.write_text(text.format(data=corpus, epochs=epochs))
+    return p
+
+
+def _run(args, cwd=None, **kw):
+    return subprocess.run([sys.executable, "-m", "slimnp", "experiment", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def _essence(results: Path) -> dict:
+    """What must not depend on how the plan was run: per run, the perplexities,
+    sizes and configs (not the times)."""
+    return {name: (r["valid_ppl"], r["test_ppl"], r["parameters"], r["epochs"], r["config"]["model"],
+                   r["config"]["train"], r["matched"])
+            for name, r in read_results(results).items()}
+
+
+@pytest.mark.slow
+def test_plan_runs_skips_finished_and_jobs_agree(tmp_path, corpus):
+    (tmp_path / "a").mkdir()
+    one = _plan(tmp_path / "a", corpus)
+    res = _run(["run", str(one)])
+    assert res.returncode == 0, res.stderr
+    results = one.parent / "results" / "plan.jsonl"
+    recs = read_results(results)
+    assert sorted(recs) == ["dense", "se-4", "sm-4"]
+    r = recs["se-4"]
+    for key in ("config", "parameters", "parameters_by_layer", "valid_ppl", "test_ppl", "epochs",
+                "wall_seconds", "tokens_per_s", "machine", "slimnp_version", "git_commit", "history"):
+        assert key in r, key
+    assert r["epochs"] == 2 and r["method"] == "SE" and r["compression"] == 4
+    assert r["config"]["model"]["output"] == "slim" and r["config"]["model"]["output_k"] == 4
+    assert r["parameters"] == sum(r["parameters_by_layer"].values())
+    assert len(r["history"]) == 2 and 1 < r["test_ppl"] < 200
+    # SM: the hidden size whose parameter count is nearest the SE run's
+    sm = recs["sm-4"]
+    assert sm["matched"]["run"] == "se-4" and sm["matched"]["target_parameters"] == r["parameters"]
+    assert sm["config"]["model"]["hidden"] == sm["matched"]["value"] < 12
+    assert sm["parameters"] == sm["matched"]["parameters"]
+    # every line is strict JSON
+    for line in results.read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+    # a second sitting: nothing to do, the file unchanged
+    before = results.read_bytes()
+    again = _run(["run", str(one)])
+    assert again.returncode == 0 and "3 finished, 0 to run" in again.stderr
+    assert results.read_bytes() == before
+    # --jobs 2 elsewhere: the same table
+    (tmp_path / "b").mkdir()
+    two = _plan(tmp_path / "b", corpus)
+    res2 = _run(["run", str(two), "--jobs", "2"])
+    assert res2.returncode == 0, res2.stderr
+    assert _essence(two.parent / "results" / "plan.jsonl") == _essence(results)
+    # status shows them done
+    st = CliRunner().invoke(main, ["experiment", "status", str(one)])
+    assert st.exit_code == 0 and st.output.count(" done") == 3
+
+
+def _wait_for(path: Path, proc, timeout=300):
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm", "kill9"])
+def test_stopped_or_killed_plan_resumes_to_the_same_results(tmp_path, corpus, how):
+    """Stop the runner after the first run's first epoch checkpoint (SIGTERM: it
+    stops its workers with checkpoints; kill -9: runner and worker die at once);
+    the next `experiment run` ends with exactly the table of an uninterrupted one."""
+    text = PLAN.replace('[[run]]\nname = "sm-4"', '[[run]]\nname = "sm-4"\nepochs = 1', 1)
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir.mkdir()
+    cut_dir.mkdir()
+    ref = _plan(ref_dir, corpus, epochs=4, text=text)
+    assert _run(["run", str(ref)]).returncode == 0
+    cut = _plan(cut_dir, corpus, epochs=4, text=text)
+    proc = subprocess.Popen([sys.executable, "-m", "slimnp", "experiment", "run", str(cut)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = cut_dir / "runs" / "plan" / "dense.h5"
+    _wait_for(ckpt, proc)
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert "stopped by SIGTERM" in err and "continues them" in err
+    else:
+        runner_pid, worker_pid = map(int, (ckpt.with_suffix(".lock")).read_text().split())
+        assert runner_pid == proc.pid
+        os.kill(worker_pid, signal.SIGKILL)
+        proc.kill()
+        proc.communicate()
+    assert "dense" not in read_results(cut_dir / "results" / "plan.jsonl")
+    res = _run(["run", str(cut)])
+    assert res.returncode == 0, res.stderr
+    assert "[dense] resuming" in res.stderr
+    assert _essence(cut_dir / "results" / "plan.jsonl") == _essence(ref_dir / "results" / "plan.jsonl")
+
+
+BAD = [
+    ('[[run]]\nname = "a"\nhiden = 3\n', ":5: unknown option 'hiden'"),
+    ('[[run]]\nname = "a"\nhidden = "big"\n', ":5: hidden expects an integer"),
+    ('[[run]]\nname = "a"\ndropout = true\n', ":5: dropout expects float, got a boolean"),
+    ('[[run]]\nname = "a"\ninput = "sparse"\n', ":5: input "),
+    ('[[run]]\nname = "a"\n\n[[run]]\nname = "a"\n', ":7: duplicate run name 'a' (first at"),
+    ('[[run]]\nname = "a"\nout = "x.h5"\n', ":5: out is set by the runner"),
+    ('[[run]]\nname = "a"\nmatch = "b"\nmatch_by = "hidden"\n', "matches 'b', which the plan does not have"),
+    ('[[run]]\nname = "a"\nmatch = "b"\n', "match_by"),
+    ('[[run]]\nhidden = 4\n', "every [[run]] needs a name"),
+    ('[[run]]\nname = "a/b"\n', "must be letters"),
+    ('[runs]\nname = "a"\n', ":3: unknown table [runs]"),
+    ('[[grid]]\nname = "g{x}"\nzip = true\nx = [1, 2]\nhidden = [3]\n', "same length"),
+    ('[[run]\nname = "a"\n', "not valid TOML"),
+    ('', "the plan has no runs"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD)
+def test_bad_plans_give_one_line_naming_the_line(tmp_path, text, message):
+    p = tmp_path / "bad.toml"
+    p.write_text("[base]\nepochs = 1\n" + text)
+    res = CliRunner().invoke(main, ["experiment", "run", str(p)])
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
+    assert message in lines[0], (message, lines[0])
+    assert str(p) in lines[0] or "--set" in lines[0]
+
+
+def test_grid_expands_cartesian_and_formats_names(tmp_path, corpus):
+    p = tmp_path / "g.toml"
+    p.write_text(f'[base]\ndata = "{corpus}"\n\n[[grid]]\nname = "h{{hidden}}-l{{layers}}"\n'
+                 'hidden = [8, 16]\nlayers = [1, 2]\nepochs = 1\n')
+    plan = load_plan(p, overrides={"lr": 0.5})
+    assert [r.name for r in plan.runs] == ["h8-l1", "h8-l2", "h16-l1", "h16-l2"]
+    assert all(r.options["lr"] == 0.5 and r.options["epochs"] == 1 for r in plan.runs)
+    assert plan.runs[0].options["data"] == str(corpus)
+    resolve(plan)
+    argv = plan.runs[3].argv
+    assert argv[argv.index("--hidden") + 1] == "16" and argv[argv.index("--layers") + 1] == "2"
+    assert argv[argv.index("--data") + 1] == str(corpus) and argv[argv.index("--lr") + 1] == "0.5"
+
+
+def test_changed_plan_makes_the_checkpoint_stale(tmp_path, corpus):
+    """A checkpoint made with other settings is not resumed silently."""
+    from slimnp.experiment import check_stale
+
+    p = _plan(tmp_path, corpus, epochs=1)
+    runs = tmp_path / "runs" / "plan"
+    runs.mkdir(parents=True)
+    res = CliRunner().invoke(main, ["train", "--data", str(corpus), "--hidden", "12", "--layers", "1",
+                                    "--epochs", "1", "--bptt", "10", "--batch-size", "8", "-q",
+                                    "--out", str(runs / "dense.h5")])
+    assert res.exit_code == 0, res.output
+    plan = load_plan(p)
+    resolve(plan)
+    check_stale(plan.run("dense"), runs / "dense.h5")  # the same settings: fine
+    plan = load_plan(p, overrides={"lr": 0.5})
+    resolve(plan)
+    with pytest.raises(PlanError, match="lr 1.0 -> 0.5"):
+        check_stale(plan.run("dense"), runs / "dense.h5")
