@@ -651,7 +651,10 @@ def _parse_ratio(text):
               help="Perplexity on the y axis of ratio and k plots.")
 @click.option("--k-ratio", metavar="R", help="Compression of a k plot, e.g. 8 or 1/8 "
                                              "[default: the one with several K].")
-def plot_command(files, out, kind, svg, title, metric, k_ratio):
+@click.option("--method", "methods", multiple=True, metavar="NAME",
+              help="Plot only rows of this method (repeatable; the uncompressed baseline "
+                   "always stays), e.g. --method SE --method SM --method PM for Figure 4.")
+def plot_command(files, out, kind, svg, title, metric, k_ratio, methods):
     """Plot results of `slimnp experiment run` or `slimnp train` metrics.
 
     \b
@@ -680,6 +683,9 @@ def plot_command(files, out, kind, svg, title, metric, k_ratio):
         draw, what = (lambda ax: draw_curves(ax, series)), "run"
     else:
         rows = [row for p, r in records for row in _rows_of(p, r)]
+        if methods:
+            rows = [row for row in rows
+                    if method_of(row) in methods or method_of(row) == "uncompressed"]
         draw = (lambda ax: draw_ratio(ax, rows, metric)) if kind == "ratio" \
             else (lambda ax: draw_k(ax, rows, ratio, metric))
         what = "row"

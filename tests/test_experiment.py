@@ -226,3 +226,23 @@ def test_changed_plan_makes_the_checkpoint_stale(tmp_path, corpus):
     resolve(plan)
     with pytest.raises(PlanError, match="lr 1.0 -> 0.5"):
         check_stale(plan.run("dense"), runs / "dense.h5")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+PTB = ROOT.parent / "shared" / "data" / "ptb"
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("plan", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
+def test_repository_plans_load_and_match_sizes(plan):
+    """The committed plans parse, every run's config is valid, and the SM/PM
+    sizes found give parameter counts within 2% of the SE run they match (one unit
+    of E is 2V parameters: 1.4% of the 1/128 SE model)."""
+    if not PTB.exists():
+        pytest.skip("needs ../shared/data/ptb")
+    p = load_plan(plan)
+    resolve(p)
+    assert len({r.name for r in p.runs}) == len(p.runs) >= 5
+    for r in p.runs:
+        if r.matched:
+            assert abs(r.matched["parameters"] / r.matched["target_parameters"] - 1) < 0.02, r.name

@@ -193,6 +193,14 @@ def test_auto_picks_curves_for_metrics_files(tmp_path, metrics, results):
     assert r.exit_code == 0 and "ratio plot" in r.output, r.output
 
 
+def test_method_option_keeps_those_methods_and_the_baseline(tmp_path, results):
+    """Figure 4 from a file that also holds Figure 2's rows: SE, SM, PM only."""
+    r = run(results, "--method", "SE", "--method", "SM", "--method", "PM", "--out", tmp_path / "m.png")
+    assert r.exit_code == 0, r.output
+    # 4 each of SE (K = 8 only), SM and PM, and the uncompressed line
+    assert "ratio plot of 13 rows" in r.output, r.output
+
+
 def test_k_ratio_option(tmp_path, results):
     r = run(results, "--kind", "k", "--k-ratio", "1/8", "--out", tmp_path / "k.png")
     assert r.exit_code == 0 and "k plot of 6 rows" in r.output, r.output  # 4 SE, HashNet, uncompressed

@@ -1,0 +1,156 @@
+"""Fill REPRODUCTION.rst's tables and figures from the results files.
+
+    python experiments/report.py          # rewrites the generated blocks and figures
+
+Every number between the ``.. BEGIN name`` / ``.. END name`` markers of
+REPRODUCTION.rst and every figure under experiments/figures/ comes from the
+results files in experiments/results/ (written by ``slimnp experiment run``);
+the paper's numbers are those printed in Li et al. (2018), Table 2.  Runs not
+finished yet show as "-" so the tables say what is missing.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+from slimnp.experiment import read_results  # noqa: E402
+
+DOC = ROOT / "REPRODUCTION.rst"
+FIGURES = HERE / "figures"
+
+# Li, Kang and Zhang (AAAI 2018), Table 2: PTB, 2x300, K = 10 (test PPL)
+PAPER_TABLE2 = {"ne-d0": 89.54, "se-m10k-d0": 89.06, "se-m5k-d0": 89.54,
+                "ne-d0.1": 88.56, "se-m10k-d0.1": 88.37}
+TABLE2_ROWS = [("ne-d0", "NE", "0", "1"), ("se-m10k-d0", "SE (M=10K)", "0", "10%"),
+               ("se-m5k-d0", "SE (M=5K)", "0", "5%"), ("ne-d0.1", "NE", "0.1", "1"),
+               ("se-m10k-d0.1", "SE (M=10K)", "0.1", "10%")]
+RATIOS = (2, 8, 32, 128)
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def _table(header, rows) -> str:
+    """An RST simple table."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    rule = "  ".join("=" * w for w in widths)
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([rule, line(header), rule, *(line(r) for r in cells[1:]), rule])
+
+
+def _minutes(rec) -> str:
+    return f"{rec['wall_seconds'] / 60:.0f}" if rec and rec.get("wall_seconds") else "-"
+
+
+def table2(res: dict) -> str:
+    rows = []
+    for name, model, drop, size in TABLE2_ROWS:
+        r = res.get(name)
+        ppl = r and r["test_ppl"]
+        rows.append([model, drop, size, _f(PAPER_TABLE2[name]), _f(ppl),
+                     _f(ppl - PAPER_TABLE2[name], "{:+.2f}") if ppl else "-",
+                     _f(r and r["valid_ppl"]), r["epochs"] if r else "-", _minutes(r)])
+    out = _table(["model", "input dropout", "size", "paper", "slimnp", "diff", "valid",
+                  "epochs", "minutes"], rows)
+    diffs = []
+    for ne, se in (("ne-d0", "se-m10k-d0"), ("ne-d0", "se-m5k-d0"), ("ne-d0.1", "se-m10k-d0.1")):
+        if res.get(ne) and res.get(se):
+            ours = res[se]["test_ppl"] - res[ne]["test_ppl"]
+            paper = PAPER_TABLE2[se] - PAPER_TABLE2[ne]
+            diffs.append(f"- SE - NE ({se} - {ne}): slimnp {ours:+.2f}, paper {paper:+.2f}, "
+                         f"difference {ours - paper:+.2f}")
+    return out + ("\n\n" + "\n".join(diffs) if diffs else "")
+
+
+def fig4(res: dict) -> str:
+    base = res.get("uncompressed")
+    rows = []
+    for c in RATIOS:
+        se, sm, pm = res.get(f"se-{c}"), res.get(f"sm-{c}"), res.get(f"pm-{c}")
+        ppl = lambda r: r and r["test_ppl"]  # noqa: E731
+        margin = lambda r: _f(ppl(r) - ppl(se), "{:+.2f}") if ppl(r) and ppl(se) else "-"  # noqa: E731
+        size = lambda r, k: (str(r["matched"]["value"]) if r and r.get("matched") else "-")  # noqa: E731
+        rows.append([f"1/{c}", _f(ppl(se)), _f(ppl(sm)), _f(ppl(pm)), margin(sm), margin(pm),
+                     f"{se['parameters']:,}" if se else "-", size(sm, "hidden"),
+                     size(pm, "embedding_size")])
+    head = (f"Uncompressed (2x200, {base['parameters']:,} parameters): test {base['test_ppl']:.2f}, "
+            f"valid {base['valid_ppl']:.2f}.\n\n" if base else "Uncompressed: not run yet.\n\n")
+    return head + _table(["compression", "SE", "SM", "PM", "SM - SE", "PM - SE", "SE parameters",
+                          "SM hidden", "PM E"], rows)
+
+
+def fig2(res: dict) -> str:
+    base = res.get("uncompressed")
+    rows = []
+    for c in RATIOS:
+        r = res.get(f"se-input-{c}")
+        rel = (f"{(r['test_ppl'] / base['test_ppl'] - 1) * 100:+.1f}%" if r and base else "-")
+        rows.append([f"1/{c}", _f(r and r["test_ppl"]), rel, f"{r['parameters']:,}" if r else "-"])
+    return _table(["input compression", "SE test PPL", "vs uncompressed", "parameters"], rows)
+
+
+def fig5(res: dict) -> str:
+    rows = []
+    for k, name in ((1, "se-8-k1"), (4, "se-8-k4"), (8, "se-8"), (40, "se-8-k40"), (200, "hashnet-8")):
+        r = res.get(name)
+        rows.append([str(k), "HashNet (hash mapping)" if k == 200 else "SE (shuffle)",
+                     _f(r and r["test_ppl"]), _f(r and r["valid_ppl"])])
+    return _table(["K", "model", "test PPL", "valid PPL"], rows)
+
+
+def figures(sweeps: Path) -> list:
+    """The sweep figures (needs matplotlib); returns the paths written."""
+    try:
+        from slimnp.plot import NothingToPlot, load_rows, plot_k, plot_ratio
+    except ImportError:
+        return []
+    rows = load_rows([sweeps]) if sweeps.exists() else []
+    FIGURES.mkdir(exist_ok=True)
+    keep = lambda *m: [r for r in rows if r.get("method") in (*m, "uncompressed")]  # noqa: E731
+    out = []
+    for name, draw in (
+            ("fig4-ptb", lambda: plot_ratio(keep("SE", "SM", "PM"), FIGURES / "fig4-ptb.png",
+                                            title="Figure 4 on PTB: both layers, K = 8")),
+            ("fig2-ptb", lambda: plot_ratio(keep("SE input only"), FIGURES / "fig2-ptb.png",
+                                            title="Figure 2 on PTB: input layer only, K = 8")),
+            ("fig5-ptb", lambda: plot_k(keep("SE", "HashNet"), FIGURES / "fig5-ptb.png", ratio=8,
+                                        title="Figure 5 on PTB: both layers at 1/8"))):
+        try:
+            out += draw()
+        except NothingToPlot:
+            pass
+    return out
+
+
+def fill(doc: str, name: str, body: str) -> str:
+    pat = re.compile(rf"(\.\. BEGIN {name}\n)(.*?)(\n\.\. END {name})", re.S)
+    if not pat.search(doc):
+        raise SystemExit(f"{DOC}: no '.. BEGIN {name}' / '.. END {name}' block")
+    return pat.sub(lambda m: m.group(1) + "\n" + body + "\n" + m.group(3), doc)
+
+
+def main() -> None:
+    sweeps = HERE / "results" / "sweeps-ptb.jsonl"
+    res = {**read_results(HERE / "results" / "table2-ptb.jsonl")}
+    sw = read_results(sweeps)
+    doc = DOC.read_text(encoding="utf-8")
+    doc = fill(doc, "table2", table2(res))
+    doc = fill(doc, "fig4", fig4(sw))
+    doc = fill(doc, "fig2", fig2(sw))
+    doc = fill(doc, "fig5", fig5(sw))
+    done = len(sw) + len(res)
+    doc = fill(doc, "status", f"Runs finished: {len(sw)} of the sweeps plan, {len(res)} of Table 2.")
+    DOC.write_text(doc, encoding="utf-8")
+    written = figures(sweeps)
+    print(f"{DOC}: {done} results; figures: {', '.join(str(p.relative_to(ROOT)) for p in written) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
