@@ -164,6 +164,7 @@ def _train_options(fn):
         click.option("--test", "test_file", type=click.Path(dir_okay=False), help="Test text file (evaluated at the end)."),
         click.option("--out", type=click.Path(dir_okay=False), default=None, help="Checkpoint file [default: model.h5]; the best model goes to <stem>.best.h5, metrics to <stem>.metrics.jsonl."),
         click.option("--resume", type=click.Path(dir_okay=False, exists=True), help="Continue the run stored in this checkpoint."),
+        click.option("--init-from", type=click.Path(dir_okay=False, exists=True), help="Start from this model file's parameters, tables and vocabulary (e.g. made by `slimnp compress`) with a fresh optimizer and schedule; model options cannot be given."),
         click.option("--force", is_flag=True, help="Overwrite an existing --out file."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the GEMMs and kernels [default: all cores]; 1 is faster when other jobs already load the cores."),
         click.option("--loss", type=click.Choice(["softmax", "is", "nce"]), default=None, help="Training objective [default: softmax]: the exact softmax, importance sampling (sampled softmax) or NCE, with --samples noise words per minibatch from the smoothed unigram law.  Evaluation is always exact."),
@@ -215,7 +216,7 @@ def _train_options(fn):
 @friendly_errors
 def train(data, train_file, valid_file, test_file, out, resume, force, threads, quiet, as_json,
           seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind, output_kind,
-          mapping, mapping_seed, tie, distributed, device, **hyper):
+          mapping, mapping_seed, tie, distributed, device, init_from=None, **hyper):
     """Train an LSTM language model.
 
     With no data options, trains on the built-in synthetic corpus (a hidden
@@ -252,12 +253,12 @@ def train(data, train_file, valid_file, test_file, out, resume, force, threads, 
     with (comm.abort_on_error() if comm is not None else contextlib.nullcontext()):
         return _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
                as_json, seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind,
-               output_kind, mapping, mapping_seed, tie, hyper, device=device)
+               output_kind, mapping, mapping_seed, tie, hyper, device=device, init_from=init_from)
 
 
 def _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
            as_json, seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind,
-           output_kind, mapping, mapping_seed, tie, hyper, device="cpu"):
+           output_kind, mapping, mapping_seed, tie, hyper, device="cpu", init_from=None):
     """The body of ``train``; ``comm``: the distributed run's ranks, or None;
     ``device``: 'cpu' or 'gpu'."""
     from .trainer import run_training, resume_training
@@ -272,13 +273,23 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
         given = {k: v for k, v in hyper.items() if v is not None and k != "epochs"}
         if input_kind != "dense" or output_kind != "full" or tie or mapping != "shuffle" or mapping_seed:
             given["input/output/mapping/tie"] = True
-        if given or data or train_file or out:
+        if given or data or train_file or out or init_from:
             names = ", ".join("--" + k.replace("_", "-") for k in given) or "data/--out options"
             raise click.UsageError(f"--resume continues the stored run; {names} cannot change "
                                    "(only --epochs may be raised)")
         summary = resume_training(resume, epochs=hyper.get("epochs"), device=device, log=log,
                                   progress=not quiet, comm=comm)
     else:
+        if init_from:
+            model_opts = [k for k in MODEL_OPTIONS if hyper.get(k) is not None]
+            if input_kind != "dense" or output_kind != "full" or tie or mapping != "shuffle" or mapping_seed:
+                model_opts.append("input/output/mapping/tie")
+            if model_opts:
+                raise click.UsageError(
+                    "--init-from takes the model from the file; "
+                    f"{', '.join('--' + k.replace('_', '-') for k in model_opts)} cannot be given")
+            if not (data or train_file):
+                raise click.UsageError("--init-from needs the training data: --data DIR or --train/--valid")
         files = _resolve_data(data, train_file, valid_file, test_file)
         corpus_info = None
         if files is None:
@@ -300,12 +311,15 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
         summary = run_training(files, out, hp, seed=seed, min_count=min_count, max_vocab=max_vocab,
                                eval_batch_size=eval_batch_size, loss_average=loss_average,
                                corpus_info=corpus_info, device=device, log=log, progress=not quiet,
-                               comm=comm)
+                               comm=comm, init_from=init_from)
     if as_json and root:
         click.echo(json.dumps(summary))
     return summary
 
 
+# options that describe the model (not its training): fixed by --init-from
+MODEL_OPTIONS = ("layers", "hidden", "dropout", "input_dropout", "embedding_size", "init_scale",
+                 "input_k", "input_m", "input_ratio", "output_k", "output_m", "output_ratio")
 SLIM_SIZE_OPTIONS = ("input_k", "input_m", "input_ratio", "output_k", "output_m", "output_ratio")
 
 
@@ -399,6 +413,81 @@ def inspect(model, as_json):
         if r["tied_to_output"]:
             line += ", tied to the output pools"
         click.echo(line)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, exists=True))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The slim model file to write.")
+@click.option("--input-k", type=click.IntRange(min=1), help="Slim input: sub-vectors per word (must divide the hidden size).")
+@click.option("--input-ratio", type=click.FloatRange(0, 1, min_open=True), help="Slim input: pool size as a share of the dense table (M = ratio*K*V), before --frequent.")
+@click.option("--output-k", type=click.IntRange(min=1), help="Slim output: sub-vectors per word.")
+@click.option("--output-ratio", type=click.FloatRange(0, 1, min_open=True), help="Slim output: entries per pool as a share of V (M/K = ratio*V), before --frequent.")
+@click.option("--frequent", type=click.IntRange(min=0), default=0, show_default=True, help="The N most frequent words keep their exact sub-vectors as private pool entries (each pool grows by N).")
+@click.option("--valid", "valid_file", type=click.Path(dir_okay=False, exists=True), help="Text to report the perplexity on, before and after.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the k-means samples and seeding.")
+@click.option("--iters", type=click.IntRange(min=1), default=25, show_default=True, help="Lloyd iterations at most.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@friendly_errors
+def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent, valid_file, seed,
+             iters, force, threads, as_json):
+    """Turn a trained dense MODEL into a slim one with learned (k-means) tables.
+
+    Output layer: each row of the V x H matrix is cut into K slices and the
+    k-th slices are clustered into the k-th pool (product quantization).
+    Input layer: all V*K slices are clustered into one pool of M.  The LSTM
+    weights and the output bias are copied.  Fine-tune the result with
+    `slimnp train --init-from OUT --data ...`.
+    """
+    from . import io as sio
+    from .compress import compress_model
+    from .evaluate import evaluate_ids
+    from .trainer import file_sha256, load_model, mapping_fields
+
+    if threads:
+        from .threads import set_threads
+
+        set_threads(threads)
+    if not input_k and not output_k:
+        raise click.UsageError("give --input-k/--input-ratio and/or --output-k/--output-ratio")
+    for side, k, r in (("input", input_k, input_ratio), ("output", output_k, output_ratio)):
+        if bool(k) != (r is not None):
+            raise click.UsageError(f"--{side}-k and --{side}-ratio go together")
+    out = Path(out)
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise click.ClickException(f"{out}: folder {out.parent} does not exist")
+    log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    dense, vocab, ck = load_model(model)
+    counts = vocab.counts if vocab.counts is not None else np.ones(len(vocab), np.int64)
+    valid = vocab.encode_file(valid_file).ids if valid_file else None
+    report = {}
+    if valid is not None:
+        report["valid_ppl_before"] = evaluate_ids(dense, valid, vocab.eos_id, batch_size=10).perplexity
+    slim, rep = compress_model(dense, counts, input_k=input_k, input_ratio=input_ratio,
+                               output_k=output_k, output_ratio=output_ratio, frequent=frequent,
+                               seed=seed, source_sha256=file_sha256(model), log=log, iters=iters)
+    report.update(rep)
+    if valid is not None:
+        report["valid_ppl_after"] = evaluate_ids(slim, valid, vocab.eos_id, batch_size=10).perplexity
+    cfg = {"model": slim.config.to_dict(), "compressed_from": {"file": str(Path(model).resolve()),
+                                                              **{k: v for k, v in rep.items()}}}
+    sio.save(out, sio.Checkpoint(config=cfg, vocab=list(vocab.words), vocab_counts=vocab.counts,
+                                 params=slim.params_numpy(), **mapping_fields(slim)))
+    p = report["parameters"]
+    line = (f"wrote {out}: {p['after']:,} parameters (dense {p['before']:,}, "
+            f"{p['after'] / p['before']:.3f}); k-means {report['seconds']:.1f} s")
+    if frequent:
+        line += (f"; {report['frequent']} frequent words ({report['frequent_token_share'] * 100:.1f}% "
+                 f"of the training tokens) kept exact")
+    if valid is not None:
+        line += (f"; valid ppl {report['valid_ppl_before']:.2f} -> {report['valid_ppl_after']:.2f} "
+                 "(batch 10, before fine-tuning)")
+    log(line)
+    if as_json:
+        click.echo(json.dumps(report))
 
 
 # ---------------------------------------------------------------------------

@@ -354,7 +354,8 @@ def hp_of(options: dict) -> tuple[dict, dict]:
     p = dict(ctx.params)
     named = {"data", "train_file", "valid_file", "test_file", "out", "resume", "force", "threads",
              "quiet", "as_json", "seed", "min_count", "max_vocab", "eval_batch_size", "loss_average",
-             "input_kind", "output_kind", "mapping", "mapping_seed", "tie", "distributed", "device"}
+             "input_kind", "output_kind", "mapping", "mapping_seed", "tie", "distributed", "device",
+             "init_from"}
     hyper = {k: v for k, v in p.items() if k not in named}
     builtin = not (p.get("data") or p.get("train_file"))
     preset = PRESETS["builtin" if builtin else "zaremba-small"]

@@ -42,7 +42,9 @@ class ModelConfig:
     output: str = "full"  # 'full' softmax or 'slim' (K disjoint pools, DP logits)
     output_k: int = 1  # K on the output side (must divide hidden)
     output_m: int = 0  # M: total of the K output pools (a multiple of K, M/K <= V)
-    mapping: str = "shuffle"  # 'shuffle' (the paper; tables stored) or 'hash' (seed only)
+    # 'shuffle' (the paper; tables stored), 'hash' (seed only) or 'learned'
+    # (k-means tables made by slimnp.compress; stored)
+    mapping: str = "shuffle"
     mapping_seed: int = 0  # seed of the assignment tables
     tie: bool = False  # input shares the output's parameters (same kind both sides)
     # dropout on the embedding -> LSTM connection alone; None: the same as
@@ -51,6 +53,9 @@ class ModelConfig:
     # E: word-vector size; 0 means H (no projection); E != H adds the learned
     # E x H and H x E projections of the PM baseline
     embedding_size: int = 0
+    # how learned tables were made (JSON: k-means settings, source model's
+    # sha256); empty for shuffle and hash
+    mapping_info: str = ""
 
     @property
     def word_size(self) -> int:
@@ -70,8 +75,8 @@ class ModelConfig:
             problems.append(f"input must be 'dense' or 'slim', got {self.input!r}")
         if self.output not in ("full", "slim"):
             problems.append(f"output must be 'full' or 'slim', got {self.output!r}")
-        if self.mapping not in ("shuffle", "hash"):
-            problems.append(f"mapping must be 'shuffle' or 'hash', got {self.mapping!r}")
+        if self.mapping not in ("shuffle", "hash", "learned"):
+            problems.append(f"mapping must be 'shuffle', 'hash' or 'learned', got {self.mapping!r}")
         if self.input == "slim" and not self.tie:
             K, M = self.input_k, self.input_m
             if K < 1 or H % K:
@@ -123,6 +128,9 @@ class ModelConfig:
 def make_mapping(config: ModelConfig) -> dict:
     """The assignment tables a config implies: ``{"input/idx", "output/idx"}`` (V, K)."""
     V, seed = config.vocab_size, config.mapping_seed
+    if config.mapping == "learned" and (config.input == "slim" or config.output == "slim"):
+        raise ValueError("learned tables are not made from a seed: they come from a model file "
+                         "(slimnp compress, then slimnp train --init-from)")
     tables = {}
     if config.output == "slim":
         K = config.output_k

@@ -126,7 +126,10 @@ def mapping_fields(model: LanguageModel) -> dict:
     if c.mapping == "hash":
         return {"mapping": {}, "mapping_attrs": {"kind": "hash", "hash": HASH_NAME,
                                                  "seed": c.mapping_seed}}
-    return {"mapping": dict(model.mapping), "mapping_attrs": {"kind": "shuffle", "seed": c.mapping_seed}}
+    attrs = {"kind": c.mapping, "seed": c.mapping_seed}
+    if c.mapping == "learned" and c.mapping_info:
+        attrs.update({k: v for k, v in json.loads(c.mapping_info).items() if k != "kind"})
+    return {"mapping": dict(model.mapping), "mapping_attrs": attrs}
 
 
 def model_from_checkpoint(ck: sio.Checkpoint, path, device: str = "cpu") -> LanguageModel:
@@ -602,7 +605,7 @@ def train_config(hp: dict, *, seed=0, loss_average="batch", eval_batch_size=10) 
 @_stop_all_ranks_on_error
 def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=None,
                  eval_batch_size=10, loss_average="batch", corpus_info=None,
-                 device="cpu", log=print, progress=True, comm=None) -> dict:
+                 device="cpu", log=print, progress=True, comm=None, init_from=None) -> dict:
     """Build the vocabulary, the model and a :class:`Trainer`, and train.
 
     ``files`` maps 'train', 'valid' and optionally 'test' to text files;
@@ -610,11 +613,18 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     (and optionally ``dtype``, float32 by default).  ``comm``: a
     :class:`slimnp.distributed.Communicator` to train data-parallel (every
     rank calls this with the same arguments; rank 0 logs and writes the files).
+    ``init_from``: a model file to start from (its config, vocabulary,
+    parameters and tables; fresh optimizer and training state), e.g. one
+    made by ``slimnp compress``; ``hp``'s model settings are then unused.
     Returns a summary dict (perplexities, times).
     """
     t_start = time.perf_counter()
     if comm is not None and not comm.is_root:
         log, progress = _quiet, False
+    if init_from is not None:
+        return _run_from_model(files, out, hp, init_from, seed=seed, eval_batch_size=eval_batch_size,
+                               loss_average=loss_average, device=device, log=log,
+                               progress=progress, comm=comm, t_start=t_start)
     if files.get("vocab"):
         vocab = Vocabulary.read(files["vocab"])  # counted below, from the encoded text
     else:
@@ -638,6 +648,28 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
         f"({model.num_parameters:,} parameters)  {trainer.segments_per_epoch:,} segments/epoch")
     trainer.train()
     return _finish(trainer, enc.get("test"), corpus_info, log, t_start)
+
+
+def _run_from_model(files, out, hp, init_from, *, seed, eval_batch_size, loss_average, device,
+                    log, progress, comm, t_start) -> dict:
+    """:func:`run_training` from the parameters of model file ``init_from``."""
+    model, vocab, ck = load_model(init_from, device)
+    enc = _encode_splits(vocab, files, log)
+    tc = train_config(hp, seed=seed, loss_average=loss_average, eval_batch_size=eval_batch_size)
+    data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}
+    data_info.update(train_sha256=file_sha256(files["train"]), min_count=1, max_vocab=None,
+                     corpus=None, init_from=str(Path(init_from).resolve()),
+                     init_from_sha256=file_sha256(init_from))
+    trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, out,
+                      data_info=data_info, log=log, progress=progress, comm=comm)
+    if trainer.is_root and trainer.metrics_path.exists():
+        trainer.metrics_path.unlink()
+    mc = model.config
+    log(f"starting from {init_from}: vocab {len(vocab):,}  train {enc['train'].n_tokens:,} tokens  "
+        f"model {mc.layers}x{mc.hidden} ({model.num_parameters:,} parameters)  "
+        f"{trainer.segments_per_epoch:,} segments/epoch")
+    trainer.train()
+    return _finish(trainer, enc.get("test"), None, log, t_start)
 
 
 @_stop_all_ranks_on_error

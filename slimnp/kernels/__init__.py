@@ -377,3 +377,20 @@ def adagrad_update(p, acc, g, a, lr, eps, rows=None):
         raise ValueError("kernels.adagrad_update is the GPU pass; slimnp.optim.adagrad_update "
                          "handles the other arrays")
     impl.adagrad_update(p, acc, g, a, lr, eps, rows)
+
+
+def nearest_centroid(scores, c_sq, labels, d2):
+    """k-means assignment of a block of rows: ``labels[i] = argmin_j (c_sq[j]
+    - 2 scores[i, j])``, ``d2[i]`` its value (see
+    :func:`reference.nearest_centroid`).  scores (b, k) and c_sq (k,) of one
+    float dtype; labels (b,) int32 and d2 (b,) float64 are written."""
+    _check_float("scores", scores)
+    _check_float("c_sq", c_sq, scores.dtype)
+    b, k = scores.shape
+    _check_shape("c_sq", c_sq, (k,))
+    _check_shape("labels", labels, (b,))
+    _check_shape("d2", d2, (b,))
+    if labels.dtype != np.int32 or d2.dtype != np.float64:
+        raise TypeError(f"labels must be int32 and d2 float64, got {labels.dtype} and {d2.dtype}")
+    impl = _impl(scores, c_sq, labels, d2)
+    (reference if impl is _gpu else impl).nearest_centroid(scores, c_sq, labels, d2)

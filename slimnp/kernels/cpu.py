@@ -896,3 +896,31 @@ def sumsq(x):
 
 def axpy(y, a, x):
     _axpy(y, float(a), x)
+
+
+# ---------------------------------------------------------------------------
+# k-means: the nearest centroid of each row (slimnp.compress)
+# ---------------------------------------------------------------------------
+def _nearest_centroid_impl(scores, c_sq, labels, d2):
+    b, k = scores.shape
+    for i in nb.prange(b):
+        # float64 accumulation: the argmin is taken on the exact same values
+        # as the reference, so the two agree on every row (ties: first j)
+        best = np.inf
+        arg = 0
+        for j in range(k):
+            t = np.float64(c_sq[j]) - 2.0 * np.float64(scores[i, j])
+            if t < best:
+                best = t
+                arg = j
+        labels[i] = arg
+        d2[i] = best
+
+
+_nearest_centroid_serial, _nearest_centroid_parallel = _serial_and_parallel(_nearest_centroid_impl)
+
+
+def nearest_centroid(scores, c_sq, labels, d2):
+    b, k = scores.shape
+    fn = _nearest_centroid_parallel if b * k >= 1 << 16 else _nearest_centroid_serial
+    fn(scores, c_sq, labels, d2)

@@ -335,3 +335,17 @@ def sumsq_rows(x, rows):
 def axpy_rows(y, a, x, rows):
     """``y[rows] += a * x[rows]`` for distinct ``rows`` of 2-d ``y``, ``x``."""
     y[rows] += y.dtype.type(a) * x[rows]
+
+
+# ---------------------------------------------------------------------------
+# k-means: the nearest centroid of each row (slimnp.compress)
+# ---------------------------------------------------------------------------
+def nearest_centroid(scores, c_sq, labels, d2):
+    """Given ``scores[i, j] = x_i . c_j`` (b, k) and ``c_sq[j] = |c_j|^2``,
+    write ``labels[i] = argmin_j (c_sq[j] - 2 scores[i, j])`` (the first on
+    ties) and ``d2[i]`` that minimum (float64; add ``|x_i|^2`` for the
+    squared distance)."""
+    xp = array_module(scores)
+    t = c_sq[None, :].astype(xp.float64) - 2.0 * scores.astype(xp.float64)
+    labels[...] = xp.argmin(t, axis=1)
+    d2[...] = t[xp.arange(t.shape[0]), labels]

@@ -1,0 +1,294 @@
+"""Learned sub-vector assignment: k-means tables, and dense -> slim compression.
+
+A slim output layer whose table is learned is product quantization of the
+output matrix ``W (V, H)``: cut every row into K slices of ``d = H/K``; the
+k-th slices of all words are clustered into the k-th pool's ``M/K``
+centroids, and word w's k-th index is the cluster of its k-th slice.  The
+input layer has ONE shared pool: all ``V*K`` slices are clustered together
+into M centroids.  Li et al. (2018) fix the table at random before training
+and name a data-driven one as future work; this module is that.
+
+``compress_model`` turns a trained dense model into a slim one this way
+(LSTM weights and the output bias copied); ``--frequent N`` keeps the N most
+frequent words' slices exact, as private pool entries (a few hundred words
+carry most tokens).
+
+k-means (:func:`kmeans`): k-means++ seeding on a sample, Lloyd iterations on
+that sample, empty clusters re-seeded with the points farthest from their
+centroids, then one assignment pass over all points.  The nearest-centroid
+search -- the only O(n k d) part -- runs in row blocks: one BLAS GEMM
+``X_b C^T`` per block, then the compiled argmin kernel
+(:func:`slimnp.kernels.nearest_centroid`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # (k, d)
+    labels: np.ndarray  # (n,) int32: nearest centroid of every point
+    inertia: float  # sum of squared distances to the assigned centroids (all points)
+    iterations: int  # Lloyd iterations run
+    seeding: str  # 'k-means++' or 'uniform' (k-means++ too costly at this size)
+    sample: int  # points the centroids were fitted on
+
+
+def nearest(X, C, block: int = 4096):
+    """Nearest centroid of every row: ``(labels (n,) int32, d2 (n,) float64)``.
+
+    ``|x - c|^2 = |x|^2 - 2 x.c + |c|^2``: a GEMM per block of rows, then the
+    argmin kernel; the ``(block, k)`` score matrix is the only temporary.
+    """
+    n, k = X.shape[0], C.shape[0]
+    c_sq = np.einsum("ij,ij->i", C, C, dtype=np.float64).astype(X.dtype)
+    labels = np.empty(n, np.int32)
+    d2 = np.empty(n, np.float64)
+    block = max(1, min(block, (1 << 25) // max(k, 1)))  # scores <= 128 MB (float32)
+    scores = np.empty((min(block, n), k), X.dtype)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        s = scores[: j - i]
+        np.matmul(X[i:j], C.T, out=s)
+        kernels.nearest_centroid(s, c_sq, labels[i:j], d2[i:j])
+    x_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    d2 += x_sq
+    np.maximum(d2, 0.0, out=d2)  # rounding can make |x - c|^2 slightly negative
+    return labels, d2
+
+
+def _kmeanspp(X, k, rng):
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each new centre drawn
+    with probability proportional to the squared distance to the nearest
+    centre so far.  O(n k d)."""
+    n = X.shape[0]
+    first = int(rng.integers(n))
+    C = np.empty((k, X.shape[1]), X.dtype)
+    C[0] = X[first]
+    d2 = ((X - C[0]) ** 2).sum(axis=1, dtype=np.float64)
+    for c in range(1, k):
+        total = d2.sum()
+        if total <= 0:  # fewer distinct points than k: the rest are duplicates
+            C[c:] = X[rng.integers(n, size=k - c)]
+            break
+        i = int(np.searchsorted(np.cumsum(d2), rng.random() * total))
+        C[c] = X[min(i, n - 1)]
+        np.minimum(d2, ((X - C[c]) ** 2).sum(axis=1, dtype=np.float64), out=d2)
+    return C
+
+
+def _update(X, labels, k, C_old):
+    """Cluster means; empty clusters keep their old centroid (repaired below)."""
+    counts = np.bincount(labels, minlength=k)
+    sums = np.zeros((k, X.shape[1]), np.float64)
+    np.add.at(sums, labels, X)
+    C = C_old.astype(np.float64).copy()
+    nz = counts > 0
+    C[nz] = sums[nz] / counts[nz, None]
+    return C.astype(X.dtype), counts
+
+
+def _repair(X, C, counts, d2):
+    """Re-seed every empty cluster with one of the points farthest from their
+    centroids (distinct points, farthest first): a standard, deterministic fix."""
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        far = np.argsort(-d2, kind="stable")[: empty.size]
+        C[empty[: far.size]] = X[far]
+    return int(empty.size)
+
+
+def kmeans(X, k: int, *, seed: int = 0, iters: int = 25, tol: float = 1e-4,
+           sample: int | None = None, pp_budget: float = 2e9) -> KMeansResult:
+    """Cluster the rows of ``X (n, d)`` into ``k`` centroids.
+
+    Parameters
+    ----------
+    X : (n, d) float32 or float64 points
+    k : clusters, ``1 <= k <= n``
+    seed : the generator of the sample and the seeding: same seed, same result
+    iters : at most this many Lloyd iterations on the sample
+    tol : stop when the sample's inertia improves by less than this fraction
+    sample : fit the centroids on this many points drawn without replacement
+        (default: all points up to ``max(64 k, 100_000)``); one assignment
+        pass over every point follows
+    pp_budget : k-means++ seeding costs about ``sample * k * d`` flops; above
+        this the seeds are distinct random sample points instead ('uniform')
+
+    Returns
+    -------
+    :class:`KMeansResult`
+    """
+    X = np.ascontiguousarray(X)
+    if X.dtype not in (np.float32, np.float64):
+        X = X.astype(np.float32)
+    n, d = X.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k-means: k={k} clusters need 1 <= k <= n={n} points")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    m = n if sample is None and n <= max(64 * k, 100_000) else min(n, sample or max(64 * k, 100_000))
+    S = X if m == n else X[np.sort(rng.choice(n, m, replace=False))]
+    if m * k * d <= pp_budget:
+        C, seeding = _kmeanspp(S, k, rng), "k-means++"
+    else:
+        C, seeding = S[rng.choice(m, k, replace=False)].copy(), "uniform"
+    prev, it = math.inf, 0
+    for it in range(1, iters + 1):
+        labels, d2 = nearest(S, C)
+        inertia = float(d2.sum())
+        C, counts = _update(S, labels, k, C)
+        _repair(S, C, counts, d2)
+        if math.isfinite(prev) and prev - inertia <= tol * prev and not (counts == 0).any():
+            break
+        prev = inertia
+    labels, d2 = nearest(X, C)
+    return KMeansResult(C, labels, float(d2.sum()), it, seeding, m)
+
+
+# ---------------------------------------------------------------------------
+# dense -> slim
+# ---------------------------------------------------------------------------
+def _frequent_ids(counts, N: int):
+    """The ``N`` most frequent word ids (ties: lower id first), sorted."""
+    if N <= 0:
+        return np.zeros(0, np.int64)
+    order = np.argsort(-np.asarray(counts, np.int64), kind="stable")
+    return np.sort(order[:N])
+
+
+def output_tables(W, K: int, Mk: int, frequent, seed: int, **kw):
+    """Product quantization of ``W (V, H)``: pools ``A (K, Mk + F, d)`` and the
+    table ``idx (V, K)``.  The ``F = len(frequent)`` frequent words get
+    private entries ``Mk .. Mk + F - 1`` of every pool holding their exact
+    slices; k-means clusters the other words' slices."""
+    V, H = W.shape
+    d = H // K
+    F = len(frequent)
+    rest = np.setdiff1d(np.arange(V), frequent)
+    A = np.empty((K, Mk + F, d), W.dtype)
+    idx = np.empty((V, K), np.int32)
+    stats = []
+    for k in range(K):
+        sl = W[:, k * d : (k + 1) * d]
+        r = kmeans(sl[rest], min(Mk, len(rest)), seed=seed * 1000 + k, **kw)
+        A[k, : r.centroids.shape[0]] = r.centroids
+        A[k, r.centroids.shape[0] : Mk] = 0  # when fewer words than entries
+        A[k, Mk:] = sl[frequent]
+        idx[rest, k] = r.labels
+        idx[frequent, k] = Mk + np.arange(F)
+        stats.append(r)
+    return A, idx, stats
+
+
+def input_tables(E, K: int, M: int, frequent, seed: int, **kw):
+    """One pool for all positions: ``A (M + F*K, d)`` and ``idx (V, K)``; the
+    frequent words' K slices each get a private row."""
+    V, H = E.shape
+    d = H // K
+    F = len(frequent)
+    rest = np.setdiff1d(np.arange(V), frequent)
+    slices = E[rest].reshape(len(rest) * K, d)  # row w*K + k: word w's k-th slice
+    r = kmeans(slices, min(M, slices.shape[0]), seed=seed, **kw)
+    A = np.zeros((M + F * K, d), E.dtype)
+    A[: r.centroids.shape[0]] = r.centroids
+    A[M:] = E[frequent].reshape(F * K, d)
+    idx = np.empty((V, K), np.int32)
+    idx[rest] = r.labels.reshape(len(rest), K)
+    idx[frequent] = M + np.arange(F * K).reshape(F, K)
+    return A, idx, [r]
+
+
+def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=None,
+                   output_ratio=None, frequent: int = 0, seed: int = 0, source_sha256=None,
+                   log=lambda m: None, **kmeans_kw):
+    """A slim :class:`~slimnp.model.LanguageModel` made from a dense one.
+
+    ``input_k``/``input_ratio`` (and the output pair): K and the pool size as
+    a share of the dense table, as ``slimnp train`` takes them (``M =
+    ratio*K*V`` in, ``M/K = ratio*V`` out), before the ``frequent`` words'
+    private entries (which add ``frequent*K`` to M on either side).  A side
+    whose K is None stays as it is.  Returns ``(slim model, report dict)``.
+    """
+    from .model import LanguageModel
+
+    c = model.config
+    if c.input != "dense" or c.output != "full" or c.tie:
+        raise ValueError("compress takes a dense, untied model (input dense, output full)")
+    if c.embedding_size:
+        raise ValueError("compress takes a model without --embedding-size projections")
+    V, H = c.vocab_size, c.hidden
+    params = model.params_numpy()
+    freq = _frequent_ids(counts, frequent) if frequent else np.zeros(0, np.int64)
+    F = len(freq)
+    new = {}
+    tables = {}
+    report = {"frequent": F, "kmeans": {"iters": kmeans_kw.get("iters", 25),
+                                        "tol": kmeans_kw.get("tol", 1e-4), "seed": seed}}
+    if frequent:
+        share = float(np.asarray(counts, np.float64)[freq].sum() / max(np.sum(counts), 1))
+        report["frequent_token_share"] = share
+    t0 = time.perf_counter()
+    if output_k:
+        K = int(output_k)
+        if H % K:
+            raise ValueError(f"--output-k {K} must divide the hidden size {H}")
+        Mk = max(1, round(output_ratio * V))
+        A, idx, stats = output_tables(params["output/W"], K, Mk, freq, seed, **kmeans_kw)
+        new["output/A"] = A
+        tables["output/idx"] = idx
+        new["output/b"] = params["output/b"]
+        report["output"] = {"K": K, "M": K * (Mk + F), "clustered_M": K * Mk,
+                            "private_entries": K * F, "seeding": stats[0].seeding,
+                            "iterations": [s.iterations for s in stats],
+                            "distortion": _distortion(params["output/W"], A, idx, pools=True)}
+        log(f"output: K={K}, {K}x{Mk} clustered + {K}x{F} private entries, "
+            f"relative distortion {report['output']['distortion']:.4f}")
+    if input_k:
+        K = int(input_k)
+        if H % K:
+            raise ValueError(f"--input-k {K} must divide the hidden size {H}")
+        M = max(1, round(input_ratio * K * V))
+        A, idx, stats = input_tables(params["embedding/W"], K, M, freq, seed + 1, **kmeans_kw)
+        new["embedding/A"] = A
+        tables["input/idx"] = idx
+        report["input"] = {"K": K, "M": M + F * K, "clustered_M": M, "private_entries": F * K,
+                           "seeding": stats[0].seeding, "iterations": [stats[0].iterations],
+                           "distortion": _distortion(params["embedding/W"], A, idx, pools=False)}
+        log(f"input: K={K}, {M} clustered + {F * K} private entries, "
+            f"relative distortion {report['input']['distortion']:.4f}")
+    report["seconds"] = time.perf_counter() - t0
+    info = {"kind": "learned", "method": "k-means", **report["kmeans"], "frequent": F}
+    if source_sha256:
+        info["source_sha256"] = source_sha256
+    fields = {"mapping": "learned", "mapping_seed": seed, "mapping_info": json.dumps(info, sort_keys=True)}
+    if "output/A" in new:
+        fields.update(output="slim", output_k=report["output"]["K"], output_m=report["output"]["M"])
+    if "embedding/A" in new:
+        fields.update(input="slim", input_k=report["input"]["K"], input_m=report["input"]["M"])
+    cfg = dataclasses.replace(c, **fields)
+    slim = LanguageModel(cfg, device=model.device, mapping=tables)
+    for name, arr in params.items():
+        if name in slim.store.params and name not in new:
+            new[name] = arr  # LSTM weights, and the untouched dense side
+    slim.load_params(new)
+    report["parameters"] = {"before": model.num_parameters, "after": slim.num_parameters}
+    return slim, report
+
+
+def _distortion(W, A, idx, pools: bool) -> float:
+    """``|W - W_hat|_F / |W|_F`` of the rebuilt vectors."""
+    V, K = idx.shape
+    if pools:
+        What = np.concatenate([A[k][idx[:, k]] for k in range(K)], axis=1)
+    else:
+        What = A[idx].reshape(V, -1)
+    return float(np.linalg.norm(W - What) / max(np.linalg.norm(W), 1e-30))

@@ -1,0 +1,173 @@
+"""Learned assignment: the k-means kernel, k-means, dense -> slim compression,
+and fine-tuning a compressed model (`slimnp compress`, `train --init-from`)."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from slimnp import kernels
+from slimnp.backend import make_rng
+from slimnp.cli import main
+from slimnp.compress import compress_model, kmeans, nearest
+from slimnp.evaluate import evaluate_ids
+from slimnp.model import LanguageModel, ModelConfig
+from slimnp.trainer import load_model
+
+from helpers import tiny_corpus
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("b,k", [(1, 1), (1, 7), (37, 1), (300, 50), (64, 2048)])
+def test_nearest_centroid_kernel_matches_reference(dtype, b, k):
+    rng = np.random.default_rng(b * 1000 + k)
+    scores = rng.standard_normal((b, k)).astype(dtype)
+    c_sq = rng.random(k).astype(dtype)
+    if k > 3:  # exact ties: the first index wins in both
+        scores[:, 3] = scores[:, 1]
+        c_sq[3] = c_sq[1]
+    out = {}
+    for mode in ("cpu", "reference"):
+        labels, d2 = np.full(b, -1, np.int32), np.full(b, np.nan)
+        with kernels.using(mode):
+            kernels.nearest_centroid(scores, c_sq, labels, d2)
+        out[mode] = labels, d2
+    np.testing.assert_array_equal(out["cpu"][0], out["reference"][0])
+    np.testing.assert_array_equal(out["cpu"][1], out["reference"][1])
+    t = c_sq[None, :].astype(np.float64) - 2 * scores.astype(np.float64)
+    np.testing.assert_array_equal(out["cpu"][0], t.argmin(axis=1))
+
+
+def test_nearest_centroid_rejects_bad_arguments():
+    s = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="c_sq"):
+        kernels.nearest_centroid(s, np.zeros(5, np.float32), np.zeros(3, np.int32), np.zeros(3))
+    with pytest.raises(TypeError, match="int32"):
+        kernels.nearest_centroid(s, np.zeros(4, np.float32), np.zeros(3, np.int64), np.zeros(3))
+
+
+def test_nearest_is_the_exact_nearest_centroid():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 6)).astype(np.float32)
+    C = rng.standard_normal((40, 6)).astype(np.float32)
+    labels, d2 = nearest(X, C, block=64)
+    full = ((X[:, None, :].astype(np.float64) - C[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(labels, full.argmin(1))
+    np.testing.assert_allclose(d2, full.min(1), rtol=1e-4, atol=1e-4)
+
+
+def _blobs(rng, k=12, per=40, d=5, spread=0.05):
+    centres = rng.standard_normal((k, d)) * 5
+    X = np.concatenate([c + spread * rng.standard_normal((per, d)) for c in centres])
+    truth = np.repeat(np.arange(k), per)
+    perm = rng.permutation(len(X))
+    return X[perm].astype(np.float32), truth[perm]
+
+
+def _same_partition(a, b):
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def test_kmeans_recovers_separated_clusters_and_is_seeded():
+    X, truth = _blobs(np.random.default_rng(1))
+    r = kmeans(X, 12, seed=3)
+    assert r.seeding == "k-means++" and _same_partition(r.labels, truth)
+    again = kmeans(X, 12, seed=3)
+    np.testing.assert_array_equal(r.centroids, again.centroids)
+    np.testing.assert_array_equal(r.labels, again.labels)
+    # fitted on a sample, then one pass over every point: still the partition
+    s = kmeans(X, 12, seed=3, sample=200)
+    assert s.sample == 200 and _same_partition(s.labels, truth)
+    # uniform seeding when k-means++ would cost too much: still a local optimum
+    u = kmeans(X, 12, seed=3, pp_budget=0)
+    assert u.seeding == "uniform" and u.inertia >= r.inertia * (1 - 1e-6)
+
+
+def test_kmeans_repairs_empty_clusters():
+    """Duplicated points and k close to the number of distinct points: every
+    cluster ends non-empty (a repair re-seeds empty ones)."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((20, 3)).astype(np.float32)
+    X = np.repeat(base, 5, axis=0)
+    r = kmeans(X, 20, seed=0, pp_budget=0)  # uniform seeds: duplicates collide
+    assert np.bincount(r.labels, minlength=20).min() > 0
+    assert r.inertia < 1e-4  # every point on its centroid, up to float32 rounding
+
+
+def _dense_model(V=40, H=8, seed=0):
+    m = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=1, init_scale=0.5))
+    m.init_params(make_rng(seed))
+    return m
+
+
+def test_compress_at_full_size_is_lossless():
+    """M/K = V and M = K V: every slice can keep its own centroid, so the
+    compressed model computes the dense model's logits."""
+    m = _dense_model()
+    slim, rep = compress_model(m, np.ones(40), input_k=2, input_ratio=1.0, output_k=2,
+                               output_ratio=1.0)
+    assert slim.config.mapping == "learned" and rep["output"]["distortion"] < 1e-6
+    x = np.arange(12, dtype=np.int32).reshape(4, 3)
+    np.testing.assert_allclose(slim.logits(x, slim.zero_state(3))[0], m.logits(x, m.zero_state(3))[0],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_frequent_words_keep_exact_vectors():
+    m = _dense_model()
+    counts = np.arange(40)[::-1] + 1  # word 0 the most frequent
+    slim, rep = compress_model(m, counts, input_k=4, input_ratio=0.1, output_k=4, output_ratio=0.1,
+                               frequent=5)
+    c = slim.config
+    assert c.output_m == 4 * (4 + 5) and c.input_m == 16 + 5 * 4
+    assert rep["frequent"] == 5 and rep["frequent_token_share"] == pytest.approx(
+        counts[:5].sum() / counts.sum())
+    W = m.store.params["output/W"]
+    A = slim.store.params["output/A"]
+    idx = slim.mapping["output/idx"]
+    rebuilt = np.concatenate([A[k][idx[:, k]] for k in range(4)], axis=1)
+    np.testing.assert_array_equal(rebuilt[:5], W[:5])
+    assert not np.allclose(rebuilt[5:], W[5:])  # the rest is quantised
+    E = m.store.params["embedding/W"]
+    pool = slim.store.params["embedding/A"]
+    np.testing.assert_array_equal(pool[slim.mapping["input/idx"][:5]].reshape(5, -1), E[:5])
+    np.testing.assert_array_equal(slim.store.params["lstm0/Wx"], m.store.params["lstm0/Wx"])
+    np.testing.assert_array_equal(slim.store.params["output/b"], m.store.params["output/b"])
+
+
+@pytest.mark.slow
+def test_compress_cli_then_fine_tune(tmp_path):
+    files, _ = tiny_corpus(tmp_path, tokens=8000)
+    d = tmp_path / "dense.h5"
+    run = CliRunner().invoke
+    r = run(main, ["train", "--train", str(files["train"]), "--valid", str(files["valid"]),
+                   "--hidden", "16", "--layers", "1", "--epochs", "2", "-q", "--out", str(d)])
+    assert r.exit_code == 0, r.output
+    s = tmp_path / "slim.h5"
+    r = run(main, ["compress", str(d), "--out", str(s), "--input-k", "4", "--input-ratio", "0.25",
+                   "--output-k", "4", "--output-ratio", "0.25", "--frequent", "3",
+                   "--valid", str(files["valid"]), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output.strip().splitlines()[-1])
+    assert rep["valid_ppl_after"] < 1.5 * rep["valid_ppl_before"]
+    model, vocab, ck = load_model(s)
+    assert model.config.mapping == "learned" and ck.mapping_attrs["kind"] == "learned"
+    assert len(ck.mapping_attrs["source_sha256"]) == 64
+    ins = run(main, ["inspect", str(s)])
+    assert "learned" in ins.output and "source_sha256" in ins.output
+    valid_ids = vocab.encode_file(files["valid"]).ids
+    before = evaluate_ids(model, valid_ids, vocab.eos_id, batch_size=10).perplexity
+    assert before == pytest.approx(rep["valid_ppl_after"], rel=1e-6)
+    # fine-tuning: the file's model, a fresh schedule; valid perplexity drops
+    f = tmp_path / "ft.h5"
+    r = run(main, ["train", "--init-from", str(s), "--train", str(files["train"]), "--valid",
+                   str(files["valid"]), "--epochs", "1", "--lr", "0.5", "-q", "--out", str(f), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["best_valid_ppl"] < before
+    tuned, _, ck2 = load_model(f)
+    assert tuned.config == model.config and ck2.config["data"]["init_from_sha256"]
+    # model options cannot be changed
+    r = run(main, ["train", "--init-from", str(s), "--train", str(files["train"]), "--valid",
+                   str(files["valid"]), "--hidden", "8", "--out", str(tmp_path / "x.h5")])
+    assert r.exit_code == 2 and "--hidden cannot be given" in r.output
