@@ -59,9 +59,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RUNNER_KEYS = ("name", "method", "compression", "label", "match", "match_by")
+RUNNER_KEYS = ("name", "method", "compression", "label", "match", "match_by", "warmup_epochs",
+               "frequent")
 OWNED = ("out", "resume", "force", "threads", "quiet", "json", "device", "distributed")
 MATCH_BY = ("hidden", "embedding_size")
+# runner keys [base] may set for every run (mapping = "learned" sets "learned")
+BASE_RUNNER_KEYS = ("learned", "warmup_epochs", "frequent")
 
 
 class PlanError(ValueError):
@@ -249,6 +252,10 @@ def load_plan(path, overrides: dict | None = None) -> Plan:
             if key in RUNNER_KEYS:
                 meta[key] = value
                 continue
+            if key == "mapping" and value == "learned":
+                # not a `train` option: the runner's warm-up, compress, fine-tune
+                meta["learned"] = True
+                continue
             if key in OWNED:
                 raise PlanError(f"{where(raw_key)}: {raw_key} is set by the runner, not the plan "
                                 "(slimnp experiment run --help)")
@@ -277,12 +284,19 @@ def load_plan(path, overrides: dict | None = None) -> Plan:
         if "compression" in meta and (isinstance(meta["compression"], bool)
                                       or not isinstance(meta["compression"], (int, float))):
             raise PlanError(f"{where('compression')}: compression expects a number")
+        for k in ("warmup_epochs", "frequent"):
+            if k in meta:
+                if isinstance(meta[k], bool) or not isinstance(meta[k], int) or meta[k] < (
+                        1 if k == "warmup_epochs" else 0):
+                    raise PlanError(f"{where(k)}: {k} expects an integer >= "
+                                    f"{1 if k == 'warmup_epochs' else 0}")
         return options, meta
 
     base, base_meta = check(doc.get("base", {}), lambda k: at("base", 0, k))
-    if base_meta:
-        raise PlanError(f"{at('base', 0, next(iter(base_meta)))}: [base] takes options only, "
-                        f"not {', '.join(base_meta)}")
+    per_run = [k for k in base_meta if k not in BASE_RUNNER_KEYS]
+    if per_run:
+        raise PlanError(f"{at('base', 0, per_run[0])}: [base] takes options (and "
+                        f"{', '.join(BASE_RUNNER_KEYS[1:])}, mapping), not {', '.join(per_run)}")
     over = {}
     if overrides:
         over, _ = check(overrides, lambda k: f"--set {k}")
@@ -305,11 +319,25 @@ def load_plan(path, overrides: dict | None = None) -> Plan:
                                 f"(first at {seen[name]})")
             seen[name] = where("name")
             line = int(where("name").rsplit(":", 1)[-1]) if ":" in where("name") else 0
+            meta = {**base_meta, **meta}
+            for k in ("warmup_epochs", "frequent"):
+                if k in meta and not meta.get("learned"):
+                    raise PlanError(f"{where(k)}: {k} belongs to mapping = \"learned\" runs")
             runs.append(Run(name=name, options={**base, **opts, **over}, meta=meta, line=line))
     if not runs:
         raise PlanError(f"{path}: the plan has no runs ([[run]] or [[grid]])")
     names = {r.name for r in runs}
     for r in runs:
+        if r.meta.get("learned"):
+            o = r.options
+            if o.get("input_kind") != "slim" and o.get("output_kind") != "slim":
+                raise PlanError(f"{path}:{r.line}: run {r.name!r}: mapping = \"learned\" needs "
+                                "input = \"slim\" and/or output = \"slim\" (what to compress to)")
+            if any(o.get(k) for k in ("input_m", "output_m", "tie", "embedding_size")) or \
+                    o.get("mapping_seed"):
+                raise PlanError(f"{path}:{r.line}: run {r.name!r}: a learned run takes "
+                                "--input-ratio/--output-ratio (no -m, tie, embedding size or "
+                                "mapping seed)")
         m = r.meta.get("match")
         if m is not None and m not in names:
             raise PlanError(f"{path}:{r.line}: run {r.name!r} matches {m!r}, which the plan "
@@ -603,7 +631,13 @@ def record(plan: Plan, run: Run, summary: dict, wall: float) -> dict:
     train_s = summary.get("train_seconds") or 0.0
     import numpy
 
+    extra = {}
+    comp = plan.runs_dir / f"{run.name}.compressed.h5"
+    if run.meta.get("learned") and comp.exists():
+        made = sio.describe(comp)["config"].get("compressed_from", {})
+        extra["compress"] = {k: v for k, v in made.items() if k != "file"}
     return {
+        **extra,
         "run": run.name, "plan": str(plan.path), **{k: v for k, v in run.meta.items()
                                                    if k not in ("name", "match", "match_by")},
         "options": run.options, "config": cfg,
@@ -672,7 +706,9 @@ class Runner:
         skipped = len(plan.runs) - len(todo) if not self.only else len(self.only) - len(todo)
         for r in todo:
             ckpt = plan.runs_dir / f"{r.name}.h5"
-            if ckpt.exists():
+            # (a learned run's checkpoints hold the warm-up's and the compressed
+            # model's configs, not the plan's: not compared)
+            if ckpt.exists() and not r.meta.get("learned"):
                 check_stale(r, ckpt)
         self.log(f"{plan.path}: {len(plan.runs)} runs, {skipped} finished, {len(todo)} to run "
                  f"({self.jobs} at a time, {self.threads} thread(s) each, {self.device}); "
@@ -733,7 +769,8 @@ class Runner:
         summary_path = plan.runs_dir / f"{run.name}.summary.json"
         summary_path.unlink(missing_ok=True)
         spec.write_text(json.dumps({"argv": run.argv, "out": str(ckpt), "summary": str(summary_path),
-                                    "threads": self.threads, "device": self.device}))
+                                    "threads": self.threads, "device": self.device,
+                                    "learned": learned_spec(run)}))
         lock_path = plan.runs_dir / f"{run.name}.lock"
         lock = _try_lock(lock_path)
         if lock is None:
@@ -852,6 +889,112 @@ def _final_summary(ckpt: Path):
     return final
 
 
+# ---------------------------------------------------------------------------
+# learned assignment as a method of a plan: warm up dense, compress, fine-tune
+# ---------------------------------------------------------------------------
+def learned_spec(run: Run):
+    """What the worker needs for a ``mapping = "learned"`` run (None otherwise):
+    the dense warm-up's arguments, the compression settings, and the
+    fine-tuning arguments (training options only: the model comes from the
+    compressed file)."""
+    if not run.meta.get("learned"):
+        return None
+    from .cli import MODEL_OPTIONS
+
+    o = run.options
+    hp, p = hp_of(o)
+    w = int(run.meta.get("warmup_epochs", 1))
+    total = int(hp["epochs"])
+    if w >= total:
+        raise PlanError(f"run {run.name!r}: warmup_epochs {w} must be below epochs {total}")
+    slim_keys = ("input_kind", "output_kind", "input_k", "input_ratio", "output_k", "output_ratio",
+                 "mapping", "mapping_seed")
+    dense = {k: v for k, v in o.items() if k not in slim_keys}
+    dense["epochs"] = w
+    if p.get("data"):  # no test evaluation of the warm-up: --train/--valid, not --data
+        from .data import find_splits
+
+        files = find_splits(p["data"])
+        dense.pop("data")
+        dense.update(train_file=str(files["train"]), valid_file=str(files["valid"]))
+    tune = {k: v for k, v in o.items() if k not in slim_keys and k not in MODEL_OPTIONS}
+    tune["epochs"] = total - w
+    if hp["schedule"] == "epoch":
+        # continue the warm-up's schedule: epoch e of the fine-tuning is epoch
+        # e + w of the run, so every method sees the same learning rates.  The
+        # 'epoch' schedule gives epoch e (>= 2) lr0 d^max(0, e - start) and
+        # epoch 1 lr0 itself, so the fine-tuning starts at lr0 d^a and, if that
+        # was decayed already (a > 0), decays from its second epoch on.
+        ds, d = int(hp["decay_start"]), float(hp["lr_decay"])
+        a = max(0, w + 1 - ds)
+        tune["lr"] = float(hp["lr"]) * d ** a
+        tune["decay_start"] = 1 if a > 0 else ds - w
+    compress = {"input_k": o.get("input_k") if o.get("input_kind") == "slim" else None,
+                "input_ratio": o.get("input_ratio") if o.get("input_kind") == "slim" else None,
+                "output_k": o.get("output_k") if o.get("output_kind") == "slim" else None,
+                "output_ratio": o.get("output_ratio") if o.get("output_kind") == "slim" else None,
+                "frequent": int(run.meta.get("frequent", 0)), "seed": int(p.get("mapping_seed") or 0)}
+    return {"warmup_argv": to_argv(dense), "tune_argv": to_argv(tune), "compress": compress,
+            "warmup_epochs": w}
+
+
+def _work_learned(spec, log) -> dict:
+    """Warm-up (``<run>.warmup.h5``), compress (``<run>.compressed.h5``),
+    fine-tune (``<run>.h5``); each phase resumes or is skipped when done."""
+    from . import io as sio
+    from .cli import main
+    from .compress import compress_model
+    from .trainer import file_sha256, load_model, mapping_fields, resume_training
+
+    L = spec["learned"]
+    out = Path(spec["out"])
+    warm = out.with_name(out.stem + ".warmup.h5")
+    comp = out.with_name(out.stem + ".compressed.h5")
+    common = ["--quiet", "--threads", str(spec["threads"]), "--device", spec["device"]]
+    warm_summary = None
+    if not out.exists():
+        if warm.exists() and sio.describe(warm)["train_state"].get("finished"):
+            log(f"{warm}: warm-up done")
+        elif warm.exists():
+            warm_summary = resume_training(warm, device=spec["device"], log=log, progress=False)
+        else:
+            log(f"warm-up: {L['warmup_epochs']} epoch(s) of the dense model")
+            warm_summary = main.main(["train", *L["warmup_argv"], "--out", str(warm), *common],
+                                     standalone_mode=False)
+        if warm_summary is not None and not warm_summary.get("finished"):
+            return {**warm_summary, "finished": False, "epochs_done": warm_summary.get("epochs_done")}
+        if not comp.exists():
+            dense, vocab, _ = load_model(warm)  # the last epoch's parameters
+            c = L["compress"]
+            slim, rep = compress_model(dense, vocab.counts, input_k=c["input_k"],
+                                       input_ratio=c["input_ratio"], output_k=c["output_k"],
+                                       output_ratio=c["output_ratio"], frequent=c["frequent"],
+                                       seed=c["seed"], source_sha256=file_sha256(warm), log=log)
+            sio.save(comp, sio.Checkpoint(
+                config={"model": slim.config.to_dict(), "compressed_from": {"file": str(warm), **rep}},
+                vocab=list(vocab.words), vocab_counts=vocab.counts, params=slim.params_numpy(),
+                **mapping_fields(slim)))
+        log(f"fine-tuning {comp}")
+        summary = main.main(["train", "--init-from", str(comp), *L["tune_argv"], "--out", str(out),
+                             *common], standalone_mode=False)
+    else:
+        summary = resume_training(out, device=spec["device"], log=log, progress=False,
+                                  allow_finished=True)
+    return _with_warmup(summary, warm)
+
+
+def _with_warmup(summary: dict, warm: Path) -> dict:
+    """The fine-tuning's summary with the warm-up's epochs and time added."""
+    from . import io as sio
+
+    st = sio.describe(warm)["train_state"]
+    summary = dict(summary)
+    summary["epochs_done"] = (summary.get("epochs_done") or 0) + int(st.get("epoch", 1)) - 1
+    summary["train_seconds"] = (summary.get("train_seconds") or 0.0) + float(st.get("train_seconds", 0.0))
+    summary["train_tokens_seen"] = (summary.get("train_tokens_seen") or 0) + int(st.get("tokens_seen", 0))
+    return summary
+
+
 def work(spec_path) -> dict:
     """The worker: train (or resume, or finish) one run as its spec says,
     and write the summary file.  Runs in its own process."""
@@ -867,6 +1010,10 @@ def work(spec_path) -> dict:
     if final is not None:  # trained and evaluated; stopped before its result was recorded
         log(f"{out}: finished and evaluated before; taking its final summary")
         summary = final
+        if spec.get("learned"):
+            summary = _with_warmup(summary, out.with_name(out.stem + ".warmup.h5"))
+    elif spec.get("learned"):
+        summary = _work_learned(spec, log)
     elif out.exists():
         summary = resume_training(out, device=spec["device"], log=log, progress=False,
                                   allow_finished=True)

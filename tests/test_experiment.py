@@ -242,7 +242,90 @@ def test_repository_plans_load_and_match_sizes(plan):
         pytest.skip("needs ../shared/data/ptb")
     p = load_plan(plan)
     resolve(p)
-    assert len({r.name for r in p.runs}) == len(p.runs) >= 5
+    assert len({r.name for r in p.runs}) == len(p.runs) >= 4
     for r in p.runs:
         if r.matched:
             assert abs(r.matched["parameters"] / r.matched["target_parameters"] - 1) < 0.02, r.name
+
+
+LEARNED = """\
+[base]
+data = "{data}"
+hidden = 12
+layers = 1
+epochs = 3
+bptt = 10
+batch-size = 8
+decay-start = 1
+
+[[run]]
+name = "learned-4"
+method = "SE learned"
+compression = 4
+mapping = "learned"
+warmup_epochs = 1
+frequent = 2
+input = "slim"
+output = "slim"
+input-k = 4
+output-k = 4
+input-ratio = 0.25
+output-ratio = 0.25
+"""
+
+
+@pytest.mark.slow
+def test_learned_run_warms_up_compresses_and_fine_tunes(tmp_path, corpus):
+    p = tmp_path / "learned.toml"
+    p.write_text(LEARNED.format(data=corpus))
+    res = _run(["run", str(p)])
+    assert res.returncode == 0, res.stderr
+    rec = read_results(tmp_path / "results" / "learned.jsonl")["learned-4"]
+    m = rec["config"]["model"]
+    assert rec["learned"] is True and m["mapping"] == "learned" and m["output_k"] == 4
+    assert m["output_m"] == 4 * (round(0.25 * m["vocab_size"]) + 2)  # 2 frequent words' entries
+    assert rec["epochs"] == 3 and 1 < rec["test_ppl"] < 200
+    assert rec["compress"]["frequent"] == 2 and rec["compress"]["output"]["K"] == 4
+    # the fine-tuning continued the warm-up's schedule: epoch 1 of it is epoch 2 of the run
+    assert rec["config"]["train"]["epochs"] == 2
+    assert [h["lr"] for h in rec["history"]] == [0.5, 0.25]  # epochs 2 and 3 of lr 1, 0.5, 0.25
+    runs = tmp_path / "runs" / "learned"
+    assert (runs / "learned-4.warmup.h5").exists() and (runs / "learned-4.compressed.h5").exists()
+    again = _run(["run", str(p)])
+    assert again.returncode == 0 and "1 finished, 0 to run" in again.stderr
+
+
+def test_learned_plan_errors(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text('[[run]]\nname = "a"\nmapping = "learned"\n')
+    with pytest.raises(PlanError, match='needs input = "slim"'):
+        load_plan(p)
+    p.write_text('[[run]]\nname = "a"\nfrequent = 3\n')
+    with pytest.raises(PlanError, match=":3: frequent belongs to mapping"):
+        load_plan(p)
+
+
+@pytest.mark.parametrize("w,ds", [(1, 4), (1, 1), (2, 1), (3, 4), (2, 2), (1, 0)])
+def test_learned_fine_tuning_continues_the_epoch_schedule(tmp_path, corpus, w, ds):
+    """The fine-tuning's learning rates are the run's epochs w+1.. of the
+    uninterrupted 'epoch' schedule, whatever the warm-up length."""
+    from slimnp.experiment import learned_spec
+    from slimnp.optim import Schedule
+
+    p = tmp_path / "p.toml"
+    p.write_text(LEARNED.format(data=corpus).replace("epochs = 3", "epochs = 7")
+                 .replace("decay-start = 1", f"decay-start = {ds}")
+                 .replace("warmup_epochs = 1", f"warmup_epochs = {w}"))
+    plan = load_plan(p)
+    spec = learned_spec(plan.runs[0])
+    argv = spec["tune_argv"]
+    lr, start = float(argv[argv.index("--lr") + 1]), int(argv[argv.index("--decay-start") + 1])
+
+    def lrs(lr0, start, n):
+        s, out, cur = Schedule("epoch", lr0, 0.5, 1.0, start), [], lr0
+        for e in range(1, n + 1):
+            out.append(cur)
+            cur = s.next_lr(cur, e, None, None)
+        return out
+
+    assert lrs(lr, start, 7 - w) == lrs(1.0, ds, 7)[w:]
