@@ -46,7 +46,8 @@ def _table(header, rows) -> str:
 
 
 def _minutes(rec) -> str:
-    return f"{rec['wall_seconds'] / 60:.0f}" if rec and rec.get("wall_seconds") else "-"
+    """Training minutes over every sitting (a resumed run's wall time covers one)."""
+    return f"{rec['train_seconds'] / 60:.0f}" if rec and rec.get("train_seconds") else "-"
 
 
 def table2(res: dict) -> str:
@@ -58,7 +59,7 @@ def table2(res: dict) -> str:
                      _f(ppl - PAPER_TABLE2[name], "{:+.2f}") if ppl else "-",
                      _f(r and r["valid_ppl"]), r["epochs"] if r else "-", _minutes(r)])
     out = _table(["model", "input dropout", "size", "paper", "slimnp", "diff", "valid",
-                  "epochs", "minutes"], rows)
+                  "epochs", "train minutes"], rows)
     diffs = []
     for ne, se in (("ne-d0", "se-m10k-d0"), ("ne-d0", "se-m5k-d0"), ("ne-d0.1", "se-m10k-d0.1")):
         if res.get(ne) and res.get(se):

@@ -646,6 +646,8 @@ def record(plan: Plan, run: Run, summary: dict, wall: float) -> dict:
         "embedding_parameters": emb, "matched": run.matched,
         "valid_ppl": summary.get("best_valid_ppl"), "test_ppl": summary.get("test_ppl"),
         "test_tokens": summary.get("test_tokens"), "epochs": summary.get("epochs_done"),
+        # train_seconds: every epoch, over all sittings; wall_seconds: this sitting's
+        # worker (training since the last resume, or only the final evaluation)
         "train_seconds": train_s, "wall_seconds": wall,
         "tokens_per_s": (summary.get("train_tokens_seen") or 0) / train_s if train_s else None,
         "history": [{k: h.get(k) for k in ("epoch", "lr", "train_ppl", "valid_ppl")}
