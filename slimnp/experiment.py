@@ -237,7 +237,8 @@ def load_plan(path, overrides: dict | None = None) -> Plan:
         if k not in ("description", "results", "runs_dir"):
             raise PlanError(f"{at('plan', 0, k)}: unknown [plan] key {k!r} "
                             "(known: description, results, runs_dir)")
-    base_dir = path.parent
+    base_dir = path.resolve().parent
+    # absolute: the workers run in the runs folder, not the caller's
     results = base_dir / head.get("results", f"results/{path.stem}.jsonl")
     runs_dir = base_dir / head.get("runs_dir", f"runs/{path.stem}")
     table = _option_table()
@@ -653,7 +654,9 @@ def record(plan: Plan, run: Run, summary: dict, wall: float) -> dict:
         "history": [{k: h.get(k) for k in ("epoch", "lr", "train_ppl", "valid_ppl")}
                     for h in _history(plan.runs_dir / f"{run.name}.metrics.jsonl")],
         "machine": machine(), "slimnp_version": __version__, "numpy_version": numpy.__version__,
-        "git_commit": git_commit(),
+        # the code of the worker that finished the run (its package and commit)
+        "git_commit": summary.get("worker_git_commit", git_commit()),
+        "package": summary.get("worker_package"),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -761,7 +764,12 @@ class Runner:
                 if not queue:
                     return
                 run = queue.pop(0)
-            self._one(run)
+            try:
+                self._one(run)
+            except Exception as exc:  # a bug or a damaged file: this run fails, the plan goes on
+                self.log(f"[{run.name}] FAILED: {type(exc).__name__}: {exc}")
+                with self.lock:
+                    self.failed.append(run.name)
 
     def _one(self, run: Run) -> None:
         plan = self.plan
@@ -791,12 +799,17 @@ class Runner:
         how = "resuming" if ckpt.exists() else "starting"
         self.log(f"[{run.name}] {how}: slimnp train {' '.join(run.argv)}")
         t0 = time.perf_counter()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the worker imports the slimnp this runner runs (not one that happens
+        # to lie in the current folder: `python -m` would put that first)
+        pkg_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1",
+                   PYTHONPATH=os.pathsep.join([pkg_root] + [p for p in os.environ.get(
+                       "PYTHONPATH", "").split(os.pathsep) if p]))
         with open(logf, "a", encoding="utf-8") as lf:
             lf.write(f"--- {how} {datetime.datetime.now().isoformat(timespec='seconds')}\n")
             lf.flush()
             p = subprocess.Popen([sys.executable, "-m", "slimnp", "experiment", "worker", str(spec)],
-                                 stdout=lf, stderr=subprocess.STDOUT, env=env,
+                                 stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=plan.runs_dir,
                                  # signals reach it through the runner only; it holds the
                                  # run's lock too, so a killed runner leaves it locked
                                  start_new_session=True, pass_fds=(lock,))
@@ -1023,6 +1036,7 @@ def work(spec_path) -> dict:
         summary = main.main(["train", *spec["argv"], "--out", str(out), "--quiet",
                              "--threads", str(spec["threads"]), "--device", spec["device"]],
                             standalone_mode=False)
+    summary = dict(summary, worker_git_commit=git_commit(), worker_package=str(Path(__file__).parent))
     tmp = Path(spec["summary"] + ".tmp")
     tmp.write_text(json.dumps(summary, default=_jsonable))
     os.replace(tmp, spec["summary"])

@@ -67,6 +67,25 @@ def _plan(tmp_path, corpus, epochs=2, text=PLAN) -> Path:
     return p
 
 
+def test_workers_run_this_slimnp_not_one_in_the_current_folder(tmp_path, corpus):
+    """`python -m slimnp` would import a slimnp/ that lies in the caller's
+    folder first; the runner's workers import the runner's own package."""
+    fake = tmp_path / "cwd" / "slimnp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('the wrong slimnp was imported')\n")
+    (fake / "__main__.py").write_text("raise SystemExit('the wrong slimnp was run')\n")
+    text = PLAN.split("[[grid]]")[0].replace("epochs = {epochs}", "epochs = 1")
+    plan = _plan(tmp_path, corpus, text=text)
+    import slimnp
+
+    env = dict(os.environ, PYTHONPATH=str(Path(slimnp.__file__).parent.parent))
+    res = subprocess.run([sys.executable, "-P", "-m", "slimnp", "experiment", "run", str(plan)],
+                         cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    rec = read_results(tmp_path / "results" / "plan.jsonl")["dense"]
+    assert rec["package"] == str(Path(slimnp.__file__).parent)
+
+
 def _run(args, cwd=None, **kw):
     return subprocess.run([sys.executable, "-m", "slimnp", "experiment", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600, **kw)
