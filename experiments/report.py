@@ -106,6 +106,45 @@ def fig5(res: dict) -> str:
     return _table(["K", "model", "test PPL", "valid PPL"], rows)
 
 
+def compress_table(path: Path) -> str:
+    """Issue 18's compression target from experiments/compress-ptb.sh's lines."""
+    import json
+
+    if not path.exists():
+        return "Not run yet."
+    steps = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        steps[rec["step"]] = rec  # the last of each step
+    dense = steps.get("dense-test", {}).get("output", {}).get("perplexity")
+    comp = steps.get("compressed-test", {}).get("output", {}).get("perplexity")
+    tuned = steps.get("fine-tune", {}).get("output", {}).get("test_ppl")
+    rep = steps.get("compress", {}).get("output", {})
+    rows = [["dense (uncompressed run of the sweeps)", _f(dense), "1", "-",
+             f"{rep['parameters']['before']:,}" if rep else "-"],
+            ["compressed, K = 10 at 1/8 both layers, no fine-tuning", _f(comp),
+             _f(comp / dense, "{:.3f}") if comp and dense else "-", "<= 1.25",
+             f"{rep['parameters']['after']:,}" if rep else "-"],
+            ["after 2 epochs of fine-tuning (lr 0.25)", _f(tuned),
+             _f(tuned / dense, "{:.3f}") if tuned and dense else "-", "<= 1.05",
+             f"{rep['parameters']['after']:,}" if rep else "-"]]
+    out = _table(["model", "test PPL", "vs dense", "target", "parameters"], rows)
+    if rep:
+        out += (f"\n\nk-means took {rep['seconds']:.0f} s on one core (relative distortion of the "
+                f"rebuilt matrices: output {rep['output']['distortion']:.3f}, input "
+                f"{rep['input']['distortion']:.3f}).")
+    return out
+
+
+def learned_table(sweeps: dict, learned: dict) -> str:
+    rows = []
+    for c in RATIOS:
+        se, le = sweeps.get(f"se-{c}"), learned.get(f"learned-{c}")
+        gain = (f"{(1 - le['test_ppl'] / se['test_ppl']) * 100:+.1f}%" if se and le else "-")
+        rows.append([f"1/{c}", _f(se and se["test_ppl"]), _f(le and le["test_ppl"]), gain])
+    return _table(["compression", "SE shuffle (paper)", "SE learned", "learned better by"], rows)
+
+
 def figures(sweeps: Path) -> list:
     """The sweep figures (needs matplotlib); returns the paths written."""
     try:
@@ -146,8 +185,12 @@ def main() -> None:
     doc = fill(doc, "fig4", fig4(sw))
     doc = fill(doc, "fig2", fig2(sw))
     doc = fill(doc, "fig5", fig5(sw))
-    done = len(sw) + len(res)
-    doc = fill(doc, "status", f"Runs finished: {len(sw)} of the sweeps plan, {len(res)} of Table 2.")
+    doc = fill(doc, "compress", compress_table(HERE / "results" / "compress-ptb.jsonl"))
+    learned = read_results(HERE / "results" / "learned-ptb.jsonl")
+    doc = fill(doc, "learned", learned_table(sw, learned))
+    done = len(sw) + len(res) + len(learned)
+    doc = fill(doc, "status", f"Runs finished: {len(sw)} of 21 in the sweeps plan, {len(res)} of 5 "
+                              f"in Table 2's, {len(learned)} of 4 in the learned-assignment plan.")
     DOC.write_text(doc, encoding="utf-8")
     written = figures(sweeps)
     print(f"{DOC}: {done} results; figures: {', '.join(str(p.relative_to(ROOT)) for p in written) or 'none'}")
