@@ -151,12 +151,13 @@ def figures(sweeps: Path) -> list:
         from slimnp.plot import NothingToPlot, load_rows, plot_k, plot_ratio
     except ImportError:
         return []
-    rows = load_rows([sweeps]) if sweeps.exists() else []
+    learned = HERE / "results" / "learned-ptb.jsonl"
+    rows = load_rows([p for p in (sweeps, learned) if p.exists()])
     FIGURES.mkdir(exist_ok=True)
     keep = lambda *m: [r for r in rows if r.get("method") in (*m, "uncompressed")]  # noqa: E731
     out = []
     for name, draw in (
-            ("fig4-ptb", lambda: plot_ratio(keep("SE", "SM", "PM"), FIGURES / "fig4-ptb.png",
+            ("fig4-ptb", lambda: plot_ratio(keep("SE", "SM", "PM", "SE learned"), FIGURES / "fig4-ptb.png",
                                             title="Figure 4 on PTB: both layers, K = 8")),
             ("fig2-ptb", lambda: plot_ratio(keep("SE input only"), FIGURES / "fig2-ptb.png",
                                             title="Figure 2 on PTB: input layer only, K = 8")),

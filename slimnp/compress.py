@@ -41,6 +41,7 @@ class KMeansResult:
     iterations: int  # Lloyd iterations run
     seeding: str  # 'k-means++' or 'uniform' (k-means++ too costly at this size)
     sample: int  # points the centroids were fitted on
+    history: list = dataclasses.field(default_factory=list)  # the sample's inertia per iteration
 
 
 def nearest(X, C, block: int = 4096):
@@ -141,17 +142,18 @@ def kmeans(X, k: int, *, seed: int = 0, iters: int = 25, tol: float = 1e-4,
         C, seeding = _kmeanspp(S, k, rng), "k-means++"
     else:
         C, seeding = S[rng.choice(m, k, replace=False)].copy(), "uniform"
-    prev, it = math.inf, 0
+    prev, it, history = math.inf, 0, []
     for it in range(1, iters + 1):
         labels, d2 = nearest(S, C)
         inertia = float(d2.sum())
+        history.append(inertia)
         C, counts = _update(S, labels, k, C)
         _repair(S, C, counts, d2)
         if math.isfinite(prev) and prev - inertia <= tol * prev and not (counts == 0).any():
             break
         prev = inertia
     labels, d2 = nearest(X, C)
-    return KMeansResult(C, labels, float(d2.sum()), it, seeding, m)
+    return KMeansResult(C, labels, float(d2.sum()), it, seeding, m, history)
 
 
 # ---------------------------------------------------------------------------
@@ -237,11 +239,17 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
         share = float(np.asarray(counts, np.float64)[freq].sum() / max(np.sum(counts), 1))
         report["frequent_token_share"] = share
     t0 = time.perf_counter()
+    if F >= V:
+        raise ValueError(f"--frequent {F} leaves no word to cluster (V = {V})")
     if output_k:
         K = int(output_k)
         if H % K:
             raise ValueError(f"--output-k {K} must divide the hidden size {H}")
         Mk = max(1, round(output_ratio * V))
+        if F > Mk:
+            raise ValueError(f"--output-ratio {output_ratio:g} gives {Mk} entries per pool, fewer than "
+                             f"the {F} private ones --frequent {F} adds: the frequent words would "
+                             "outweigh the compressed pool; raise the ratio or lower --frequent")
         A, idx, stats = output_tables(params["output/W"], K, Mk, freq, seed, **kmeans_kw)
         new["output/A"] = A
         tables["output/idx"] = idx
@@ -257,6 +265,10 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
         if H % K:
             raise ValueError(f"--input-k {K} must divide the hidden size {H}")
         M = max(1, round(input_ratio * K * V))
+        if F * K > M:
+            raise ValueError(f"--input-ratio {input_ratio:g} gives a pool of {M}, fewer than the "
+                             f"{F * K} private entries --frequent {F} adds (K = {K} each); raise the "
+                             "ratio or lower --frequent")
         A, idx, stats = input_tables(params["embedding/W"], K, M, freq, seed + 1, **kmeans_kw)
         new["embedding/A"] = A
         tables["input/idx"] = idx

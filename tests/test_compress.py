@@ -116,10 +116,10 @@ def test_compress_at_full_size_is_lossless():
 def test_frequent_words_keep_exact_vectors():
     m = _dense_model()
     counts = np.arange(40)[::-1] + 1  # word 0 the most frequent
-    slim, rep = compress_model(m, counts, input_k=4, input_ratio=0.1, output_k=4, output_ratio=0.1,
+    slim, rep = compress_model(m, counts, input_k=4, input_ratio=0.15, output_k=4, output_ratio=0.15,
                                frequent=5)
     c = slim.config
-    assert c.output_m == 4 * (4 + 5) and c.input_m == 16 + 5 * 4
+    assert c.output_m == 4 * (6 + 5) and c.input_m == 24 + 5 * 4
     assert rep["frequent"] == 5 and rep["frequent_token_share"] == pytest.approx(
         counts[:5].sum() / counts.sum())
     W = m.store.params["output/W"]
@@ -171,3 +171,106 @@ def test_compress_cli_then_fine_tune(tmp_path):
     r = run(main, ["train", "--init-from", str(s), "--train", str(files["train"]), "--valid",
                    str(files["valid"]), "--hidden", "8", "--out", str(tmp_path / "x.h5")])
     assert r.exit_code == 2 and "--hidden cannot be given" in r.output
+
+
+def test_kmeans_objective_never_increases():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((3000, 4)).astype(np.float32)  # no structure: many iterations
+    for seeding_budget in (2e9, 0):
+        r = kmeans(X, 60, seed=1, iters=40, tol=0, pp_budget=seeding_budget)
+        assert len(r.history) == r.iterations > 5
+        assert all(b <= a * (1 + 1e-6) for a, b in zip(r.history, r.history[1:])), r.history
+
+
+def _codebook_model(V=60, H=8, K=2, Mk=5, M_in=7, seed=0):
+    """A dense model whose output rows are concatenations of K codewords
+    (Mk per position) and whose input slices come from M_in codewords."""
+    rng = np.random.default_rng(seed)
+    m = _dense_model(V=V, H=H, seed=seed)
+    d = H // K
+    books = rng.standard_normal((K, Mk, d)).astype(np.float32) * 2
+    pick = np.stack([rng.permutation(np.arange(V) % Mk) for _ in range(K)], axis=1)  # every codeword used
+    m.store.params["output/W"][...] = np.concatenate([books[k][pick[:, k]] for k in range(K)], axis=1)
+    pool = rng.standard_normal((M_in, d)).astype(np.float32) * 2
+    sub = (np.arange(V * K) % M_in)[rng.permutation(V * K)].reshape(V, K)
+    m.store.params["embedding/W"][...] = pool[sub].reshape(V, H)
+    return m, books, pool
+
+
+def test_compress_recovers_exact_codewords_and_keeps_the_perplexity():
+    V, K, Mk, M_in = 60, 2, 5, 7
+    m, books, pool = _codebook_model(V=V, K=K, Mk=Mk, M_in=M_in)
+    slim, rep = compress_model(m, np.ones(V), input_k=K, input_ratio=M_in / (K * V), output_k=K,
+                               output_ratio=Mk / V)
+    assert slim.config.output_m == K * Mk and slim.config.input_m == M_in
+    assert rep["output"]["distortion"] < 1e-6 and rep["input"]["distortion"] < 1e-6
+    for k in range(K):  # the same codewords, in some order
+        got = np.sort(slim.store.params["output/A"][k], axis=0)
+        np.testing.assert_allclose(got, np.sort(books[k], axis=0), atol=1e-5)
+    np.testing.assert_allclose(np.sort(slim.store.params["embedding/A"], axis=0), np.sort(pool, axis=0),
+                               atol=1e-5)
+    ids = np.random.default_rng(0).integers(0, V, 400).astype(np.int32)
+    ppl_dense = evaluate_ids(m, ids, 0, batch_size=4).perplexity
+    ppl_slim = evaluate_ids(slim, ids, 0, batch_size=4).perplexity
+    assert ppl_slim == pytest.approx(ppl_dense, rel=1e-5)
+
+
+def test_compress_rejects_bad_input():
+    m = _dense_model(V=40, H=8)
+    with pytest.raises(ValueError, match="--output-k 3 must divide the hidden size 8"):
+        compress_model(m, np.ones(40), output_k=3, output_ratio=0.5)
+    with pytest.raises(ValueError, match="fewer than the 10 private ones --frequent 10"):
+        compress_model(m, np.ones(40), output_k=2, output_ratio=0.1, frequent=10)
+    with pytest.raises(ValueError, match="raise the ratio or lower --frequent"):
+        compress_model(m, np.ones(40), input_k=4, input_ratio=0.05, frequent=3)
+    slim, _ = compress_model(m, np.ones(40), output_k=2, output_ratio=0.5)
+    with pytest.raises(ValueError, match="dense, untied model"):
+        compress_model(slim, np.ones(40), output_k=2, output_ratio=0.5)
+
+
+def test_compress_cli_errors_are_one_line(tmp_path):
+    from slimnp import io as sio
+    from slimnp.trainer import mapping_fields
+
+    m = _dense_model(V=40, H=8)
+    path = tmp_path / "d.h5"
+    sio.save(path, sio.Checkpoint(config={"model": m.config.to_dict()},
+                                  vocab=["<eos>", "<unk>"] + [f"w{i}" for i in range(38)],
+                                  params=m.params_numpy(), **mapping_fields(m)))
+    for args, words in ((["--output-k", "3", "--output-ratio", "0.5"], "must divide"),
+                        (["--output-k", "2", "--output-ratio", "0.1", "--frequent", "10"], "--frequent 10")):
+        r = CliRunner().invoke(main, ["compress", str(path), "--out", str(tmp_path / "s.h5"), *args])
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(lines) == 1 and words in lines[0], r.output
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_learned_model_trains_on_the_gpu_kernels_like_the_cpu(monkeypatch):
+    """A compressed (learned-table) model: training steps through every GPU
+    kernel (the CUDA C run by the CPU emulator) equal the NumPy reference's."""
+    import gpu_emu
+    from slimnp.kernels import gpu
+
+    if gpu_emu.load() is None:
+        pytest.skip(gpu_emu.why_unavailable())
+    from test_gpu import _train_steps
+
+    monkeypatch.setenv("SLIMNP_PIPELINE", "0")
+    dense = LanguageModel(ModelConfig(vocab_size=25, hidden=8, layers=2, dtype="float64", dropout=0.2))
+    dense.init_params(make_rng(0))
+    slim, _ = compress_model(dense, np.arange(25)[::-1] + 1, input_k=2, input_ratio=0.3, output_k=4,
+                             output_ratio=0.2, frequent=2)
+    tables = slim.mapping
+
+    def fresh():
+        return LanguageModel(slim.config, mapping=tables)
+
+    with kernels.using("reference"):
+        want = _train_steps(fresh(), "softmax", "adagrad")
+    monkeypatch.setattr(gpu, "_factory", gpu_emu.factory)
+    with kernels.using("gpu"):
+        got = _train_steps(fresh(), "softmax", "adagrad")
+    for (n1, g1, gr1, ds1, p1), (n2, g2, gr2, ds2, p2) in zip(got, want):
+        assert n1 == pytest.approx(n2, rel=1e-8)
+        np.testing.assert_allclose(gr1, gr2, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(p1, p2, rtol=1e-9, atol=1e-11)
