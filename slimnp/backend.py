@@ -2,7 +2,9 @@
 
 This is the one place that knows about CuPy.  Everything else asks for ``xp``
 (``get_xp(name)``) or uses ``array_module(x)`` on an array it was given, so a
-CPU-only machine never pays for importing CuPy.
+CPU-only machine never pays for importing CuPy.  The device calls the rest
+of slimnp needs are here too: choosing a GPU, the current stream, and NCCL
+(:class:`NcclAllreduce`, the data-parallel gradient sum on GPUs).
 
 Dtype policy: parameters and activations are float32 (``FLOAT``), token ids are
 int32 (``INDEX``).  Every function also accepts float64, which the gradient
@@ -83,6 +85,64 @@ def to_numpy(x) -> np.ndarray:
     if _cupy is not None and isinstance(x, _cupy.ndarray):
         return _cupy.asnumpy(x)
     return np.asarray(x)
+
+
+def compile_cuda(source: str, options, name_expressions):
+    """CUDA C ``source`` compiled by NVRTC (CuPy's ``RawModule``): an object
+    whose ``get_function(name)`` gives a kernel launched as
+    ``k(grid, block, args)``.  ``name_expressions`` names the template
+    instances to compile (``["lstm_fwd<float>", ...]``)."""
+    return get_xp("gpu").RawModule(code=source, options=options, name_expressions=name_expressions)
+
+
+def use_gpu(index: int) -> None:
+    """Make GPU ``index`` (modulo the GPUs this process sees) the current
+    device, before any device memory is allocated."""
+    cp = get_xp("gpu")
+    cp.cuda.Device(index % cp.cuda.runtime.getDeviceCount()).use()
+
+
+def current_stream_ptr(x) -> int:
+    """The CUDA stream CuPy launches on now, as a raw pointer (``x``: a
+    device array, for its module)."""
+    return array_module(x).cuda.get_current_stream().ptr
+
+
+# ----------------------------------------------------------------------------
+# NCCL: device buffers summed over processes (CuPy's optional binding)
+# ----------------------------------------------------------------------------
+def nccl_module():
+    """CuPy's NCCL binding where CuPy works and carries it; None otherwise."""
+    if _import_cupy() is None:
+        return None
+    try:
+        from cupy.cuda import nccl  # optional part of CuPy
+    except ImportError:
+        return None
+    return nccl if getattr(nccl, "available", True) else None
+
+
+class NcclAllreduce:
+    """One process's member of an NCCL clique of ``size`` processes.
+
+    Rank 0 makes the clique's id (``nccl.get_unique_id()``) and the caller
+    hands it to the others (over MPI) before each builds this with its
+    ``rank``.  Calling it on a C-contiguous device buffer replaces the buffer
+    by the sum over the clique, in place: one ``allReduce`` queued on the
+    stream CuPy launches on, behind the kernels that wrote the buffer.
+
+    ``nccl``: the binding (:func:`nccl_module`; tests pass a stand-in).
+    """
+
+    def __init__(self, nccl, size: int, uid, rank: int):
+        self.nccl = nccl
+        self.comm = nccl.NcclCommunicator(size, uid, rank)
+        self._kinds = {np.dtype(np.float32): nccl.NCCL_FLOAT32, np.dtype(np.float64): nccl.NCCL_FLOAT64}
+
+    def __call__(self, buf) -> None:
+        ptr = buf.data.ptr
+        self.comm.allReduce(ptr, ptr, buf.size, self._kinds[np.dtype(buf.dtype)], self.nccl.NCCL_SUM,
+                            current_stream_ptr(buf))
 
 
 def make_rng(seed: int) -> np.random.Generator:

@@ -29,9 +29,9 @@ end, turns any divergence into an error instead of a silently wrong model.
 
 mpi4py is imported inside the functions here, never at module load: slimnp
 without the ``[mpi]`` extra runs as before.  GPUs: :func:`choose_collective`
-already picks NCCL for ``device='gpu'`` where CuPy provides it; the NCCL
-communicator itself is future work (MPI stages device buffers through the
-host meanwhile).
+picks NCCL for ``device='gpu'`` where CuPy provides it
+(:class:`slimnp.backend.NcclAllreduce` sums the device buffer GPU to GPU);
+without it MPI stages device buffers through the host.
 """
 from __future__ import annotations
 
@@ -88,16 +88,10 @@ def mpi_available() -> bool:
 
 
 def nccl_available() -> bool:
-    """True where CuPy works (:mod:`slimnp.backend` decides) and carries NCCL."""
-    from .backend import gpu_available
+    """True where CuPy works and carries NCCL (:func:`slimnp.backend.nccl_module`)."""
+    from .backend import nccl_module
 
-    if not gpu_available():
-        return False
-    try:
-        from cupy.cuda import nccl  # noqa: F401  (CuPy's optional NCCL binding)
-    except ImportError:
-        return False
-    return bool(getattr(nccl, "available", True))
+    return nccl_module() is not None
 
 
 def choose_collective(device: str, mpi_available: bool, nccl_available: bool) -> str:
@@ -245,13 +239,15 @@ class Communicator:
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
-        self.nccl = self.nccl_comm = None
+        self.nccl_sum = None
         if backend == "nccl":
-            # NCCL (CuPy's binding): rank 0 makes the clique's id, MPI hands it
-            # to the others; device buffers are then summed GPU to GPU
-            self.nccl = nccl if nccl is not None else _import_nccl()
-            uid = self.nccl.get_unique_id() if self.rank == 0 else None
-            self.nccl_comm = self.nccl.NcclCommunicator(self.size, comm.bcast(uid, root=0), self.rank)
+            # NCCL (behind slimnp.backend): rank 0 makes the clique's id, MPI
+            # hands it to the others; device buffers are then summed GPU to GPU
+            from .backend import NcclAllreduce, nccl_module
+
+            nccl = nccl if nccl is not None else nccl_module()
+            uid = nccl.get_unique_id() if self.rank == 0 else None
+            self.nccl_sum = NcclAllreduce(nccl, self.size, comm.bcast(uid, root=0), self.rank)
 
     @property
     def is_root(self) -> bool:
@@ -283,10 +279,8 @@ class Communicator:
         ``Allreduce`` per :data:`MAX_COUNT` elements of the flat buffer.
         Device (CuPy) buffers: one NCCL allReduce with the ``nccl`` backend,
         else through a host copy."""
-        if self.nccl_comm is not None and not isinstance(buf, np.ndarray):
-            kinds = {np.dtype(np.float32): self.nccl.NCCL_FLOAT32, np.dtype(np.float64): self.nccl.NCCL_FLOAT64}
-            self.nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, kinds[np.dtype(buf.dtype)],
-                                     self.nccl.NCCL_SUM, _current_stream_ptr(buf))
+        if self.nccl_sum is not None and not isinstance(buf, np.ndarray):
+            self.nccl_sum(buf)
             return
         MPI = self.MPI
         host = buf if isinstance(buf, np.ndarray) else to_numpy(buf)
@@ -363,20 +357,6 @@ class Communicator:
         self.comm.Abort(1)
 
 
-def _import_nccl():
-    from cupy.cuda import nccl  # the optional binding; nccl_available() said it is there
-
-    return nccl
-
-
-def _current_stream_ptr(buf) -> int:
-    """The CUDA stream CuPy launches on now (NCCL queues the sum behind the
-    kernels that wrote ``buf``)."""
-    from .backend import array_module
-
-    return array_module(buf).cuda.get_current_stream().ptr
-
-
 def _to_device(like, host):
     """``host`` copied into the device array ``like``'s module (CuPy)."""
     from .backend import array_module
@@ -408,10 +388,9 @@ def _use_local_gpu(comm) -> None:
     it sees), before any device memory is allocated."""
     from mpi4py import MPI
 
-    from .backend import get_xp
+    from .backend import use_gpu
 
-    cp = get_xp("gpu")
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     local = node.Get_rank()
     node.Free()
-    cp.cuda.Device(local % cp.cuda.runtime.getDeviceCount()).use()
+    use_gpu(local)

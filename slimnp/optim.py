@@ -10,7 +10,6 @@ the parameters).
 from __future__ import annotations
 
 import math
-import types
 
 import numpy as np
 
@@ -93,162 +92,8 @@ class SGD:
 
 
 # --------------------------------------------------------------------------
-# Adagrad
+# Adagrad (its fused update pass: kernels.adagrad_update)
 # --------------------------------------------------------------------------
-#
-# The update kernels are plain functions compiled by Numba on first use
-# (:func:`_adagrad_kernels`), so importing this module does not import Numba.
-# ``prange`` is the builtin ``range`` until then; the builder rebinds it to
-# ``numba.prange`` before compiling, which is what makes the loops parallel.
-prange = range
-
-_SPAN = 1 << 14  # elements per parallel work item of the dense kernel (64 kB of float32)
-_JIT = dict(nogil=True, cache=True, error_model="numpy")
-_compiled = None  # {"dense": (serial, parallel), "rows": (...)}, built by _adagrad_kernels
-
-# Elements updated by one call above which the parallel kernel runs.  Below
-# it, waking Numba's pool costs more than it saves (2-core box, float32: 400
-# rows x 200 took 38 us serially and 147 us in parallel; 2,600 x 200, 370 and
-# 390 us; 4,000 x 512, 1.33 and 0.88 ms).  Read at each call.
-PARALLEL_MIN = 1 << 19
-
-
-def _adagrad_span_impl(p, acc, g, av, lrv, epsv):
-    """The update on 1-d ``p``, ``acc``, ``g``; ``av``, ``lrv``, ``epsv`` in their dtype."""
-    for j in range(p.shape[0]):
-        gj = g[j] * av
-        s = acc[j] + gj * gj
-        acc[j] = s
-        p[j] -= lrv * gj / (np.sqrt(s) + epsv)
-
-
-_adagrad_span = _adagrad_span_impl  # an inlined Numba function once compiled
-
-
-def _adagrad_dense_impl(p, acc, g, a, lr, eps):
-    """One Adagrad pass over flat ``p``, ``acc``, ``g`` (the clip factor ``a``
-    applied to ``g`` on the fly): ``acc += (a g)^2; p -= lr (a g) / (sqrt(acc) + eps)``.
-
-    Every operation is in the arrays' dtype, in the same order as
-    :func:`_adagrad_dense_numpy`, so both give identical bits.
-    """
-    n = p.shape[0]
-    nspans = (n + _SPAN - 1) // _SPAN
-    av, lrv, epsv = p.dtype.type(a), p.dtype.type(lr), p.dtype.type(eps)
-    for i in prange(nspans):
-        # slices, not index ranges: only this form of the loop vectorises
-        lo, hi = i * _SPAN, min(n, (i + 1) * _SPAN)
-        _adagrad_span(p[lo:hi], acc[lo:hi], g[lo:hi], av, lrv, epsv)
-
-
-def _adagrad_rows_impl(p, acc, g, rows, a, lr, eps):
-    """:func:`_adagrad_dense_impl` on rows ``rows`` (distinct) of 2-d views."""
-    av, lrv, epsv = p.dtype.type(a), p.dtype.type(lr), p.dtype.type(eps)
-    for k in prange(rows.shape[0]):
-        r = rows[k]
-        _adagrad_span(p[r], acc[r], g[r], av, lrv, epsv)
-
-
-def _serial_and_parallel(numba, impl):
-    """``impl`` compiled twice, ``(serial, parallel)``.  Each copy has its own
-    qualname: Numba's disk cache names entries by qualname and line, not by
-    compile flags, so two dispatchers of one function would load each
-    other's machine code (as in ``kernels/cpu.py``)."""
-    out = []
-    for suffix, parallel in (("_serial", False), ("_parallel", True)):
-        fn = types.FunctionType(impl.__code__, impl.__globals__, impl.__name__ + suffix,
-                                impl.__defaults__, impl.__closure__)
-        fn.__qualname__ = impl.__qualname__ + suffix
-        fn.__doc__ = impl.__doc__
-        out.append(numba.njit(parallel=parallel, **_JIT)(fn))
-    return tuple(out)
-
-
-def _adagrad_kernels() -> dict:
-    """``{"dense": (serial, parallel), "rows": (serial, parallel)}``: the update
-    kernels, compiled on first use (and cached on disk)."""
-    global _compiled, prange, _adagrad_span
-    if _compiled is None:
-        import numba
-
-        kernels._cpu_module()  # picks Numba's threading layer before the first parallel launch
-        prange = numba.prange
-        _adagrad_span = numba.njit(inline="always", **_JIT)(_adagrad_span_impl)
-        _compiled = {"dense": _serial_and_parallel(numba, _adagrad_dense_impl),
-                     "rows": _serial_and_parallel(numba, _adagrad_rows_impl)}
-    return _compiled
-
-
-def _adagrad_dense_numpy(p, acc, g, a, lr, eps):
-    """The NumPy (or CuPy) form of :func:`_adagrad_dense_impl`, for any layout."""
-    xp, dt = array_module(p), p.dtype.type
-    gc = g * dt(a)
-    acc += gc * gc
-    p -= dt(lr) * gc / (xp.sqrt(acc) + dt(eps))
-
-
-def _adagrad_rows_numpy(p, acc, g, rows, a, lr, eps):
-    """The NumPy (or CuPy) form of :func:`_adagrad_rows_impl`."""
-    xp, dt = array_module(p), p.dtype.type
-    gc = g[rows] * dt(a)
-    ar = acc[rows]
-    ar += gc * gc
-    acc[rows] = ar
-    p[rows] -= dt(lr) * gc / (xp.sqrt(ar) + dt(eps))
-
-
-def _numba_ok(*arrays) -> bool:
-    """True where the Numba kernels apply: C-contiguous NumPy float arrays and
-    the kernel mode 'auto' or 'cpu' (``slimnp.kernels.use``)."""
-    return kernels.implementation(*arrays) == "cpu"
-
-
-def _gpu_ok(*arrays) -> bool:
-    """True where the fused GPU pass applies (C-contiguous CuPy arrays)."""
-    return kernels.implementation(*arrays) == "gpu"
-
-
-def adagrad_update(p, acc, g, a, lr, eps, rows=None) -> None:
-    """``acc += (a g)^2; p -= lr (a g) / (sqrt(acc) + eps)`` in place.
-
-    ``p``, ``acc``, ``g``: arrays of one float dtype and shape; every element
-    is updated (``rows`` None), or, for 2-d arrays, the rows ``rows``
-    (distinct integers) only: the other rows of ``p`` and ``acc`` are left as
-    they are.  Runs one fused Numba
-    pass on NumPy C-contiguous arrays (one CUDA kernel on CuPy ones), the
-    NumPy/CuPy expression otherwise; Numba and NumPy give identical results,
-    the GPU the same to rounding (it fuses multiply-adds).
-    """
-    if p.dtype not in (np.float32, np.float64):
-        raise TypeError(f"adagrad_update: expected float32 or float64 parameters, got {p.dtype}")
-    for name, x in (("acc", acc), ("g", g)):
-        if x.dtype != p.dtype or x.shape != p.shape:
-            raise ValueError(f"adagrad_update: {name} is {x.dtype}{tuple(x.shape)}, "
-                             f"params {p.dtype}{tuple(p.shape)}")
-    if rows is None:
-        if _numba_ok(p, acc, g):
-            kernel = _adagrad_kernels()["dense"][p.size >= PARALLEL_MIN]
-            kernel(p.reshape(-1), acc.reshape(-1), g.reshape(-1), float(a), float(lr), float(eps))
-        elif _gpu_ok(p, acc, g):
-            kernels.adagrad_update(p, acc, g, a, lr, eps)
-        else:
-            _adagrad_dense_numpy(p, acc, g, a, lr, eps)
-    elif rows.shape[0]:
-        if p.ndim != 2 or rows.ndim != 1 or rows.dtype.kind not in "iu":
-            raise ValueError(f"adagrad_update: rows needs 2-d arrays and 1-d integer rows, got "
-                             f"arrays of shape {tuple(p.shape)} and rows {rows.dtype}{tuple(rows.shape)}")
-        lo, hi = int(rows.min()), int(rows.max())
-        if lo < 0 or hi >= p.shape[0]:  # the kernel does not check its indices
-            raise IndexError(f"adagrad_update: rows must lie in [0, {p.shape[0]}), found [{lo}, {hi}]")
-        if _numba_ok(p, acc, g, rows):
-            kernel = _adagrad_kernels()["rows"][rows.shape[0] * p.shape[1] >= PARALLEL_MIN]
-            kernel(p, acc, g, rows, float(a), float(lr), float(eps))
-        elif _gpu_ok(p, acc, g, rows):
-            kernels.adagrad_update(p, acc, g, a, lr, eps, rows)
-        else:
-            _adagrad_rows_numpy(p, acc, g, rows, a, lr, eps)
-
-
 class Adagrad:
     """Adagrad (Duchi et al. 2011), as TensorFlow's ``AdagradOptimizer``:
     per element ``acc += g^2; theta -= lr * g / (sqrt(acc) + eps)``, with
@@ -311,7 +156,7 @@ class Adagrad:
         a = clip_factor(norm, self.clip)
         for seg in segments or [("dense", 0, grad.shape[0])]:
             p, s, g = _views(params, seg), _views(acc, seg), _views(grad, seg)
-            adagrad_update(p, s, g, a, lr, self.eps, None if seg[0] == "dense" else seg[3])
+            kernels.adagrad_update(p, s, g, a, lr, self.eps, None if seg[0] == "dense" else seg[3])
         return norm
 
     def state_dict(self) -> dict:

@@ -20,61 +20,9 @@ import math
 
 import numpy as np
 
+from . import kernels
+
 __all__ = ["AliasSampler", "unigram_noise"]
-
-_build = None  # the compiled Vose construction (Numba, on first use)
-
-
-def _vose_impl(scaled, prob, alias):
-    """Vose's construction.  ``scaled = V p`` (float64, consumed as scratch);
-    fills ``prob`` (the chance of keeping column i) and ``alias`` (the word
-    column i gives away the rest of its mass to).
-
-    Columns below 1 ("small") are topped up from columns above 1 ("large"),
-    each pairing finishing one small column; a large column that sinks below
-    1 becomes small.  Columns left at the end hold 1 up to rounding.
-    """
-    V = scaled.shape[0]
-    small = np.empty(V, np.int64)  # two stacks in one array: small from the
-    ns = 0  # front, large from the back
-    nl = 0
-    for i in range(V):
-        if scaled[i] < 1.0:
-            small[ns] = i
-            ns += 1
-        else:
-            nl += 1
-            small[V - nl] = i
-    while ns > 0 and nl > 0:
-        ns -= 1
-        s = small[ns]
-        l = small[V - nl]
-        prob[s] = scaled[s]
-        alias[s] = l
-        scaled[l] = (scaled[l] + scaled[s]) - 1.0
-        if scaled[l] < 1.0:
-            nl -= 1
-            small[ns] = l
-            ns += 1
-    while nl > 0:
-        nl -= 1
-        l = small[V - 1 - nl]
-        prob[l] = 1.0
-        alias[l] = l
-    while ns > 0:  # only through rounding: these columns hold 1 - O(V eps)
-        ns -= 1
-        s = small[ns]
-        prob[s] = 1.0
-        alias[s] = s
-
-
-def _vose(scaled, prob, alias):
-    global _build
-    if _build is None:
-        import numba
-
-        _build = numba.njit(nogil=True, cache=True, error_model="numpy")(_vose_impl)
-    _build(scaled, prob, alias)
 
 
 def _check_weights(w, what: str) -> np.ndarray:
@@ -131,7 +79,7 @@ class AliasSampler:
         V = p.size
         prob = np.empty(V, np.float64)
         alias = np.empty(V, np.int32)
-        _vose(p * V, prob, alias)
+        kernels.alias_table(p * V, prob, alias)
         self.V = V
         self.probs = p
         self.prob, self.alias = prob, alias

@@ -26,15 +26,13 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numba as nb
 import numpy as np
 
+from . import kernels
 from ._atomic import atomic_path
 from .data import EOS, UNK
 
-_JIT = dict(nogil=True, cache=True)
-
-#: Tokens sampled per numba call; bounds the uniform buffer to 24 MB.
+#: Tokens sampled per kernels.hmm_sample call; bounds the uniform buffer to 24 MB.
 _SAMPLE_CHUNK = 1 << 20
 
 
@@ -90,74 +88,6 @@ def _rngs(seed: int, n: int):
 def _zipf(n: int, a: float) -> np.ndarray:
     w = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** a
     return w / w.sum()
-
-
-# --------------------------------------------------------------------------
-# numba kernels
-
-
-@nb.njit(**_JIT)
-def _sample_kernel(state, uni, out, trans_cdf, bg_weight, bg_cdf, sup_cdf, support):
-    """Emit len(out) tokens from `state`; uni: (n, 3) uniforms. Returns the next state."""
-    S = trans_cdf.shape[0]
-    E = sup_cdf.shape[1]
-    V = bg_cdf.shape[0]
-    for t in range(out.shape[0]):
-        u = uni[t, 0]
-        if u < bg_weight[state]:
-            out[t] = _search_full(bg_cdf, V, uni[t, 1])
-        else:
-            out[t] = support[state, _search_full(sup_cdf[state], E, uni[t, 1])]
-        state = _search_full(trans_cdf[state], S, uni[t, 2])
-    return state
-
-
-@nb.njit(**_JIT)
-def _search_full(cdf, n, u):
-    # first k with cdf[k] > u * cdf[n-1]; scaling by the total makes rows that
-    # sum to 1 - bg (the sparse supports) sample exactly their conditional law
-    u = u * cdf[n - 1]
-    lo, hi = 0, n - 1
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cdf[mid] > u:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-@nb.njit(**_JIT)
-def _forward(ids, initial, t_ptr, t_col, t_val, bg_weight, background, w_ptr, w_state, w_prob):
-    """Scaled forward algorithm: natural-log P(ids) starting from `initial`."""
-    S = initial.shape[0]
-    alpha = initial.copy()  # P(state_t | ids[:t])
-    b = np.empty(S)
-    nxt = np.empty(S)
-    logp = 0.0
-    for t in range(ids.shape[0]):
-        w = ids[t]
-        g = background[w]
-        for s in range(S):
-            b[s] = bg_weight[s] * g
-        for k in range(w_ptr[w], w_ptr[w + 1]):
-            b[w_state[k]] += w_prob[k]
-        c = 0.0
-        for s in range(S):
-            alpha[s] *= b[s]
-            c += alpha[s]
-        if c <= 0.0:
-            return -np.inf
-        logp += math.log(c)
-        for s in range(S):
-            nxt[s] = 0.0
-        for i in range(S):
-            a = alpha[i] / c
-            if a != 0.0:
-                for k in range(t_ptr[i], t_ptr[i + 1]):
-                    nxt[t_col[k]] += a * t_val[k]
-        alpha, nxt = nxt, alpha
-    return logp
 
 
 # --------------------------------------------------------------------------
@@ -352,14 +282,14 @@ class HMM:
         """
         if n_tokens < 0:
             raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
-        state = int(_search_full(np.cumsum(self.initial), self.S, rng.random()))
+        state = int(kernels.cdf_search(np.cumsum(self.initial), self.S, rng.random()))
         parts = []
         todo = n_tokens
         while todo > 0 or (end_with_eos and (not parts or parts[-1][-1] != self.eos)):
             n = min(todo, _SAMPLE_CHUNK) if todo > 0 else 256
             out = np.empty(n, dtype=np.int32)
-            state = _sample_kernel(state, rng.random((n, 3)), out, self._trans_cdf, self.bg_weight,
-                                   self._bg_cdf, self._sup_cdf, self.support)
+            state = kernels.hmm_sample(state, rng.random((n, 3)), out, self._trans_cdf, self.bg_weight,
+                                       self._bg_cdf, self._sup_cdf, self.support)
             if todo > 0:
                 todo -= n
             else:  # past n_tokens: keep only up to the first <eos>
@@ -378,8 +308,8 @@ class HMM:
             raise ValueError(f"ids must be 1-d (T,), got shape {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.V):
             raise ValueError(f"ids must lie in [0, {self.V - 1}], got range [{ids.min()}, {ids.max()}]")
-        return float(_forward(ids, self.initial, self._t_ptr, self._t_col, self._t_val, self.bg_weight,
-                              self.background, self._w_ptr, self._w_state, self._w_prob))
+        return float(kernels.hmm_log_prob(ids, self.initial, self._t_ptr, self._t_col, self._t_val,
+                                          self.bg_weight, self.background, self._w_ptr, self._w_state, self._w_prob))
 
     def oracle_perplexity(self, ids) -> float:
         """``exp(-log_prob(ids) / T)``: the best achievable perplexity on `ids`."""

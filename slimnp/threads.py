@@ -59,8 +59,6 @@ def set_threads(n: int) -> None:
     if n < 1:
         raise ValueError(f"threads must be >= 1, got {n}")
     set_blas_threads(n)
-    import numba
+    from . import kernels
 
-    from .kernels import cpu  # noqa: F401  (picks Numba's threading layer before the pool starts)
-
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    kernels.set_cpu_threads(n)

@@ -8,8 +8,8 @@ import pytest
 
 from slimnp import io as sio
 from slimnp import kernels
-from slimnp.optim import (SGD, Adagrad, _adagrad_dense_numpy, _adagrad_kernels,
-                          _adagrad_rows_numpy, adagrad_update, make_optimizer)
+from slimnp.kernels import adagrad_update, cpu, reference
+from slimnp.optim import SGD, Adagrad, make_optimizer
 from slimnp.trainer import TrainConfig, resume_training, run_training
 
 from helpers import TINY_HP, tiny_corpus
@@ -104,8 +104,8 @@ def test_dense_kernel_equals_numpy(rng, dtype, n, parallel):
     g = (rng.standard_normal(n) * 3).astype(dtype)
     acc = rng.uniform(0.0, 2.0, n).astype(dtype)
     p2, acc2 = p.copy(), acc.copy()
-    _adagrad_kernels()["dense"][parallel](p, acc, g, 0.37, 0.2, 1e-10)
-    _adagrad_dense_numpy(p2, acc2, g, 0.37, 0.2, 1e-10)
+    (cpu._adagrad_dense_parallel if parallel else cpu._adagrad_dense_serial)(p, acc, g, 0.37, 0.2, 1e-10)
+    reference.adagrad_update(p2, acc2, g, 0.37, 0.2, 1e-10)
     assert np.array_equal(p, p2) and np.array_equal(acc, acc2)
 
 
@@ -118,8 +118,8 @@ def test_rows_kernel_equals_numpy(rng, dtype, parallel):
     acc = rng.uniform(0.0, 2.0, (V, D)).astype(dtype)
     rows = np.unique(rng.integers(0, V, 80)).astype(np.int32)
     p2, acc2 = p.copy(), acc.copy()
-    _adagrad_kernels()["rows"][parallel](p, acc, g, rows, 0.5, 0.1, 1e-7)
-    _adagrad_rows_numpy(p2, acc2, g, rows, 0.5, 0.1, 1e-7)
+    (cpu._adagrad_rows_parallel if parallel else cpu._adagrad_rows_serial)(p, acc, g, rows, 0.5, 0.1, 1e-7)
+    reference.adagrad_update(p2, acc2, g, 0.5, 0.1, 1e-7, rows)
     assert np.array_equal(p, p2) and np.array_equal(acc, acc2)
 
 

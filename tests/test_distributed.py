@@ -295,7 +295,9 @@ def test_nccl_backend_plumbing(monkeypatch):
         class data:
             ptr = 4096
 
-    monkeypatch.setattr(dist, "_current_stream_ptr", lambda buf: 7)
+    from slimnp import backend
+
+    monkeypatch.setattr(backend, "current_stream_ptr", lambda buf: 7)
     c = dist.Communicator(MPI.COMM_SELF, "nccl", nccl=FakeNccl)
     assert calls == [("init", 1, b"uid", 0)]
     c.allreduce_(DeviceBuf())

@@ -389,19 +389,17 @@ def test_rows_variants(dev, dtype, V, D, rows, rng):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [None, [0, 2, 5]])
 def test_adagrad_update(dev, dtype, rows, rng):
-    from slimnp.optim import _adagrad_dense_numpy, _adagrad_rows_numpy
-
     p = rng.standard_normal((6, 300)).astype(dtype)
     acc = rng.random((6, 300)).astype(dtype) + 0.1
     g = rng.standard_normal((6, 300)).astype(dtype)
     wp, wacc = p.copy(), acc.copy()
     dp, dacc = dev.put(p), dev.put(acc)
     if rows is None:
-        _adagrad_dense_numpy(wp, wacc, g, 0.5, 0.1, 1e-7)
+        reference.adagrad_update(wp, wacc, g, 0.5, 0.1, 1e-7)
         gpu.adagrad_update(dp, dacc, dev.put(g), 0.5, 0.1, 1e-7)
     else:
         r = np.array(rows, np.int32)
-        _adagrad_rows_numpy(wp, wacc, g, r, 0.5, 0.1, 1e-7)
+        reference.adagrad_update(wp, wacc, g, 0.5, 0.1, 1e-7, r)
         gpu.adagrad_update(dp, dacc, dev.put(g), 0.5, 0.1, 1e-7, dev.put(r))
     _close(dev.get(dp), wp, dtype)
     _close(dev.get(dacc), wacc, dtype)

@@ -9,6 +9,11 @@ and then runs one implementation:
   used for anything the fast paths do not cover (non-contiguous arrays, on
   either device), and selectable for testing with ``use("reference")`` or
   ``SLIMNP_KERNELS=reference``.
+
+The host-side tools' loops (the synthetic corpus's HMM, the alias sampler's
+table: ``kernels/host.py``) are Numba only, in every mode; and
+:func:`set_cpu_threads` sizes Numba's pool.  Numba is imported here, and
+nowhere else in slimnp, the first time a CPU kernel runs.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ _mode = os.environ.get("SLIMNP_KERNELS", "auto")
 _MODES = ("auto", "cpu", "gpu", "reference")
 _cpu = None
 _gpu = None
+_host = None
 
 
 def _cpu_module():
@@ -43,6 +49,15 @@ def _gpu_module():
 
         _gpu = gpu
     return _gpu
+
+
+def _host_module():
+    global _host
+    if _host is None:
+        from . import host  # Numba loops of the host-side tools
+
+        _host = host
+    return _host
 
 
 def use(mode: str) -> None:
@@ -366,17 +381,33 @@ def axpy_rows(y, a, x, rows):
 
 
 def adagrad_update(p, acc, g, a, lr, eps, rows=None):
-    """The fused Adagrad pass on the GPU: ``acc += (a g)^2; p -= lr (a g) /
-    (sqrt(acc) + eps)`` over every element, or over rows ``rows`` of 2-d
-    arrays.  :func:`slimnp.optim.adagrad_update` validates the arguments and
-    calls this where :func:`implementation` says 'gpu' (NumPy arrays take
-    its Numba kernels, anything else its NumPy/CuPy expression)."""
-    arrays = (p, acc, g) if rows is None else (p, acc, g, rows)
-    impl = _impl(*arrays)
-    if impl is not _gpu:
-        raise ValueError("kernels.adagrad_update is the GPU pass; slimnp.optim.adagrad_update "
-                         "handles the other arrays")
-    impl.adagrad_update(p, acc, g, a, lr, eps, rows)
+    """``acc += (a g)^2; p -= lr (a g) / (sqrt(acc) + eps)`` in place; see
+    :func:`reference.adagrad_update`.
+
+    ``p``, ``acc``, ``g``: arrays of one float dtype and shape; every element
+    is updated (``rows`` None), or, for 2-d arrays, the rows ``rows``
+    (distinct integers) only: the other rows of ``p`` and ``acc`` are left as
+    they are.  Numba and the reference give identical bits, the GPU the same
+    to rounding (it fuses multiply-adds).
+    """
+    if p.dtype not in _FLOATS:
+        raise TypeError(f"adagrad_update: expected float32 or float64 parameters, got {p.dtype}")
+    for name, x in (("acc", acc), ("g", g)):
+        if x.dtype != p.dtype or x.shape != p.shape:
+            raise ValueError(f"adagrad_update: {name} is {x.dtype}{tuple(x.shape)}, "
+                             f"params {p.dtype}{tuple(p.shape)}")
+    arrays = (p, acc, g)
+    if rows is not None:
+        if p.ndim != 2 or rows.ndim != 1 or rows.dtype.kind not in "iu":
+            raise ValueError(f"adagrad_update: rows needs 2-d arrays and 1-d integer rows, got "
+                             f"arrays of shape {tuple(p.shape)} and rows {rows.dtype}{tuple(rows.shape)}")
+        if not rows.shape[0]:
+            return
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= p.shape[0]:  # the kernels do not check their indices
+            raise IndexError(f"adagrad_update: rows must lie in [0, {p.shape[0]}), found [{lo}, {hi}]")
+        arrays += (rows,)
+    _impl(*arrays).adagrad_update(p, acc, g, a, lr, eps, rows)
 
 
 def nearest_centroid(scores, c_sq, labels, d2):
@@ -394,3 +425,37 @@ def nearest_centroid(scores, c_sq, labels, d2):
         raise TypeError(f"labels must be int32 and d2 float64, got {labels.dtype} and {d2.dtype}")
     impl = _impl(scores, c_sq, labels, d2)
     (reference if impl is _gpu else impl).nearest_centroid(scores, c_sq, labels, d2)
+
+
+# ---------------------------------------------------------------------------
+# Numba's thread pool, and the host-side tools' loops (kernels/host.py: Numba
+# in every mode; they take host NumPy arrays and have no layer-facing twin)
+# ---------------------------------------------------------------------------
+def set_cpu_threads(n: int) -> None:
+    """Run the Numba kernels on ``n`` threads (at most ``NUMBA_NUM_THREADS``)."""
+    _cpu_module().set_threads(n)
+
+
+def cdf_search(cdf, n: int, u: float) -> int:
+    """The first ``k < n`` with ``cdf[k] > u * cdf[n-1]`` (binary search)."""
+    return _host_module().cdf_search(cdf, n, u)
+
+
+def hmm_sample(state, uni, out, trans_cdf, bg_weight, bg_cdf, sup_cdf, support) -> int:
+    """Emit ``len(out)`` tokens of the HMM from ``state`` (``uni : (n, 3)``
+    uniforms); returns the next state.  See :class:`slimnp.synthetic.HMM`."""
+    return _host_module().hmm_sample(state, uni, out, trans_cdf, bg_weight, bg_cdf, sup_cdf, support)
+
+
+def hmm_log_prob(ids, initial, t_ptr, t_col, t_val, bg_weight, background, w_ptr, w_state,
+                 w_prob) -> float:
+    """Natural-log probability of ``ids`` under the HMM (scaled forward algorithm)."""
+    return _host_module().hmm_log_prob(ids, initial, t_ptr, t_col, t_val, bg_weight, background,
+                                       w_ptr, w_state, w_prob)
+
+
+def alias_table(scaled, prob, alias) -> None:
+    """Vose's alias table of ``scaled = V p`` (float64, consumed): fills
+    ``prob (V,)`` float64 and ``alias (V,)`` int32.  See
+    :class:`slimnp.sampling.AliasSampler`."""
+    _host_module().alias_table(scaled, prob, alias)

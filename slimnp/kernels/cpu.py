@@ -40,6 +40,11 @@ PARALLEL_MIN_GATHER = 1_000_000  # N * V * K for the slim gather / segment sums
 PARALLEL_MIN_SCATTER = 1_000_000  # N * D for embedding_scatter_add
 
 
+def set_threads(n: int) -> None:
+    """Threads of Numba's pool (after the threading layer above is chosen)."""
+    nb.set_num_threads(min(n, nb.config.NUMBA_NUM_THREADS))
+
+
 def _serial_and_parallel(impl, jit=_JIT):
     """Compile one plain function twice: ``(serial, parallel)`` dispatchers.
 
@@ -896,6 +901,64 @@ def sumsq(x):
 
 def axpy(y, a, x):
     _axpy(y, float(a), x)
+
+
+# ---------------------------------------------------------------------------
+# Adagrad (Duchi et al. 2011): one fused pass, the clip factor applied to the
+# gradient on the fly.  Every operation is in the arrays' dtype and in the
+# order of reference.adagrad_update, so the two give identical bits.
+# ---------------------------------------------------------------------------
+# Elements updated by one call above which the parallel variant runs.  Below
+# it, waking Numba's pool costs more than it saves (2-core box, float32: 400
+# rows x 200 took 38 us serially and 147 us in parallel; 2,600 x 200, 370 and
+# 390 us; 4,000 x 512, 1.33 and 0.88 ms).  Read at each call.
+PARALLEL_MIN_ADAGRAD = 1 << 19
+
+
+@nb.njit(inline="always", **_JIT)
+def _adagrad_span(p, acc, g, av, lrv, epsv):
+    """The update on 1-d ``p``, ``acc``, ``g``; ``av``, ``lrv``, ``epsv`` in their dtype."""
+    for j in range(p.shape[0]):
+        gj = g[j] * av
+        s = acc[j] + gj * gj
+        acc[j] = s
+        p[j] -= lrv * gj / (np.sqrt(s) + epsv)
+
+
+def _adagrad_dense_impl(p, acc, g, a, lr, eps):
+    # Flat p, acc, g: spans of _SPAN elements are independent, so prange
+    # over them is race-free.
+    n = p.shape[0]
+    nspans = (n + _SPAN - 1) // _SPAN
+    av, lrv, epsv = p.dtype.type(a), p.dtype.type(lr), p.dtype.type(eps)
+    for i in nb.prange(nspans):
+        # slices, not index ranges: only this form of the loop vectorises
+        lo, hi = i * _SPAN, min(n, (i + 1) * _SPAN)
+        _adagrad_span(p[lo:hi], acc[lo:hi], g[lo:hi], av, lrv, epsv)
+
+
+def _adagrad_rows_impl(p, acc, g, rows, a, lr, eps):
+    # rows (R,) distinct rows of the 2-d p, acc, g: each iteration owns one
+    # row, so prange over them is race-free.
+    av, lrv, epsv = p.dtype.type(a), p.dtype.type(lr), p.dtype.type(eps)
+    for k in nb.prange(rows.shape[0]):
+        r = rows[k]
+        _adagrad_span(p[r], acc[r], g[r], av, lrv, epsv)
+
+
+_adagrad_dense_serial, _adagrad_dense_parallel = _serial_and_parallel(_adagrad_dense_impl)
+_adagrad_rows_serial, _adagrad_rows_parallel = _serial_and_parallel(_adagrad_rows_impl)
+
+
+def adagrad_update(p, acc, g, a, lr, eps, rows=None):
+    if rows is None:
+        big = p.size >= PARALLEL_MIN_ADAGRAD
+        kernel = _adagrad_dense_parallel if big else _adagrad_dense_serial
+        kernel(p.reshape(-1), acc.reshape(-1), g.reshape(-1), float(a), float(lr), float(eps))
+    else:
+        big = rows.shape[0] * p.shape[1] >= PARALLEL_MIN_ADAGRAD
+        kernel = _adagrad_rows_parallel if big else _adagrad_rows_serial
+        kernel(p, acc, g, rows, float(a), float(lr), float(eps))
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """CuPy kernels: the same contracts as ``kernels/reference.py``, on an NVIDIA GPU.
 
-Every kernel of the dispatcher (and the fused Adagrad pass of
-:mod:`slimnp.optim`) is written once below as CUDA C, templated on the float
+Every kernel of the dispatcher is written once below as CUDA C, templated on the float
 type ``T`` (``float`` or ``double``), compiled by CuPy's ``RawModule`` (NVRTC)
 the first time a kernel of that dtype runs -- one module per dtype, every
 kernel of it named by a name expression (``lstm_fwd<float>``) -- and launched
@@ -514,7 +513,7 @@ __global__ void axpy_rows(T* __restrict__ y, T a, const T* __restrict__ x, const
     }
 }
 
-/* Adagrad with the clip factor a applied on the fly (slimnp.optim):
+/* Adagrad with the clip factor a applied on the fly (reference.adagrad_update):
  * acc += (a g)^2;  p -= lr (a g) / (sqrt(acc) + eps), in the order of the
  * NumPy form. */
 template <typename T>
@@ -560,21 +559,19 @@ def name_expressions(dtype) -> list:
     return [f"{k}<{ct}>" for k in KERNELS]
 
 
-_modules: dict = {}  # dtype -> cupy.RawModule (compiled on first get_function)
+_modules: dict = {}  # dtype -> compiled module (backend.compile_cuda: every kernel of the dtype)
 _cache: dict = {}  # (name, dtype) -> launchable kernel
 
 
-def _cupy_kernel(name: str, dtype):
-    """The CuPy ``RawKernel`` ``name<T>``, from this dtype's module (compiled
+def _device_kernel(name: str, dtype):
+    """The launchable kernel ``name<T>``, from this dtype's module (compiled
     by NVRTC on the first call, with every kernel of the dtype at once; CuPy
     caches the binary on disk)."""
-    from ..backend import get_xp
+    from ..backend import compile_cuda
 
     mod = _modules.get(dtype)
     if mod is None:
-        cp = get_xp("gpu")
-        mod = _modules[dtype] = cp.RawModule(code=SOURCE, options=OPTIONS,
-                                             name_expressions=name_expressions(dtype))
+        mod = _modules[dtype] = compile_cuda(SOURCE, OPTIONS, name_expressions(dtype))
     return mod.get_function(f"{name}<{CTYPES[dtype]}>")
 
 
@@ -587,7 +584,7 @@ def _kernel(name: str, dtype):
     key = (name, np.dtype(dtype))
     k = _cache.get(key)
     if k is None:
-        k = _cache[key] = (_factory or _cupy_kernel)(name, key[1])
+        k = _cache[key] = (_factory or _device_kernel)(name, key[1])
     return k
 
 
@@ -815,9 +812,8 @@ def axpy_rows(y, a, x, rows):
 
 
 def adagrad_update(p, acc, g, a, lr, eps, rows=None):
-    """The fused Adagrad pass of :func:`slimnp.optim.adagrad_update` (which
-    validates): every element of C-contiguous ``p``, ``acc``, ``g``, or rows
-    ``rows`` of the 2-d arrays."""
+    """:func:`reference.adagrad_update`: every element of C-contiguous ``p``,
+    ``acc``, ``g``, or rows ``rows`` of the 2-d arrays."""
     t = p.dtype.type
     if rows is None:
         n = p.size

@@ -337,6 +337,33 @@ def axpy_rows(y, a, x, rows):
     y[rows] += y.dtype.type(a) * x[rows]
 
 
+def adagrad_update(p, acc, g, a, lr, eps, rows=None):
+    """One Adagrad step (Duchi et al. 2011) in place, the clip factor ``a``
+    applied to the gradient on the fly::
+
+        acc += (a g)^2;   p -= lr (a g) / (sqrt(acc) + eps)
+
+    Parameters
+    ----------
+    p, acc, g : arrays of one float dtype and shape (parameters, accumulator,
+        gradient); ``p`` and ``acc`` are updated in place
+    a, lr, eps : scalars, applied in the arrays' dtype
+    rows : None (every element) or (R,) distinct ints: only those rows of
+        the 2-d arrays are read and written
+    """
+    xp, dt = array_module(p), p.dtype.type
+    if rows is None:
+        gc = g * dt(a)
+        acc += gc * gc
+        p -= dt(lr) * gc / (xp.sqrt(acc) + dt(eps))
+        return
+    gc = g[rows] * dt(a)
+    ar = acc[rows]
+    ar += gc * gc
+    acc[rows] = ar
+    p[rows] -= dt(lr) * gc / (xp.sqrt(ar) + dt(eps))
+
+
 # ---------------------------------------------------------------------------
 # k-means: the nearest centroid of each row (slimnp.compress)
 # ---------------------------------------------------------------------------
