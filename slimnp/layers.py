@@ -4,11 +4,17 @@ Notation (Zaremba et al. 2014, which the slim-embeddings paper follows):
 ``T`` time steps of a BPTT segment, ``B`` parallel streams, ``D`` input size,
 ``H`` hidden size, ``V`` vocabulary.  Sequences are time-major: ``(T, B, ...)``.
 
-The pure functions (``lstm_forward`` / ``lstm_backward``, ...) keep exactly
-what their backward needs and return gradients; the layer objects own views
-into the model's flat parameter and gradient buffers (:class:`ParamStore`) and
-*accumulate* into the gradient views, so one buffer holds every gradient of a
-step (one norm for clipping, one allreduce for data parallelism).
+The pure functions (``lstm_forward`` / ``lstm_backward_gates``, ...) keep
+exactly what their backward needs and return gradients; the layer objects own
+views into the model's flat parameter and gradient buffers
+(:class:`ParamStore`) and *accumulate* into the gradient views, so one buffer
+holds every gradient of a step (one norm for clipping, one allreduce for data
+parallelism).  Each layer has one forward and one backward, which training,
+the pipeline over layers (:mod:`slimnp.pipeline`), evaluation and the
+gradient checks all run.
+
+Besides the layers, this module holds their storage: :class:`ParamStore`
+(the flat buffers) and :class:`Workspace` (scratch arrays kept across steps).
 """
 from __future__ import annotations
 
@@ -184,22 +190,89 @@ def dropout_mask(rng, shape, p, dtype=np.float32, xp=np):
 
 # ----------------------------------------------------------------------------
 # LSTM
+#
+# Notation: at time step t of a segment (t = 0 .. T-1), with gates [i f o g]
+# as in slimnp.kernels.reference,
+#
+#     G_t = x_t Wx + b + h_{t-1} Wh        (B, 4H) pre-activations
+#     c_t = f c_{t-1} + i g,   h_t = o tanh(c_t)
+#
+# The forward and the backward time loops below are the only ones in slimnp:
+# the sequential path runs them over the whole segment (t0, t1) = (0, T),
+# the pipeline over layers (slimnp.pipeline) over time chunks of it.
 # ----------------------------------------------------------------------------
 @dataclass
 class LSTMCache:
+    """What one layer's backward needs of its forward over a segment."""
+
     x: object  # (T, B, D) inputs
-    G: object  # (T, B, 4H) activated gates [i f o g]
+    gates: object  # (T, B, 4H) input projections x_t Wx + b, then (in place) the activated gates [i f o g]
     hs: object  # (T+1, B, H) hs[0] = h0, hs[t+1] = h_t
     cs: object  # (T+1, B, H) cs[0] = c0
     tcs: object  # (T, B, H) tanh(c_t)
 
 
-def lstm_forward(x, h0, c0, Wx, Wh, b):
-    """Run one LSTM layer over a segment.
+def lstm_cache(x, h0, c0, dtype) -> LSTMCache:
+    """Buffers (of the weights' ``dtype``) for one layer's forward over the
+    segment ``x : (T, B, D)``, starting from the state ``h0, c0 : (B, H)``."""
+    xp = array_module(x)
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    dt = dtype
+    hs = xp.empty((T + 1, B, H), dtype=dt)
+    cs = xp.empty((T + 1, B, H), dtype=dt)
+    hs[0] = h0
+    cs[0] = c0
+    return LSTMCache(x=x, gates=xp.empty((T, B, 4 * H), dtype=dt), hs=hs, cs=cs,
+                     tcs=xp.empty((T, B, H), dtype=dt))
 
-    ``G_t = x_t Wx + h_{t-1} Wh + b``, gates ``[i f o g]`` as in
-    :mod:`slimnp.kernels.reference`; ``c_t = f c_{t-1} + i g``,
-    ``h_t = o tanh(c_t)``.
+
+def lstm_forward_steps(cache: LSTMCache, Wx, Wh, b, t0: int, t1: int, hg, step) -> None:
+    """Forward through time steps ``t0 .. t1-1`` (the forward time loop).
+
+    The input projections of the steps in one GEMM, ``gates[t0:t1] =
+    x[t0:t1] Wx + b``; then, step by step, ``h_{t-1} Wh`` into the reused
+    buffer ``hg`` ``(B, 4H)`` and the pointwise kernel ``step``
+    (:func:`slimnp.kernels.lstm_segment_kernels`), which adds the two,
+    writes the activated gates over ``gates[t]`` and ``c_t``, ``h_t``,
+    ``tanh(c_t)`` into the cache.  Needs ``hs[t0], cs[t0]`` (the state
+    entering step t0).
+    """
+    xp = array_module(cache.gates)
+    gates, hs, cs, tcs = cache.gates, cache.hs, cache.cs, cache.tcs
+    H4, D = gates.shape[2], cache.x.shape[2]
+    xp.matmul(cache.x[t0:t1].reshape(-1, D), Wx, out=gates[t0:t1].reshape(-1, H4))
+    gates[t0:t1] += b
+    for t in range(t0, t1):
+        xp.matmul(hs[t], Wh, out=hg)  # (B, 4H): the recurrent part of G_t
+        step(gates[t], hg, cs[t], gates[t], cs[t + 1], hs[t + 1], tcs[t])
+
+
+def lstm_backward_steps(dh_seq, cache: LSTMCache, WhT, t0: int, t1: int, dh_next, dc, dh, dgates,
+                        step) -> None:
+    """BPTT through time steps ``t1-1`` down to ``t0`` (the backward time loop).
+
+    dh_seq : (T, B, H) gradient w.r.t. each output ``h_t`` from above;
+    WhT : (4H, H) ``Wh`` transposed, C-contiguous (a row-major operand runs
+    faster at small B); dh_next, dc : (B, H) in: the gradients w.r.t.
+    ``h_{t1-1}`` from step t1 and w.r.t. ``c_{t1-1}``; out (in place): those
+    w.r.t. ``h_{t0-1}`` and ``c_{t0-1}``; dh : (B, H) scratch; dgates : (T,
+    B, 4H) out: rows t0 .. t1-1 get the gradients w.r.t. the pre-activations
+    ``G_t``.
+    """
+    xp = array_module(dgates)
+    gates, cs, tcs = cache.gates, cache.cs, cache.tcs
+    for t in range(t1 - 1, t0 - 1, -1):
+        # total gradient into h_t: from the layer above and from step t+1
+        xp.add(dh_seq[t], dh_next, out=dh)
+        # dgates[t] and (in place) dc: dc_t -> dc_{t-1}
+        step(gates[t], cs[t], tcs[t], dh, dc, dgates[t])
+        # undo "+ h_{t-1} Wh": the gradient flowing into h_{t-1}
+        xp.matmul(dgates[t], WhT, out=dh_next)
+
+
+def lstm_forward(x, h0, c0, Wx, Wh, b):
+    """Run one LSTM layer over a segment (see the notation above).
 
     Parameters
     ----------
@@ -210,26 +283,12 @@ def lstm_forward(x, h0, c0, Wx, Wh, b):
     h_seq : (T, B, H) (a view of the cache), ``(hT, cT)``, cache
     """
     xp = array_module(x)
-    T, B, D = x.shape
-    H = h0.shape[1]
-    dt = Wx.dtype
-    # All input projections of the segment in one GEMM; the recurrence then
-    # only adds h_{t-1} Wh, computed into one reused (B, 4H) buffer.
-    G = (x.reshape(T * B, D) @ Wx).reshape(T, B, 4 * H)
-    G += b
-    hs = xp.empty((T + 1, B, H), dtype=dt)
-    cs = xp.empty((T + 1, B, H), dtype=dt)
-    tcs = xp.empty((T, B, H), dtype=dt)
-    hs[0] = h0
-    cs[0] = c0
-    hg = xp.empty((B, 4 * H), dtype=dt)
-    step, _ = kernels.lstm_segment_kernels(G, cs)  # checked once, not T times
-    for t in range(T):
-        xp.matmul(hs[t], Wh, out=hg)
-        # act (= G[t], in place) , c_t, h_t, tanh(c_t)
-        step(G[t], hg, cs[t], G[t], cs[t + 1], hs[t + 1], tcs[t])
-    cache = LSTMCache(x=x, G=G, hs=hs, cs=cs, tcs=tcs)
-    return hs[1:], (hs[T], cs[T]), cache
+    T, B, _ = x.shape
+    cache = lstm_cache(x, h0, c0, Wx.dtype)
+    step, _ = kernels.lstm_segment_kernels(cache.gates, cache.cs)  # checked once, not T times
+    hg = xp.empty((B, Wh.shape[1]), dtype=Wh.dtype)
+    lstm_forward_steps(cache, Wx, Wh, b, 0, T, hg, step)
+    return cache.hs[1:], (cache.hs[T], cache.cs[T]), cache
 
 
 def lstm_backward_gates(dh_seq, cache: LSTMCache, Wh, dhT=None, dcT=None):
@@ -243,43 +302,18 @@ def lstm_backward_gates(dh_seq, cache: LSTMCache, Wh, dhT=None, dcT=None):
 
     Returns
     -------
-    dG : (T, B, 4H) gradient w.r.t. the gate pre-activations, dh0, dc0 : (B, H)
+    dgates : (T, B, 4H) gradient w.r.t. the gate pre-activations, dh0, dc0 : (B, H)
     """
     xp = array_module(dh_seq)
-    G, cs, tcs = cache.G, cache.cs, cache.tcs
     T, B, H = dh_seq.shape
-    dt = G.dtype
-    dG = xp.empty((T, B, 4 * H), dtype=dt)
+    dt = cache.gates.dtype
+    dgates = xp.empty((T, B, 4 * H), dtype=dt)
     dh_next = xp.zeros((B, H), dtype=dt) if dhT is None else dhT.astype(dt, copy=True)
     dc = xp.zeros((B, H), dtype=dt) if dcT is None else dcT.astype(dt, copy=True)
-    dh = xp.empty((B, H), dtype=dt)
-    WhT = xp.ascontiguousarray(Wh.T)  # (4H, H): a row-major operand runs faster at small B
-    _, step = kernels.lstm_segment_kernels(G, cs)
-    for t in range(T - 1, -1, -1):
-        # total gradient into h_t: from the layer above and from step t+1
-        xp.add(dh_seq[t], dh_next, out=dh)
-        # dG[t] and (in place) dc: dc_t -> dc_{t-1}
-        step(G[t], cs[t], tcs[t], dh, dc, dG[t])
-        # undo "+ h_{t-1} Wh": gradient flowing into h_{t-1}
-        xp.matmul(dG[t], WhT, out=dh_next)
-    return dG, dh_next, dc
-
-
-def lstm_backward(dh_seq, cache: LSTMCache, Wx, Wh, dhT=None, dcT=None):
-    """Backward of :func:`lstm_forward` over the whole segment.
-
-    Same arguments as :func:`lstm_backward_gates`.  Returns
-    dx : (T, B, D), dh0 : (B, H), dc0 : (B, H), dWx : (D, 4H), dWh : (H, 4H), db : (4H,)
-    """
-    dG, dh0, dc0 = lstm_backward_gates(dh_seq, cache, Wh, dhT, dcT)
-    T, B, H4 = dG.shape
-    D = cache.x.shape[2]
-    dG2 = dG.reshape(T * B, H4)
-    # weight gradients of the whole segment: one GEMM each
-    dWx = cache.x.reshape(T * B, D).T @ dG2
-    dWh = cache.hs[:T].reshape(T * B, H4 // 4).T @ dG2
-    dx = (dG2 @ Wx.T).reshape(T, B, D)
-    return dx, dh0, dc0, dWx, dWh, dG2.sum(axis=0)
+    _, step = kernels.lstm_segment_kernels(cache.gates, cache.cs)
+    lstm_backward_steps(dh_seq, cache, xp.ascontiguousarray(Wh.T), 0, T, dh_next, dc,
+                        xp.empty((B, H), dtype=dt), dgates, step)
+    return dgates, dh_next, dc
 
 
 class LSTM:
@@ -291,31 +325,32 @@ class LSTM:
         store.add(f"{name}/Wh", (H, 4 * H))
         store.add(f"{name}/b", (4 * H,))
 
-    def forward(self, x, h0, c0):
-        p = self.store.params
-        return lstm_forward(x, h0, c0, p[f"{self.name}/Wx"], p[f"{self.name}/Wh"], p[f"{self.name}/b"])
-
     def weights(self):
+        """``(Wx (D, 4H), Wh (H, 4H), b (4H,))``."""
         p, n = self.store.params, self.name
         return p[f"{n}/Wx"], p[f"{n}/Wh"], p[f"{n}/b"]
 
-    def weight_grads(self, cache, dG) -> None:
-        """Accumulate ``dWx, dWh, db`` of a segment from its gate gradients:
-        one GEMM each, written straight into the gradient buffer."""
+    def forward(self, x, h0, c0):
+        """:func:`lstm_forward` with this layer's weights."""
+        return lstm_forward(x, h0, c0, *self.weights())
+
+    def weight_grads(self, cache, dgates) -> None:
+        """Accumulate ``dWx, dWh, db`` of a segment from its gate gradients
+        ``(T, B, 4H)``: one GEMM each, written straight into the gradient buffer."""
         store, n = self.store, self.name
-        T, B, H4 = dG.shape
-        dG2 = dG.reshape(T * B, H4)
-        store.accumulate(f"{n}/Wx", cache.x.reshape(T * B, self.D).T, dG2)
-        store.accumulate(f"{n}/Wh", cache.hs[:T].reshape(T * B, self.H).T, dG2)
-        store.accumulate(f"{n}/b", column_sums(dG2))
+        T, B, H4 = dgates.shape
+        dg2 = dgates.reshape(T * B, H4)
+        store.accumulate(f"{n}/Wx", cache.x.reshape(T * B, self.D).T, dg2)
+        store.accumulate(f"{n}/Wh", cache.hs[:T].reshape(T * B, self.H).T, dg2)
+        store.accumulate(f"{n}/b", column_sums(dg2))
 
     def backward(self, dh_seq, cache, dhT=None, dcT=None):
-        """Accumulate the weight gradients; return ``dx, dh0, dc0``."""
+        """Accumulate the weight gradients; return ``dx (T, B, D), dh0, dc0 (B, H)``."""
         Wx, Wh, _ = self.weights()
-        dG, dh0, dc0 = lstm_backward_gates(dh_seq, cache, Wh, dhT, dcT)
-        self.weight_grads(cache, dG)
-        T, B, H4 = dG.shape
-        dx = (dG.reshape(T * B, H4) @ Wx.T).reshape(T, B, self.D)
+        dgates, dh0, dc0 = lstm_backward_gates(dh_seq, cache, Wh, dhT, dcT)
+        self.weight_grads(cache, dgates)
+        T, B, H4 = dgates.shape
+        dx = (dgates.reshape(T * B, H4) @ Wx.T).reshape(T, B, self.D)
         return dx, dh0, dc0
 
 
@@ -414,20 +449,6 @@ def column_sums(a):
     (measured 0.5 ms instead of 1.2 ms for (700, 10000) float32)."""
     xp = array_module(a)
     return xp.matmul(xp.ones(a.shape[0], dtype=a.dtype), a)
-
-
-def softmax_forward_backward(h, W, b, targets, scale, compute_grad=True):
-    """:func:`softmax_loss` and all gradients.
-
-    Returns
-    -------
-    nll : (N,) float64 per-row negative log-likelihood, and, if
-    ``compute_grad``, ``(dh (N, H), dW (V, H), db (V,))`` else None.
-    """
-    nll, dlogits = softmax_loss(h, W, b, targets, scale, compute_grad)
-    if not compute_grad:
-        return nll, None
-    return nll, (dlogits @ W, dlogits.T @ h, dlogits.sum(axis=0))
 
 
 class Workspace:
@@ -570,7 +591,9 @@ class SlimEmbedding:
 
 
 def slim_logits(h, A, idx_kv, b):
-    """Logits of the slim output layer by dynamic programming (Algorithm 1).
+    """Logits of the slim output layer by dynamic programming (Algorithm 1),
+    row-major (:meth:`SlimSoftmax.logits`: the ``(N, V)`` scores that
+    generation samples from).
 
     h : (N, H);  A : (K, M/K, d) the K disjoint pools;  idx_kv : (K, V);
     b : (V,).
@@ -592,7 +615,7 @@ def slim_logits(h, A, idx_kv, b):
 
 def slim_logits_t(h, A, idx_kv, b, out=None, ws=None):
     """:func:`slim_logits` in the word-major layout: ``zT (V, N)`` (what
-    training, evaluation and inference use).
+    training, evaluation and scoring use).
 
     ``PT[k] = A[k] h_k^T`` is ``(M/K, N)``: each pool entry's N partials lie
     together, so the gather-sum reads one contiguous run per (word, pool)
@@ -624,43 +647,20 @@ def slim_log_probs_t(h, A, idx_kv, b, out=None, ws=None):
     return zT, kernels.log_softmax_t(zT)
 
 
-def slim_softmax_forward_backward(h, A, b, idx_kv, targets, scale, compute_grad=True):
-    """Cross-entropy of the slim softmax and its gradients, row-major (the
-    specification the word-major :func:`slim_softmax_loss_t` is tested against).
-
-    Backward uses the structure too: ``G_k = segment-sum of dz by idx_kv[k]``
-    ``(N, M/K)``, then ``dA_k = G_k^T h_k`` and ``dh_k = G_k A_k``.
-
-    Returns ``nll (N,)`` and, with ``compute_grad``, ``(dh (N, H), dA (K, M/K, d), db (V,))``.
-    """
-    xp = array_module(h)
-    z, hk = slim_logits(h, A, idx_kv, None)
-    nll = kernels.softmax_xent(z, targets, scale, compute_grad, bias=b)
-    if not compute_grad:
-        return nll, None
-    dz = z
-    K, Mk, d = A.shape
-    N = h.shape[0]
-    G = xp.empty((K, N, Mk), dtype=h.dtype)
-    kernels.slim_segment_sum(dz, idx_kv, G)
-    dA = xp.matmul(G.transpose(0, 2, 1), hk)  # (K, Mk, d)
-    dh = xp.matmul(G, A).transpose(1, 0, 2).reshape(N, K * d)  # (N, H)
-    return nll, (dh, dA, dz.sum(axis=0))
-
-
 def slim_softmax_loss_t(h, A, b, idx_kv, targets, scale, compute_grad=True, inv=None, ws=None):
-    """:func:`slim_softmax_forward_backward` in the word-major layout (what
-    the layer trains and evaluates with).
+    """Cross-entropy of the slim softmax and its gradients, in the word-major
+    layout (what the layer trains and evaluates with).
 
     ``PT[k] = A[k] h_k^T`` ``(K, Mk, N)``; logits ``zT (V, N)``, one column
-    per row of ``h``; the column softmax; then ``GT (K, Mk, N)``, the
-    segment sum of ``dzT`` (written over ``PT``), gives ``dA_k = GT_k h_k``
-    and ``dh_k = GT_k^T A_k``.  Every kernel then streams contiguous runs of
-    N floats instead of gathering single ones.  ``ws``: a :class:`Workspace`
+    per row of ``h``; the column softmax; then ``dPT (K, Mk, N)``, the
+    gradient w.r.t. the partial products (the segment sum of ``dzT`` by
+    ``idx_kv[k]``, written over ``PT``), gives ``dA_k = dPT_k h_k`` and
+    ``dh_k = dPT_k^T A_k``.  Every kernel then streams contiguous runs of N
+    floats instead of gathering single ones.  ``ws``: a :class:`Workspace`
     for the two large buffers.
 
-    Returns ``nll (N,)`` and, with ``compute_grad``, ``(dh (N, H), GT,
-    hk (K, N, d), db (V,))``: ``dA = GT @ hk`` is left to the caller, which
+    Returns ``nll (N,)`` and, with ``compute_grad``, ``(dh (N, H), dPT,
+    hk (K, N, d), db (V,))``: ``dA = dPT @ hk`` is left to the caller, which
     can compute it straight into a gradient buffer.
     """
     xp = array_module(h)
@@ -671,12 +671,12 @@ def slim_softmax_loss_t(h, A, b, idx_kv, targets, scale, compute_grad=True, inv=
     nll = kernels.softmax_xent_t(zT, targets, scale, compute_grad, bias=b)
     if not compute_grad:
         return nll, None
-    GT = PT  # the partial products are spent: reuse their buffer
+    dPT = PT  # the partial products are spent: reuse their buffer
     db = xp.empty(V, dtype=h.dtype)
-    kernels.slim_segment_sum_t(zT, idx_kv, GT, inv, db)
+    kernels.slim_segment_sum_t(zT, idx_kv, dPT, inv, db)
     dh3 = xp.empty((N, K, d), dtype=h.dtype)
-    xp.matmul(GT.transpose(0, 2, 1), A, out=dh3.transpose(1, 0, 2))  # (K, N, d) view
-    return nll, (dh3.reshape(N, K * d), GT, h3.transpose(1, 0, 2), db)
+    xp.matmul(dPT.transpose(0, 2, 1), A, out=dh3.transpose(1, 0, 2))  # (K, N, d) view
+    return nll, (dh3.reshape(N, K * d), dPT, h3.transpose(1, 0, 2), db)
 
 
 class SlimSoftmax:
@@ -708,9 +708,9 @@ class SlimSoftmax:
                 nll[i:j] = slim_softmax_loss_t(h[i:j], A, b, self.idx_kv, targets[i:j], 1.0, False,
                                                ws=self.ws)[0]
             return nll, None
-        nll, (dh, GT, hk, db) = slim_softmax_loss_t(h, A, b, self.idx_kv, targets, scale, True,
-                                                    self.inv, self.ws)
-        self.store.accumulate(f"{self.name}/A", GT, hk)  # dA = GT @ hk, one batched GEMM
+        nll, (dh, dPT, hk, db) = slim_softmax_loss_t(h, A, b, self.idx_kv, targets, scale, True,
+                                                     self.inv, self.ws)
+        self.store.accumulate(f"{self.name}/A", dPT, hk)  # dA = dPT @ hk, one batched GEMM
         self.store.accumulate(f"{self.name}/b", db)
         return nll, dh
 

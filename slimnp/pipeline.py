@@ -9,10 +9,12 @@ chunk c-1 while layer l on chunk c), each with a single-threaded BLAS.
 Measured, two such streams do the small products of config B in 6.3 ms
 where the two-thread BLAS takes 8.7 ms.
 
-Every array operation is the one the sequential code in :mod:`slimnp.layers`
-does, on the same data, so the result does not depend on the thread timing.
-The weight gradients (large GEMMs) are left to the caller, which computes
-them after the pipeline with all BLAS threads.
+Each layer runs the time loops of :mod:`slimnp.layers`
+(:func:`~slimnp.layers.lstm_forward_steps`,
+:func:`~slimnp.layers.lstm_backward_steps`) over one chunk of time steps at
+a time, on its own buffers, so the result does not depend on the thread
+timing.  The weight gradients (large GEMMs) are left to the caller, which
+computes them after the pipeline with all BLAS threads.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from . import kernels
-from .layers import LSTMCache
+from .layers import lstm_backward_steps, lstm_cache, lstm_forward_steps
 from .threads import blas_threads, set_blas_threads
 
 CHUNK = 5  # time steps per pipeline stage
@@ -136,34 +138,24 @@ def forward(a0, state, weights, masks=None):
     H = state.shape[-1]
     dt = weights[0][0].dtype
     chunks = _chunks(T)
-    ins = [a0] + [np.empty((T, B, H), dt) if masks is not None else None for _ in range(L)]
-    caches = []
+    # ins[l]: layer l's input; ins[l + 1] its (masked) output, or without
+    # masks a view of its hidden states
+    ins, caches = [a0], []
     for l in range(L):
-        G = np.empty((T, B, 4 * H), dt)
-        hs, cs = np.empty((T + 1, B, H), dt), np.empty((T + 1, B, H), dt)
-        hs[0], cs[0] = state[l, 0], state[l, 1]
-        caches.append(LSTMCache(x=None, G=G, hs=hs, cs=cs, tcs=np.empty((T, B, H), dt)))
-        if masks is None:
-            ins[l + 1] = hs[1:]
-    for l in range(L):
-        caches[l].x = ins[l]
+        c = lstm_cache(ins[l], state[l, 0], state[l, 1], dt)
+        caches.append(c)
+        ins.append(c.hs[1:] if masks is None else np.empty((T, B, H), dt))
     ready = [[threading.Event() for _ in chunks] for _ in range(L)]
-    steps = [kernels.lstm_segment_kernels(c.G, c.cs)[0] for c in caches]
+    steps = [kernels.lstm_segment_kernels(c.gates, c.cs)[0] for c in caches]
 
     def body(l, failed):
         Wx, Wh, b = weights[l]
         c = caches[l]
-        D = ins[l].shape[2]
         hg = np.empty((B, 4 * H), dt)
         for ci, (t0, t1) in enumerate(chunks):
             if l > 0:
                 _wait(ready[l - 1][ci], failed)
-            g = c.G[t0:t1]
-            np.matmul(ins[l][t0:t1].reshape(-1, D), Wx, out=g.reshape(-1, 4 * H))
-            g += b
-            for t in range(t0, t1):
-                np.matmul(c.hs[t], Wh, out=hg)
-                steps[l](c.G[t], hg, c.cs[t], c.G[t], c.cs[t + 1], c.hs[t + 1], c.tcs[t])
+            lstm_forward_steps(c, Wx, Wh, b, t0, t1, hg, steps[l])
             if masks is not None:
                 np.multiply(c.hs[t0 + 1 : t1 + 1], masks[l + 1][t0:t1], out=ins[l + 1][t0:t1])
             ready[l][ci].set()
@@ -180,7 +172,7 @@ def backward(da_top, caches, weights, masks=None):
 
     da_top : (T, B, H) gradient w.r.t. the top layer's masked output.
     Returns ``dx0`` (T, B, D) w.r.t. layer 0's (masked) input, the per-layer
-    gate gradients ``dG`` (T, B, 4H) for the caller's weight GEMMs, and
+    gate gradients ``dgates`` (T, B, 4H) for the caller's weight GEMMs, and
     ``dstate`` (L, 2, B, H).
     """
     L = len(weights)
@@ -194,16 +186,16 @@ def backward(da_top, caches, weights, masks=None):
     else:
         douts[L - 1][...] = da_top
     dx0 = np.empty(caches[0].x.shape, dt)
-    dGs = [np.empty((T, B, 4 * H), dt) for _ in range(L)]
+    dgates_l = [np.empty((T, B, 4 * H), dt) for _ in range(L)]
     dstate = np.empty((L, 2, B, H), dt)
     ready = [[threading.Event() for _ in chunks] for _ in range(L)]
-    steps = [kernels.lstm_segment_kernels(c.G, c.cs)[1] for c in caches]
+    steps = [kernels.lstm_segment_kernels(c.gates, c.cs)[1] for c in caches]
 
     def body(i, failed):
         l = L - 1 - i  # thread 0 runs the top layer: it goes first
         Wx, Wh, _ = weights[l]
         WhT, WxT = np.ascontiguousarray(Wh.T), np.ascontiguousarray(Wx.T)
-        c, dG = caches[l], dGs[l]
+        c, dgates = caches[l], dgates_l[l]
         dh_next = np.zeros((B, H), dt)
         dc = np.zeros((B, H), dt)
         dh = np.empty((B, H), dt)
@@ -211,18 +203,15 @@ def backward(da_top, caches, weights, masks=None):
             t0, t1 = chunks[ci]
             if l < L - 1:
                 _wait(ready[l + 1][ci], failed)
-            for t in range(t1 - 1, t0 - 1, -1):
-                np.add(douts[l][t], dh_next, out=dh)
-                steps[l](c.G[t], c.cs[t], c.tcs[t], dh, dc, dG[t])
-                np.matmul(dG[t], WhT, out=dh_next)
+            lstm_backward_steps(douts[l], c, WhT, t0, t1, dh_next, dc, dh, dgates, steps[l])
             # gradient w.r.t. this chunk's input: the layer below's output
             dest = douts[l - 1] if l > 0 else dx0
             D = dest.shape[2]
-            np.matmul(dG[t0:t1].reshape(-1, 4 * H), WxT, out=dest[t0:t1].reshape(-1, D))
+            np.matmul(dgates[t0:t1].reshape(-1, 4 * H), WxT, out=dest[t0:t1].reshape(-1, D))
             if l > 0 and masks is not None:
                 dest[t0:t1] *= masks[l][t0:t1]
             ready[l][ci].set()
         dstate[l, 0], dstate[l, 1] = dh_next, dc
 
     _run_layers(L, body)
-    return dx0, dGs, dstate
+    return dx0, dgates_l, dstate

@@ -1,54 +1,38 @@
-"""Float64 central-difference gradient checks and the sequential-vs-batch test."""
+"""Float64 central-difference gradient checks of every layer (the layer
+objects training runs) and the sequential-vs-batch test."""
 import numpy as np
 import pytest
 
-from slimnp.layers import (embedding_backward, embedding_forward, lstm_backward, lstm_forward,
-                           softmax_forward_backward)
+from slimnp.layers import LSTM, Softmax, embedding_backward, embedding_forward
 from slimnp.model import LanguageModel, ModelConfig
 
-EPS = 1e-6
+from gradcheck import assert_grad, layer, softmax_expected
 
 
-def numgrad(f, x, idx=None):
-    """Central differences of scalar f() w.r.t. entries ``idx`` of array x (in place)."""
-    flat = x.reshape(-1)
-    idx = range(flat.size) if idx is None else idx
-    g = {}
-    for i in idx:
-        old = flat[i]
-        flat[i] = old + EPS
-        fp = f()
-        flat[i] = old - EPS
-        fm = f()
-        flat[i] = old
-        g[i] = (fp - fm) / (2 * EPS)
-    return g
-
-
-def assert_grad(analytic, f, x, idx=None, rtol=1e-6, atol=1e-8):
-    num = numgrad(f, x, idx)
-    a = analytic.reshape(-1)
-    for i, v in num.items():
-        assert abs(a[i] - v) <= atol + rtol * abs(v), f"entry {i}: analytic {a[i]}, numeric {v}"
+def _lstm(rng, D, H):
+    return layer(rng, lambda store: LSTM(store, "lstm", D, H))
 
 
 def test_lstm_gradients_including_state(rng):
     T, B, D, H = 5, 3, 4, 6
+    store, lstm = _lstm(rng, D, H)
     x = rng.standard_normal((T, B, D))
     h0, c0 = rng.standard_normal((B, H)), rng.standard_normal((B, H))
-    Wx, Wh = rng.standard_normal((D, 4 * H)) * 0.5, rng.standard_normal((H, 4 * H)) * 0.5
-    b = rng.standard_normal(4 * H) * 0.1
     # loss = sum(h_seq * w) + sum(hT * u) + sum(cT * v): gradients arrive from
     # every output and from the next segment's state
     w, u, v = rng.standard_normal((T, B, H)), rng.standard_normal((B, H)), rng.standard_normal((B, H))
 
     def loss():
-        hs, (hT, cT), _ = lstm_forward(x, h0, c0, Wx, Wh, b)
+        hs, (hT, cT), _ = lstm.forward(x, h0, c0)
         return float((hs * w).sum() + (hT * u).sum() + (cT * v).sum())
 
-    _, _, cache = lstm_forward(x, h0, c0, Wx, Wh, b)
-    dx, dh0, dc0, dWx, dWh, db = lstm_backward(w, cache, Wx, Wh, u, v)
-    for analytic, arr in ((dx, x), (dh0, h0), (dc0, c0), (dWx, Wx), (dWh, Wh), (db, b)):
+    _, _, cache = lstm.forward(x, h0, c0)
+    store.zero_grad()
+    dx, dh0, dc0 = lstm.backward(w, cache, u, v)
+    Wx, Wh, b = lstm.weights()
+    g = store.grads
+    for analytic, arr in ((dx, x), (dh0, h0), (dc0, c0), (g["lstm/Wx"], Wx), (g["lstm/Wh"], Wh),
+                          (g["lstm/b"], b)):
         assert_grad(analytic, loss, arr)
 
 
@@ -68,17 +52,24 @@ def test_embedding_gradient(rng):
 
 def test_softmax_gradient(rng):
     N, H, V = 4, 5, 9
+    store, out = layer(rng, lambda store: Softmax(store, "out", V, H), scale=1.0)
     h = rng.standard_normal((N, H))
-    W, b = rng.standard_normal((V, H)), rng.standard_normal(V)
     t = np.array([0, 8, 3, 3], np.int32)
     scale = 0.5
 
     def loss():
-        return scale * float(softmax_forward_backward(h, W, b, t, 1.0, False)[0].sum())
+        return scale * float(out.loss(h, t, compute_grad=False)[0].sum())
 
-    nll, (dh, dW, db) = softmax_forward_backward(h, W, b, t, scale, True)
-    for analytic, arr in ((dh, h), (dW, W), (db, b)):
+    store.zero_grad()
+    nll, dh = out.loss(h, t, scale, True)
+    W, b = store.params["out/W"], store.params["out/b"]
+    for analytic, arr in ((dh.copy(), h), (store.grads["out/W"], W), (store.grads["out/b"], b)):
         assert_grad(analytic, loss, arr)
+    # and the plain NumPy formulas
+    nll_e, (dh_e, dW_e, db_e) = softmax_expected(h, W, b, t, scale)
+    np.testing.assert_allclose(nll, nll_e, rtol=1e-13)
+    for got, want in ((dh, dh_e), (store.grads["out/W"], dW_e), (store.grads["out/b"], db_e)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
 VARIANTS = {
@@ -132,33 +123,33 @@ def test_model_gradients_two_layers(variant, rng):
 def test_sequential_equals_batch(rng):
     """Step-by-step with carried state equals the whole-segment call (outputs and grads)."""
     T, B, D, H = 6, 2, 3, 4
+    store, lstm = _lstm(rng, D, H)
     x = rng.standard_normal((T, B, D))
     h0, c0 = rng.standard_normal((B, H)), rng.standard_normal((B, H))
-    Wx, Wh, b = rng.standard_normal((D, 4 * H)), rng.standard_normal((H, 4 * H)), rng.standard_normal(4 * H)
     dh_seq = rng.standard_normal((T, B, H))
-    hs, (hT, cT), cache = lstm_forward(x, h0, c0, Wx, Wh, b)
-    full = lstm_backward(dh_seq, cache, Wx, Wh)
+    hs, (hT, cT), cache = lstm.forward(x, h0, c0)
+    store.zero_grad()
+    dx_full, dh0_full, dc0_full = lstm.backward(dh_seq, cache)
+    grads_full = store.grad.copy()
 
     # forward one step at a time, carrying the state
     h, c, caches, outs = h0, c0, [], []
     for t in range(T):
-        o, (h, c), ca = lstm_forward(x[t : t + 1], h, c, Wx, Wh, b)
+        o, (h, c), ca = lstm.forward(x[t : t + 1], h, c)
         outs.append(o[0].copy())
         caches.append(ca)
     np.testing.assert_allclose(np.stack(outs), hs, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(h, hT, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(c, cT, rtol=1e-13, atol=1e-13)
-    # backward one step at a time, feeding each step's state gradient to the previous
+    # backward one step at a time, feeding each step's state gradient to the
+    # previous; the layer accumulates the weight gradients of every step
     dh_next = np.zeros((B, H))
     dc_next = np.zeros((B, H))
-    dWx, dWh, db = np.zeros_like(Wx), np.zeros_like(Wh), np.zeros_like(b)
     dxs = [None] * T
+    store.zero_grad()
     for t in range(T - 1, -1, -1):
-        dx, dh_next, dc_next, a, bb, cc = lstm_backward(dh_seq[t : t + 1], caches[t], Wx, Wh, dh_next, dc_next)
+        dx, dh_next, dc_next = lstm.backward(dh_seq[t : t + 1], caches[t], dh_next, dc_next)
         dxs[t] = dx[0]
-        dWx += a
-        dWh += bb
-        db += cc
-    for got, want in ((np.stack(dxs), full[0]), (dh_next, full[1]), (dc_next, full[2]),
-                      (dWx, full[3]), (dWh, full[4]), (db, full[5])):
+    for got, want in ((np.stack(dxs), dx_full), (dh_next, dh0_full), (dc_next, dc0_full),
+                      (store.grad, grads_full)):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)

@@ -9,14 +9,14 @@ from click.testing import CliRunner
 from slimnp import io as sio
 from slimnp.backend import make_rng
 from slimnp.cli import main
-from slimnp.layers import (slim_embedding_backward, slim_embedding_forward, slim_logits,
-                           slim_softmax_forward_backward, softmax_forward_backward)
+from slimnp.layers import (SlimSoftmax, Softmax, slim_embedding_backward, slim_embedding_forward,
+                           slim_logits)
 from slimnp.mapping import hash_assignment, shuffle_assignment, shuffle_assignment_pools
 from slimnp.model import LanguageModel, ModelConfig
 from slimnp.trainer import load_model, mapping_fields
 
+from gradcheck import assert_grad, layer, softmax_expected
 from helpers import cycle_losses, tiny_corpus
-from test_layers import assert_grad
 
 
 # -- tables -------------------------------------------------------------------
@@ -74,36 +74,68 @@ def test_dp_logits_equal_materialised_matrix(rng):
     np.testing.assert_allclose(z, h @ _dense_from_pools(A, idx).T + b, rtol=1e-12, atol=1e-12)
 
 
-def test_slim_softmax_without_sharing_is_the_full_softmax(rng):
-    """K=1, one pool entry per word: exactly a full softmax (loss and gradients)."""
-    N, V, H = 5, 30, 8
+def _slim_and_full(rng, V, H, K, Mk, idx):
+    """A slim output layer with tables ``idx (V, K)`` and the full softmax
+    holding the same word vectors (``W[w] = concat_k A[k, idx[w, k]]``)."""
+    slim_store, slim = layer(rng, lambda st: SlimSoftmax(st, "out", V, H, K, K * Mk, idx), 1.0)
+    full_store, full = layer(rng, lambda st: Softmax(st, "out", V, H), 1.0)
+    A = slim_store.params["out/A"]
+    full_store.params["out/W"][...] = np.concatenate([A[k][idx[:, k]] for k in range(K)], axis=1)
+    full_store.params["out/b"][...] = slim_store.params["out/b"]
+    return (slim_store, slim), (full_store, full)
+
+
+def _assert_same_softmax(rng, V, H, K, Mk, idx, N=5, scale=0.5):
+    """The slim layer's loss and gradients equal the full softmax's on the same vectors."""
+    (ss, slim), (fs, full) = _slim_and_full(rng, V, H, K, Mk, idx)
     h = rng.standard_normal((N, H))
-    A = rng.standard_normal((1, V, H))
-    b = rng.standard_normal(V)
     t = rng.integers(0, V, N).astype(np.int32)
-    perm = rng.permutation(V).astype(np.int32)[:, None]  # (V, 1)
-    W = A[0][perm[:, 0]]
-    nll_s, (dh_s, dA, db_s) = slim_softmax_forward_backward(h, A, b, np.ascontiguousarray(perm.T), t, 0.5)
-    nll_f, (dh_f, dW, db_f) = softmax_forward_backward(h, W, b, t, 0.5)
+    t[:2] = [0, V - 1]
+    ss.zero_grad()
+    fs.zero_grad()
+    nll_s, dh_s = slim.loss(h, t, scale)
+    nll_f, dh_f = full.loss(h, t, scale)
     np.testing.assert_allclose(nll_s, nll_f, rtol=1e-13)
     np.testing.assert_allclose(dh_s, dh_f, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(dA[0][perm[:, 0]], dW, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(db_s, db_f, rtol=1e-12, atol=1e-14)
+    # each pool row's gradient is the sum of its words' slices of dW
+    dW, dA = fs.grads["out/W"], ss.grads["out/A"]
+    d = H // K
+    for k in range(K):
+        want = np.zeros((Mk, d))
+        np.add.at(want, idx[:, k], dW[:, k * d : (k + 1) * d])
+        np.testing.assert_allclose(dA[k], want, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ss.grads["out/b"], fs.grads["out/b"], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(slim.loss(h, t, compute_grad=False)[0], nll_f, rtol=1e-13)
+
+
+def test_slim_softmax_without_sharing_is_the_full_softmax(rng):
+    """K=1, one pool entry per word: exactly a full softmax (loss and gradients)."""
+    V, H = 30, 8
+    perm = rng.permutation(V).astype(np.int32)[:, None]  # (V, 1)
+    _assert_same_softmax(rng, V, H, 1, V, perm)
+
+
+def test_slim_softmax_with_sharing_is_the_full_softmax_of_its_vectors(rng):
+    """Shared pool entries (V = 40 words on 7 entries per pool): the loss of
+    the materialised vectors, and the pool gradients summed over the words."""
+    V, K, Mk = 40, 4, 7
+    _assert_same_softmax(rng, V, 12, K, Mk, shuffle_assignment_pools(V, K, Mk, 3))
 
 
 def test_slim_softmax_gradient(rng):
     N, V, K, Mk, d = 4, 17, 3, 5, 2
+    store, out = layer(rng, lambda st: SlimSoftmax(st, "out", V, K * d, K, K * Mk,
+                                                   shuffle_assignment_pools(V, K, Mk, 1)), 1.0)
     h = rng.standard_normal((N, K * d))
-    A = rng.standard_normal((K, Mk, d))
-    b = rng.standard_normal(V)
-    idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, 1).T)
     t = np.array([0, V - 1, 3, 3], np.int32)
 
     def loss():
-        return 0.5 * float(slim_softmax_forward_backward(h, A, b, idx_kv, t, 1.0, False)[0].sum())
+        return 0.5 * float(out.loss(h, t, compute_grad=False)[0].sum())
 
-    _, (dh, dA, db) = slim_softmax_forward_backward(h, A, b, idx_kv, t, 0.5)
-    for analytic, arr in ((dh, h), (dA, A), (db, b)):
+    store.zero_grad()
+    _, dh = out.loss(h, t, 0.5)
+    for analytic, arr in ((dh.copy(), h), (store.grads["out/A"], store.params["out/A"]),
+                          (store.grads["out/b"], store.params["out/b"])):
         assert_grad(analytic, loss, arr)
 
 
@@ -234,19 +266,9 @@ def test_slim_input_without_sharing_is_a_dense_embedding(rng):
 
 def test_slim_output_with_identity_pools_is_the_full_softmax(rng):
     """K pools of size V, idx[w, k] = w: the full softmax with W[w] = concat_k A[k, w]."""
-    N, V, K, d = 5, 11, 3, 2
-    h = rng.standard_normal((N, K * d))
-    A = rng.standard_normal((K, V, d))
-    b = rng.standard_normal(V)
-    t = rng.integers(0, V, N).astype(np.int32)
-    idx_kv = np.tile(np.arange(V, dtype=np.int32), (K, 1))
-    W = np.concatenate([A[k] for k in range(K)], axis=1)  # (V, K*d)
-    nll_s, (dh_s, dA, db_s) = slim_softmax_forward_backward(h, A, b, idx_kv, t, 1.0)
-    nll_f, (dh_f, dW, db_f) = softmax_forward_backward(h, W, b, t, 1.0)
-    np.testing.assert_allclose(nll_s, nll_f, rtol=1e-13)
-    np.testing.assert_allclose(dh_s, dh_f, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(np.concatenate(list(dA), axis=1), dW, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(db_s, db_f, rtol=1e-12, atol=1e-14)
+    V, K, d = 11, 3, 2
+    _assert_same_softmax(rng, V, K * d, K, V, np.tile(np.arange(V, dtype=np.int32)[:, None], (1, K)),
+                         scale=1.0)
 
 
 def test_hash_mapping_is_stable_across_processes():

@@ -153,21 +153,21 @@ def lstm_pointwise_backward(act, c_prev, tc, dh, dc, dgates):
     _impl(act, c_prev, tc, dh, dc, dgates).lstm_pointwise_backward(act, c_prev, tc, dh, dc, dgates)
 
 
-def lstm_segment_kernels(G, cs):
+def lstm_segment_kernels(gates, cs):
     """The two LSTM step kernels, validated once for a whole segment.
 
-    ``G : (T, B, 4H)`` gates and ``cs : (T+1, B, H)`` cell states (and every
+    ``gates : (T, B, 4H)`` and ``cs : (T+1, B, H)`` cell states (and every
     other per-step buffer of the same dtype and layout).  Returns the
     implementation's ``(lstm_pointwise_forward, lstm_pointwise_backward)``
     without per-call checks: the time loop calls them T times on slices of
     these validated buffers, where the checks would cost as much as the
     kernel itself at small B.
     """
-    _check_float("G", G, cs.dtype)
-    _check_ndim("G", G, 3, "(T, B, 4H)")
-    T, B, H4 = G.shape
+    _check_float("gates", gates, cs.dtype)
+    _check_ndim("gates", gates, 3, "(T, B, 4H)")
+    T, B, H4 = gates.shape
     _check_shape("cs", cs, (T + 1, B, H4 // 4))
-    impl = _impl(G, cs)
+    impl = _impl(gates, cs)
     return impl.lstm_pointwise_forward, impl.lstm_pointwise_backward
 
 
