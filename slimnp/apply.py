@@ -22,7 +22,10 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from . import kernels
+from .backend import to_numpy
 from .data import EOS, Vocabulary
+from .evaluate import stream_nll
 
 LOG10_E = 1.0 / math.log(10.0)
 
@@ -113,7 +116,6 @@ def score_ids(model, seqs: Sequence[np.ndarray], eos_id: int, batch_size: int = 
         raise ValueError("every sequence needs at least one token (its <eos>)")
     order = np.argsort(-lens, kind="stable")
     out: List[Optional[np.ndarray]] = [None] * n
-    xp = model.xp
     i = done = 0
     while i < n:
         T = int(lens[order[i]])  # the longest in this batch (sorted descending)
@@ -126,10 +128,7 @@ def score_ids(model, seqs: Sequence[np.ndarray], eos_id: int, batch_size: int = 
             y[: len(s), j] = s
             x[1 : len(s), j] = s[:-1]
         nll = np.empty((T, b), dtype=np.float64)
-        state = model.zero_state(b)
-        for t0 in range(0, T, bptt):
-            seg, state = model.nll(xp.asarray(x[t0 : t0 + bptt]), xp.asarray(y[t0 : t0 + bptt]), state)
-            nll[t0 : t0 + bptt] = _to_numpy(seg)
+        stream_nll(model, x, y, model.zero_state(b), bptt, out=nll)
         for j, r in enumerate(rows):
             out[r] = -nll[: lens[r], j]
         i += b
@@ -137,12 +136,6 @@ def score_ids(model, seqs: Sequence[np.ndarray], eos_id: int, batch_size: int = 
         if progress is not None:
             progress(done)
     return out  # type: ignore[return-value]
-
-
-def _to_numpy(a):
-    from .backend import to_numpy
-
-    return np.asarray(to_numpy(a), dtype=np.float64)
 
 
 def score_sentences(model, vocab: Vocabulary, sentences, batch_size: int = 64,
@@ -178,23 +171,12 @@ def _score_stream(model, seqs, eos_id, progress=None, bptt: int = 100):
     x = np.empty_like(ids)
     x[0] = eos_id
     x[1:] = ids[:-1]
-    xp = model.xp
     ends = np.cumsum([len(s) for s in seqs])  # where each sequence ends in the stream
-    lp = np.empty(ids.shape[0], dtype=np.float64)
-    state = model.zero_state(1)
-    for t0 in range(0, ids.shape[0], bptt):
-        seg, state = model.nll(xp.asarray(x[t0 : t0 + bptt, None]), xp.asarray(ids[t0 : t0 + bptt, None]),
-                               state)
-        lp[t0 : t0 + bptt] = -_to_numpy(seg)[:, 0]
-        if progress is not None:  # sequences completed so far
-            progress(int(np.searchsorted(ends, t0 + bptt, "right")))
-    return np.split(lp, ends[:-1])
-
-
-def _log_softmax(z):
-    m = z.max(axis=-1, keepdims=True)
-    z = z - m
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    nll = np.empty((ids.shape[0], 1), dtype=np.float64)
+    # progress: the sequences completed so far
+    report = None if progress is None else (lambda t: progress(int(np.searchsorted(ends, t, "right"))))
+    stream_nll(model, x[:, None], ids[:, None], model.zero_state(1), bptt, out=nll, progress=report)
+    return np.split(-nll[:, 0], ends[:-1])
 
 
 def generate(model, vocab: Vocabulary, prompt: str = "", length: int = 50,
@@ -235,11 +217,13 @@ def generate(model, vocab: Vocabulary, prompt: str = "", length: int = 50,
     ended = np.full(count, length)
     for t in range(length):
         z, state = model.logits(xp.asarray(cur[None, :]), state)
-        z = _to_numpy(z)[0] / temperature  # (C, V) float64
+        z = np.asarray(to_numpy(z)[0], dtype=np.float64) / temperature  # (C, V)
         if 0 < top_k < V:
             kth = np.partition(z, V - top_k, axis=1)[:, V - top_k][:, None]
             z = np.where(z >= kth, z, -np.inf)
-        p = np.exp(_log_softmax(z))
+        logp = np.ascontiguousarray(z.T)  # (V, C) word-major
+        kernels.log_softmax_t(logp)
+        p = np.exp(logp.T)
         # inverse-CDF draw per stream: one uniform each, reproducible
         u = rng.random(count)
         c = np.cumsum(p, axis=1)

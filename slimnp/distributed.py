@@ -175,21 +175,11 @@ def evaluate_shard(model, ids, eos_id: int, batch_size: int, bptt: int, rank: in
     ``batch_size`` pieces, each from a zero state; the tail that continues the
     last piece goes with that piece.  The ranks' sums add up to ``evaluate_ids``'s
     ``nll`` (up to the order of float additions)."""
-    from .evaluate import _run, primed_pieces
+    from .evaluate import pieces_nll, primed_pieces
 
-    ids, inputs, B, m = primed_pieces(ids, eos_id, batch_size)  # as evaluate_ids cuts it
-    n = int(ids.shape[0])
+    _, _, B, _ = primed_pieces(ids, eos_id, batch_size)  # as evaluate_ids cuts it
     lo, hi = shard_range(B, rank, size, even=False)
-    total = 0.0
-    if hi > lo:
-        x_bn = inputs[: B * m].reshape(B, m)[lo:hi]
-        y_bn = ids[: B * m].reshape(B, m)[lo:hi]
-        total, state = _run(model, x_bn, y_bn, model.zero_state(hi - lo), bptt)
-        if B * m < n and hi == B:
-            last = state[:, :, -1:].copy()
-            t, _ = _run(model, inputs[B * m :].reshape(1, -1), ids[B * m :].reshape(1, -1), last, bptt)
-            total += t
-    return total
+    return pieces_nll(model, ids, eos_id, batch_size, bptt, lo, hi)
 
 
 # ----------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import to_numpy
+
 
 @dataclass
 class EvalResult:
@@ -29,19 +31,32 @@ class EvalResult:
         return math.exp(self.loss) if self.tokens else float("nan")
 
 
-def _run(model, x_bn, y_bn, state, bptt, progress=None, done0=0):
-    """Feed ``(B, n)`` inputs/targets through in segments; returns (nll, state)."""
+def stream_nll(model, x, y, state, bptt: int, out=None, progress=None):
+    """The one loop that scores token streams (evaluation, sentence scoring,
+    the ranks' shards of validation).
+
+    ``x``, ``y`` : (n, B) int host arrays, time-major: inputs and targets of B
+    parallel streams, fed through ``model.nll`` in segments of ``bptt`` steps
+    with the state carried (exact; bounds the activations kept).
+    ``state`` : the incoming ``(L, 2, B, H)`` state.  ``out`` : optional
+    (n, B) float64 host array receiving every token's NLL.  ``progress`` :
+    optional callable receiving the time steps done after each segment.
+
+    Returns the total NLL (natural log; per segment a float64 sum, the
+    segments added in order) and the final state.
+    """
     xp = model.xp
     total = 0.0
-    n = x_bn.shape[1]
-    for s in range(0, n, bptt):
-        x = xp.asarray(np.ascontiguousarray(x_bn[:, s : s + bptt].T))
-        y = xp.asarray(np.ascontiguousarray(y_bn[:, s : s + bptt].T))
-        nll, state = model.nll(x, y, state)
+    n = x.shape[0]
+    for t0 in range(0, n, bptt):
+        xs = xp.asarray(np.ascontiguousarray(x[t0 : t0 + bptt]))
+        ys = xp.asarray(np.ascontiguousarray(y[t0 : t0 + bptt]))
+        nll, state = model.nll(xs, ys, state)
         total += float(nll.sum())
+        if out is not None:
+            out[t0 : t0 + bptt] = to_numpy(nll)
         if progress is not None:
-            progress(done0 + x.size)
-            done0 += x.size
+            progress(t0 + xs.shape[0])
     return total, state
 
 
@@ -60,21 +75,37 @@ def primed_pieces(ids, eos_id: int, batch_size: int):
     return ids, inputs, B, n // B
 
 
+def pieces_nll(model, ids, eos_id: int, batch_size: int, bptt: int, lo: int = 0, hi=None,
+               progress=None) -> float:
+    """Total NLL of pieces ``[lo, hi)`` (default: all) of the cut
+    :func:`primed_pieces` makes, each from a zero state; the tail that
+    continues the last piece goes with that piece.  ``progress`` receives
+    the tokens done."""
+    ids, inputs, B, m = primed_pieces(ids, eos_id, batch_size)
+    n = int(ids.shape[0])
+    hi = B if hi is None else hi
+    if hi <= lo:
+        return 0.0
+    rows = hi - lo
+    x = inputs[: B * m].reshape(B, m)[lo:hi].T  # (m, rows) time-major views
+    y = ids[: B * m].reshape(B, m)[lo:hi].T
+    report = None if progress is None else (lambda t: progress(t * rows))
+    total, state = stream_nll(model, x, y, model.zero_state(rows), bptt, progress=report)
+    if B * m < n and hi == B:
+        # the tail continues the last piece, from its final state
+        last = state[:, :, -1:].copy()
+        report = None if progress is None else (lambda t: progress(B * m + t))
+        t, _ = stream_nll(model, inputs[B * m :, None], ids[B * m :, None], last, bptt, progress=report)
+        total += t
+    return total
+
+
 def evaluate_ids(model, ids, eos_id: int, batch_size: int = 1, bptt: int = 100,
                  progress=None) -> EvalResult:
     """Exact NLL and perplexity of ``ids`` (1-D int array) under ``model``.
 
     ``progress`` is an optional callable receiving the number of tokens done.
     """
-    ids, inputs, B, m = primed_pieces(ids, eos_id, batch_size)
-    n = int(ids.shape[0])
-    state = model.zero_state(B)
-    total, state = _run(model, inputs[: B * m].reshape(B, m), ids[: B * m].reshape(B, m),
-                        state, bptt, progress)
-    if B * m < n:
-        # the tail continues the last piece, from its final state
-        last = state[:, :, B - 1 : B].copy()
-        t, _ = _run(model, inputs[B * m :].reshape(1, -1), ids[B * m :].reshape(1, -1),
-                    last, bptt, progress, B * m)
-        total += t
-    return EvalResult(nll=total, tokens=n)
+    n = int(np.asarray(ids).shape[0])
+    return EvalResult(nll=pieces_nll(model, ids, eos_id, batch_size, bptt, progress=progress),
+                      tokens=n)

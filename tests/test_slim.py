@@ -15,7 +15,7 @@ from slimnp.mapping import hash_assignment, shuffle_assignment, shuffle_assignme
 from slimnp.model import LanguageModel, ModelConfig
 from slimnp.trainer import load_model, mapping_fields
 
-from gradcheck import assert_grad, layer, softmax_expected
+from gradcheck import assert_grad, layer
 from helpers import cycle_losses, tiny_corpus
 
 
