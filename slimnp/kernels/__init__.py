@@ -254,8 +254,8 @@ def slim_gather_sum(P, idx_kv, b, z):
 def slim_gather_sum_t(PT, idx_kv, b, zT):
     """Word-major slim logits ``zT[w, n] = b[w] + sum_k PT[k, idx_kv[k, w], n]``.
 
-    The layout for few rows (inference): ``PT : (K, Mk, N)``, ``zT : (V, N)``
-    overwritten; see :func:`reference.slim_gather_sum_t`.
+    The layout training, evaluation and scoring use: ``PT : (K, Mk, N)``,
+    ``zT : (V, N)`` overwritten; see :func:`reference.slim_gather_sum_t`.
     """
     _impl(*_check_gather(PT, idx_kv, b, zT, True)).slim_gather_sum_t(PT, idx_kv, b, zT)
 

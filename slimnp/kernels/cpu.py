@@ -592,7 +592,7 @@ def slim_segment_sum(dz, idx_kv, G):
 
 
 def _slim_gather_sum_t_impl(PT, idx_kv, b, has_bias, zT):
-    # Word-major layout for few rows (inference, scoring): PT (K, Mk, N),
+    # Word-major layout (training, evaluation, scoring): PT (K, Mk, N),
     # zT (V, N).  For each word and pool, the N partials PT[k, j, :] are
     # contiguous (one or two cache lines), so a V*K walk touches V*K lines
     # instead of the row layout's N*V*K scattered floats, and the inner loop
@@ -715,7 +715,7 @@ _VCHUNK = 4096  # rows per work item of the row-parallel column log-softmax
 
 @nb.njit(parallel=True, **_JIT_REDUCE)
 def _log_softmax_cols(zT, b, has_bias, lse):
-    # Row-parallel (any N, including the few columns of inference): work
+    # Row-parallel (any N, including the few columns of generation): work
     # items are chunks of _VCHUNK rows; each keeps per-column partials (max,
     # then sum of exp) over its rows, which a serial step combines.  Three
     # parallel passes: bias + max, exp-sum, subtract.

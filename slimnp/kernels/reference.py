@@ -177,21 +177,27 @@ def nce_xent(zt, logq_t, ZS, logq_s, scale, compute_grad=True):
 # Language Models", AAAI 2018, Algorithm 1).
 #
 # Word w's output vector is the concatenation of K sub-vectors, the k-th taken
-# from its own pool S_k : (Mk, d), Mk = M / K, d = H / K:
+# from its own pool A[k] : (Mk, d), Mk = M / K, d = H / K (the layer's
+# parameter A : (K, Mk, d), slimnp.layers.SlimSoftmax):
 #
-#     u_w = [ S_0[idx_kv[0, w]] | S_1[idx_kv[1, w]] | ... | S_{K-1}[idx_kv[K-1, w]] ]
+#     u_w = [ A[0, idx_kv[0, w]] | A[1, idx_kv[1, w]] | ... | A[K-1, idx_kv[K-1, w]] ]
 #
 # so with h split the same way, h = [h_0 | ... | h_{K-1}],
 #
-#     z[n, w] = b[w] + sum_k  h_k[n] . S_k[idx_kv[k, w]]  =  b[w] + sum_k P[k, n, idx_kv[k, w]]
+#     z[n, w] = b[w] + sum_k  h_k[n] . A[k, idx_kv[k, w]]  =  b[w] + sum_k P[k, n, idx_kv[k, w]]
 #
-# Step 1 (the caller): P[k] = h_k @ S_k.T, K small GEMMs costing N*M*d in all
+# Step 1 (the caller): P[k] = h_k @ A[k].T, K small GEMMs costing N*M*d in all
 # instead of N*V*H.  Step 2 (below): gather and sum, N*V*K adds.
 #
-#     P      : (K, N, Mk)  partial dot products
+#     P      : (K, N, Mk)  partial dot products (row-major: one row per h[n])
+#     PT     : (K, Mk, N)  the same, word-major: PT[k] = A[k] @ h_k.T
 #     idx_kv : (K, V) int  pool entry of word w at position k, in [0, Mk)
 #                          (k-major so that one pool's column of indices is
 #                          contiguous: the kernels sweep it once per row)
+#
+# Training, evaluation and scoring use the word-major kernels (``*_t``: PT,
+# zT (V, N), dzT); the row-major ones serve the (N, V) logits that
+# generation samples from (SlimSoftmax.logits).
 # ---------------------------------------------------------------------------
 
 
@@ -202,7 +208,7 @@ def slim_gather_sum(P, idx_kv, b, z):
 
     Parameters
     ----------
-    P : (K, N, Mk) float  ``P[k, n, j] = h_k[n] . S_k[j]``
+    P : (K, N, Mk) float  ``P[k, n, j] = h_k[n] . A[k, j]``
     idx_kv : (K, V) int32  in ``[0, Mk)``
     b : (V,) float or None  output bias
     z : (N, V) float  out, overwritten
@@ -223,7 +229,7 @@ def slim_gather_sum(P, idx_kv, b, z):
 
 
 def slim_gather_sum_t(PT, idx_kv, b, zT):
-    """:func:`slim_gather_sum` in the word-major layout used for few rows.
+    """:func:`slim_gather_sum` in the word-major layout (training, evaluation, scoring).
 
     ``zT[w, n] = b[w] + sum_k PT[k, idx_kv[k, w], n]``
 
