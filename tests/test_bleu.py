@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from slimnp.bleu import (
+from slimnp.mt.bleu import (
     HYP_LEN, MATCH, MAX_ORDER, REF_LEN, STATS_LEN, TOTAL, References, bleu_from_stats,
     bleu_from_stats_batch, bleu_stats, bleu_stats_batch, corpus_bleu, corpus_stats,
     sacrebleu_corpus_bleu,

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from slimnp import nbest
-from slimnp.nbest import (
+from slimnp.mt import nbest
+from slimnp.mt.nbest import (
     Hypothesis, NBestError, feature_matrix, feature_names, format_weights,
     hypothesis_scores, layout_columns, parse_nbest, parse_weights, read_nbest, rescore,
     weight_vector, with_feature, write_nbest, write_text,

@@ -1,6 +1,6 @@
 """`slimnp rerank`: an LM feature added to n-best lists raises BLEU.
 
-The fixture is the project's own (slimnp.fakemt): sentences of an HMM
+The fixture is the project's own (slimnp.mt.fakemt): sentences of an HMM
 corpus, each turned into an n-best list by random edits, with a "translation
 model" feature that only partly knows how damaged a hypothesis is.  A model
 trained on the same HMM's text knows its word order, so adding it as a
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from slimnp import fakemt, nbest
+from slimnp.mt import fakemt, nbest
 from slimnp.cli import main
 from slimnp.synthetic import HMMSpec, write_corpus
 from slimnp.trainer import run_training
@@ -54,7 +54,7 @@ def test_lm_feature_raises_bleu(task, tmp_path):
     assert w["SlimLM0"][0] > 0  # a likelier sentence is a better translation
     # the written 1-best is what the reported BLEU scored (sacrebleu agrees)
     best = (tmp_path / "out.txt").read_text().splitlines()
-    from slimnp.bleu import corpus_bleu
+    from slimnp.mt.bleu import corpus_bleu
 
     refs = test["ref"].read_text().splitlines()
     assert corpus_bleu(best, refs) == pytest.approx(test_b["tuned_lm"], abs=1e-9)
@@ -67,6 +67,25 @@ def test_lm_feature_raises_bleu(task, tmp_path):
         scores = [h.score for h in g]
         assert scores == sorted(scores, reverse=True)
     assert [g[0].text for g in groups] == best
+
+
+def test_library_entry_point_is_the_command(task, tmp_path):
+    """slimnp.mt.rerank_nbest gives what `slimnp rerank` prints and writes."""
+    import slimnp
+    from slimnp.mt import rerank_nbest
+
+    model, dev, test = task
+    r = _run(model, test["nbest"], "--tune", dev["nbest"], "--refs", dev["ref"], "--test-refs", test["ref"],
+             "--json", "--out", tmp_path / "cli.nbest", "--best", tmp_path / "cli.txt")
+    res = rerank_nbest(slimnp.load(model), test["nbest"], dev_nbest=dev["nbest"], dev_refs=dev["ref"],
+                       test_refs=test["ref"], out=tmp_path / "lib.nbest", best=tmp_path / "lib.txt")
+    assert res.reranked and res.summary == json.loads(r.stdout)
+    assert res.best == (tmp_path / "cli.txt").read_text().splitlines()
+    assert (tmp_path / "lib.txt").read_bytes() == (tmp_path / "cli.txt").read_bytes()
+    assert (tmp_path / "lib.nbest").read_bytes() == (tmp_path / "cli.nbest").read_bytes()
+    assert res.report()[0] == f"weights: {res.summary['weights']}"
+    with pytest.raises(ValueError, match="dev_refs"):
+        rerank_nbest(slimnp.load(model), test["nbest"], dev_nbest=dev["nbest"])
 
 
 def test_lm_feature_equals_score_command(task):

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from slimnp.bleu import STATS_LEN, bleu_from_stats, bleu_stats_batch
-from slimnp.nbest import rescore
-from slimnp.tune import TuneResult, tune, upper_envelope
+from slimnp.mt.bleu import STATS_LEN, bleu_from_stats, bleu_stats_batch
+from slimnp.mt.nbest import rescore
+from slimnp.mt.tune import TuneResult, tune, upper_envelope
 
 
 def brute_argmax(a, b, t):

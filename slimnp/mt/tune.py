@@ -4,7 +4,7 @@ Notation (one tuning run)::
 
     S           sentences; sentence s has n_s hypotheses, n = max n_s
     F           features; X_s: (n_s, F) feature values of sentence s
-    D           BLEU statistics per hypothesis (slimnp.bleu.STATS_LEN = 10)
+    D           BLEU statistics per hypothesis (slimnp.mt.bleu.STATS_LEN = 10)
     w: (F,)     weights; hypothesis j of s scores X_s[j] @ w
     best_s(w)   argmax_j X_s[j] @ w, ties to the smallest j (= nbest.rescore)
     BLEU(w)     bleu_from_stats( sum_s stats_s[best_s(w)] )
@@ -27,7 +27,7 @@ poor local optima.
 Exactness
 ---------
 Scores are summed feature by feature in column order exactly as
-:func:`slimnp.nbest.hypothesis_scores` does, so ``TuneResult.bleu`` is the
+:func:`slimnp.mt.nbest.hypothesis_scores` does, so ``TuneResult.bleu`` is the
 BLEU of ``nbest.rescore(features, result.weights)`` bit for bit, ties
 included.  Every accepted move is re-scored that way after normalising, so
 the weights returned are exactly the ones that were measured.
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from slimnp.bleu import STATS_LEN, bleu_from_stats_batch
+from .bleu import STATS_LEN, bleu_from_stats_batch
 
 
 @dataclass(frozen=True)
