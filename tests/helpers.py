@@ -1,10 +1,22 @@
-"""Small corpora and settings shared by the tests."""
+"""Small corpora, settings and data paths shared by the tests."""
 from pathlib import Path
+
+import pytest
 
 from slimnp.synthetic import HMMSpec, write_corpus
 
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
 TINY_HP = dict(layers=2, hidden=16, dropout=0.1, init_scale=0.1, epochs=2, bptt=7, batch_size=4,
                lr=1.0, schedule="epoch", lr_decay=0.5, decay_start=1, decay_threshold=1.0, clip=5.0)
+
+
+def shared_data(*parts) -> Path:
+    """A path under ``../shared/data`` (real corpora); skips the test if absent."""
+    p = SHARED_DATA.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} not available")
+    return p
 
 
 def tiny_corpus(d: Path, tokens=6000, vocab=100, seed=0) -> dict:

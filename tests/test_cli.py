@@ -157,7 +157,7 @@ def test_data_fetch_ptb_from_local_mirror(tmp_path):
     import http.server
     import threading
 
-    from conftest import shared_data
+    from helpers import shared_data
 
     src = shared_data("ptb")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(src))

@@ -299,10 +299,22 @@ def test_pipeline_error_propagates_without_hanging(monkeypatch):
 def test_pipeline_heuristic(monkeypatch):
     from slimnp import pipeline
 
+    # a 2-core machine whose OpenBLAS runs 2 threads, whatever runs the test
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(pipeline, "blas_threads", lambda: 2)
     monkeypatch.delenv("SLIMNP_PIPELINE", raising=False)
+    assert pipeline.enabled(np, 2, 35, 20, 300)  # config B: pipelined
+    assert pipeline.enabled(np, 3, 10, 20, 200)  # two chunks, B*H = MIN_BH
     assert not pipeline.enabled(np, 1, 35, 20, 300)  # one layer: nothing to overlap
     assert not pipeline.enabled(np, 2, 5, 20, 300)  # a single chunk
     assert not pipeline.enabled(np, 2, 35, 1, 200)  # steps too small (exact B=1 evaluation)
+    assert not pipeline.enabled(object(), 2, 35, 20, 300)  # not NumPy (CuPy)
+    monkeypatch.setattr(pipeline, "blas_threads", lambda: 1)
+    assert not pipeline.enabled(np, 2, 35, 20, 300)  # a single-threaded BLAS: no cores to share
+    monkeypatch.setattr(pipeline, "blas_threads", lambda: 2)
+    monkeypatch.setenv("SLIMNP_PIPELINE", "1")
+    assert pipeline.enabled(np, 2, 35, 1, 200)  # on whenever possible ...
+    assert not pipeline.enabled(np, 1, 35, 1, 200)  # ... and only then
     monkeypatch.setenv("SLIMNP_PIPELINE", "0")
     assert not pipeline.enabled(np, 2, 35, 20, 300)
 

@@ -607,6 +607,9 @@ def test_generate_and_score_on_gpu(tmp_path):
         a = [s.logprob for s in cpu.score(lines)]
     b = [s.logprob for s in gpu_lm.score(lines)]
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
-    assert gpu_lm.generate("", length=5, seed=1) is not None
+    texts = gpu_lm.generate("", length=5, seed=1, count=2)
+    assert len(texts) == 2 and all(len(t.split()) <= 5 for t in texts)  # at most --length words,
+    assert all(w in gpu_lm.vocab.index for t in texts for w in t.split())  # the model's, and seeded
+    assert texts == gpu_lm.generate("", length=5, seed=1, count=2)
     dense = dataclasses.asdict(gpu_lm.dense().model.config)
     assert dense["output"] == "full"

@@ -148,8 +148,19 @@ def test_partial_load(model_file):
 def test_expected_shapes_ok_dict_and_callable(model_file):
     path, ckpt = model_file
     shapes = {k: v.shape for k, v in ckpt.params.items()}
-    io.load(path, expected_shapes=shapes)
-    io.load(path, expected_shapes=lambda cfg: {k: list(v) for k, v in shapes.items()}, params=False)
+    got = io.load(path, expected_shapes=shapes)
+    assert got.params.keys() == ckpt.params.keys()
+    assert all(np.array_equal(got.params[k], v) for k, v in ckpt.params.items())
+    seen = []
+
+    def spec(cfg):  # given the stored config, lists for shapes
+        seen.append(cfg)
+        return {k: list(v) for k, v in shapes.items()}
+
+    got = io.load(path, expected_shapes=spec, params=False)
+    assert seen == [ckpt.config] and got.params == {}
+    with pytest.raises(FormatError, match="lstm0/b"):  # the callable's answer is what is checked
+        io.load(path, expected_shapes=lambda cfg: dict(spec(cfg), **{"lstm0/b": [3]}))
 
 
 def test_expected_shapes_reports_all_problems(model_file):

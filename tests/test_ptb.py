@@ -7,7 +7,7 @@ from slimnp.evaluate import evaluate_ids
 from slimnp.model import LanguageModel, ModelConfig
 from slimnp.trainer import TrainConfig, Trainer
 
-from conftest import shared_data
+from helpers import shared_data
 
 
 @pytest.mark.data

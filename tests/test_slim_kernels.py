@@ -127,9 +127,21 @@ def test_slim_without_sharing_is_dense(mode, dtype, rng):
     np.testing.assert_array_equal(G[0], dz)
 
 
-def test_slim_dispatch_uses_parallel_path(monkeypatch, rng):
-    """Thresholds at zero route the dispatcher to the parallel variants."""
-    monkeypatch.setattr(cpu, "PARALLEL_MIN_GATHER", 0)
+def _record(monkeypatch, calls, *names):
+    """Wrap the cpu module's kernels ``names`` to note each call in ``calls``."""
+    for name in names:
+        fn = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _fn=fn, _name=name: (calls.append(_name), _fn(*a))[1])
+
+
+@pytest.mark.parametrize("threshold,variant", [(0, "parallel"), (10**12, "serial")])
+def test_slim_dispatch_uses_parallel_path(monkeypatch, rng, threshold, variant):
+    """Thresholds at zero route the dispatcher to the parallel variants (and
+    out of reach, to the serial ones); either gives the reference's result."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_GATHER", threshold)
+    calls = []
+    _record(monkeypatch, calls, "_slim_gather_sum_serial", "_slim_gather_sum_parallel",
+            "_slim_segment_sum_serial", "_slim_segment_sum_parallel")
     P, idx_kv, b, dz = _slim_case(rng, np.float64, 3, 4, 5, 20)
     z_ref, z = np.empty((4, 20)), np.empty((4, 20))
     G_ref, G = np.empty((3, 4, 5)), np.empty((3, 4, 5))
@@ -138,6 +150,7 @@ def test_slim_dispatch_uses_parallel_path(monkeypatch, rng):
     with kernels.using("cpu"):
         kernels.slim_gather_sum(P, idx_kv, b, z)
         kernels.slim_segment_sum(dz, idx_kv, G)
+    assert calls == [f"_slim_gather_sum_{variant}", f"_slim_segment_sum_{variant}"]
     np.testing.assert_allclose(z, z_ref, **TOL[np.float64])
     np.testing.assert_allclose(G, G_ref, **TOL[np.float64])
 
