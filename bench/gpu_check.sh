@@ -4,8 +4,9 @@
 #
 #   bash bench/gpu_check.sh            # about 4-6 minutes on an H200, at most ~8
 #
-# 1. the GPU tests: every kernel vs the NumPy reference, whole training
-#    steps CPU vs GPU, model files across devices (pytest -m gpu);
+# 1. the GPU tests: every kernel vs the NumPy reference (the cuda rows of
+#    tests/backends.py's parametrisation, in every test file), whole
+#    training steps CPU vs GPU, model files across devices (pytest -m gpu);
 # 2. bench/gpu_check.py: training tok/s of configs B, C, D vs PyTorch+cuDNN,
 #    a One-Billion-Word-sized slim model, the paper's Table 7 output layer.
 #
@@ -36,7 +37,7 @@ for m in ("numpy", "cupy", "torch", "numba", "h5py", "click"):
 PY
 
 echo "== GPU tests (limit ${TESTS_LIMIT}s)"
-timeout -k 10 "$TESTS_LIMIT" python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider \
+timeout -k 10 "$TESTS_LIMIT" python -m pytest -q -m gpu tests -p no:cacheprovider \
     --tb=short -rfE --durations=5 2>&1 | tee "$OUT/gpu_tests.log" | cut -c1-400
 echo "pytest exit: ${PIPESTATUS[0]}  ($((SECONDS - T0)) s so far)"
 

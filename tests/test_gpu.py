@@ -1,83 +1,38 @@
-"""GPU kernels (``slimnp/kernels/gpu.py``) and the GPU device, against the NumPy spec.
+"""The GPU side: kernel compile checks, the dispatcher's routing, whole
+training steps on every compiled backend against the reference, and model
+files across devices.
 
-Every test that runs kernels takes the ``dev`` fixture, which has two sides:
-
-* ``emu``  -- the kernels' CUDA C compiled as C++ against a CPU emulator
-  (``gpu_emu.h``: one fiber per CUDA thread, ``__syncthreads`` a switch),
-  launched by ``gpu.py``'s own Python code on NumPy arrays.  Runs anywhere
-  with a C++ compiler, so the CPU suite checks the kernels' indexing, launch
-  geometry, barriers and argument types.  ``emu-rev`` runs each block's
-  threads in the opposite order (a missing barrier shows in one of the two).
-* ``cuda`` -- the real thing on CuPy arrays; marked ``gpu`` and skipped
-  without a usable CUDA device (``pytest -m gpu tests/test_gpu.py`` runs
-  only these).
+The GPU kernels' own parity tests are in ``test_kernels.py``; like the
+training-step tests here they take the ``dev`` fixture (``tests/backends.py``),
+whose ``emu`` rows run ``kernels/gpu.py``'s CUDA C on a CPU emulator
+(``gpu_emu.h``) -- so the CPU suite checks the kernels' indexing, launch
+geometry, barriers and argument types -- and whose ``cuda`` row is the real
+thing, marked ``gpu`` and skipped without a usable CUDA device
+(``pytest -m gpu tests/test_gpu.py tests/test_kernels.py`` runs only those).
 
 The NVRTC test compiles every kernel with NVIDIA's runtime compiler (the one
 CuPy uses) without a GPU when ``libnvrtc`` is installed (``pip install
 nvidia-cuda-nvrtc-cu12``, in the ``gpu-compile-check`` extra).
-
-Corner cases throughout: id 0 and V-1, repeated ids, B=1, T=1, sizes that are
-not multiples of the 256-thread block, several chunks per softmax row, rows
-and columns holding a NaN or an infinity; float32 and float64.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import numpy as np
 import pytest
 
 from slimnp import backend, kernels
-from slimnp.kernels import gpu, reference
+from slimnp.kernels import gpu
 
 import gpu_emu
 import nvrtc_check
+from backends import need_gpu as _need_gpu
 
 TOL = {np.float32: dict(rtol=3e-5, atol=3e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}
 # sums of hundreds of terms, added in another order (atomics, chunks)
 SUM_TOL = {np.float32: dict(rtol=2e-4, atol=2e-4), np.float64: dict(rtol=1e-10, atol=1e-11)}
 DTYPES = [np.float32, np.float64]
-
-
-def _need_gpu():
-    """Skip without a usable CUDA device; fail instead under
-    ``SLIMNP_REQUIRE_GPU=1`` (bench/gpu_check.sh sets it: on the GPU machine
-    a skipped test would hide a broken CuPy installation)."""
-    if backend.gpu_available():
-        return
-    try:
-        backend.get_xp("gpu")
-    except backend.DeviceUnavailable as exc:
-        why = str(exc)
-    if os.environ.get("SLIMNP_REQUIRE_GPU", "") not in ("", "0"):
-        pytest.fail(f"SLIMNP_REQUIRE_GPU is set but {why}")
-    pytest.skip(why)
-
-
-class Device:
-    """Where the kernels run: ``put`` copies a host array there, ``get`` back."""
-
-    def __init__(self, name, put, get):
-        self.name, self.put, self.get = name, put, get
-
-
-@pytest.fixture(params=["emu", "emu-rev", pytest.param("cuda", marks=pytest.mark.gpu)])
-def dev(request, monkeypatch):
-    monkeypatch.setattr(gpu, "_cache", {})
-    if request.param.startswith("emu"):
-        if gpu_emu.load() is None:
-            pytest.skip(gpu_emu.why_unavailable())
-        monkeypatch.setattr(gpu, "_factory", gpu_emu.factory)
-        gpu_emu.set_reverse(request.param == "emu-rev")
-        yield Device(request.param, lambda a: np.array(a, copy=True), np.asarray)
-        gpu_emu.set_reverse(False)
-        return
-    _need_gpu()
-    cp = backend.get_xp("gpu")
-    monkeypatch.setattr(gpu, "_factory", None)
-    yield Device("cuda", cp.asarray, backend.to_numpy)
 
 
 def _close(a, b, dtype, tol=TOL):
@@ -121,288 +76,6 @@ def test_cupy_compiles_every_kernel():
     gpu._modules.clear()
     gpu.compile_all()
     assert len(gpu._cache) == 2 * len(gpu.KERNELS)
-
-
-# ---------------------------------------------------------------------------
-# kernels vs reference
-# ---------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,H", [(1, 1), (1, 3), (5, 7), (3, 100)])
-@pytest.mark.parametrize("alias", [False, True])
-def test_lstm_pointwise(dev, dtype, B, H, alias, rng):
-    xg = rng.standard_normal((B, 4 * H)).astype(dtype) * 3
-    xg[0, 0] = -200  # sigmoid of a very negative input: 0, not NaN
-    hg = rng.standard_normal((B, 4 * H)).astype(dtype)
-    c_prev = rng.standard_normal((B, H)).astype(dtype)
-    want = [np.empty((B, 4 * H), dtype)] + [np.empty((B, H), dtype) for _ in range(3)]
-    reference.lstm_pointwise_forward(xg, hg, c_prev, *want)
-    d_xg, d_hg, d_cp = dev.put(xg), dev.put(hg), dev.put(c_prev)
-    outs = [d_xg if alias else dev.put(np.zeros((B, 4 * H), dtype))] + \
-        [dev.put(np.zeros((B, H), dtype)) for _ in range(3)]
-    gpu.lstm_pointwise_forward(d_xg, d_hg, d_cp, *outs)
-    for got, exp in zip(outs, want):
-        _close(dev.get(got), exp, dtype)
-    act, _, _, tc = want
-    dh = rng.standard_normal((B, H)).astype(dtype)
-    dc = rng.standard_normal((B, H)).astype(dtype)
-    dg_want, dc_want = np.empty((B, 4 * H), dtype), dc.copy()
-    reference.lstm_pointwise_backward(act, c_prev, tc, dh, dc_want, dg_want)
-    d_dc, d_dg = dev.put(dc), dev.put(np.zeros((B, 4 * H), dtype))
-    gpu.lstm_pointwise_backward(dev.put(act), d_cp, dev.put(tc), dev.put(dh), d_dc, d_dg)
-    _close(dev.get(d_dg), dg_want, dtype)
-    _close(dev.get(d_dc), dc_want, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("V,D,N", [(7, 5, 60), (1, 3, 1), (50, 1, 9), (4, 300, 5)])
-def test_embedding_scatter_add(dev, dtype, V, D, N, rng):
-    ids = rng.integers(0, V, N).astype(np.int32)
-    ids[0] = 0
-    ids[-1] = V - 1
-    if N > 3:
-        ids[1:3] = ids[0]  # repeated ids accumulate
-    dX = rng.standard_normal((N, D)).astype(dtype)
-    dW = rng.standard_normal((V, D)).astype(dtype)
-    want = dW.copy()
-    reference.embedding_scatter_add(want, ids, dX)
-    got = dev.put(dW)
-    gpu.embedding_scatter_add(got, dev.put(ids.astype(np.int64)), dev.put(dX))  # int64 ids too
-    _close(dev.get(got), want, dtype)
-
-
-def _logits_case(rng, dtype, N, V):
-    z = (rng.standard_normal((N, V)) * 3).astype(dtype)
-    t = rng.integers(0, V, N).astype(np.int32)
-    t[0] = 0
-    t[-1] = V - 1
-    b = rng.standard_normal(V).astype(dtype)
-    return z, t, b
-
-
-# (N, V): one word; one row; several rows of one block; rows split in chunks
-XENT_SHAPES = [(1, 1), (1, 5), (3, 257), (2, 5000), (40, 300)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,V", XENT_SHAPES)
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("grad", [True, False])
-def test_softmax_xent_rows(dev, dtype, N, V, bias, grad, rng):
-    z, t, b = _logits_case(rng, dtype, N, V)
-    b = b if bias else None
-    want_z = z.copy()
-    want = reference.softmax_xent(want_z, t, 0.5, grad, b)
-    d_z = dev.put(z)
-    got = gpu.softmax_xent(d_z, dev.put(t), 0.5, grad, None if b is None else dev.put(b))
-    assert dev.get(got).dtype == np.float64
-    _close(dev.get(got), want, dtype, SUM_TOL)
-    if grad:
-        _close(dev.get(d_z), want_z, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("V,N", [(1, 1), (5, 1), (257, 3), (3000, 2), (300, 33), (100, 70)])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("grad", [True, False])
-def test_softmax_xent_columns(dev, dtype, V, N, bias, grad, rng):
-    z, t, b = _logits_case(rng, dtype, N, V)
-    zT = np.ascontiguousarray(z.T)
-    b = b if bias else None
-    want_z = zT.copy()
-    want = reference.softmax_xent_t(want_z, t, 0.5, grad, b)
-    d_z = dev.put(zT)
-    got = gpu.softmax_xent_t(d_z, dev.put(t), 0.5, grad, None if b is None else dev.put(b))
-    _close(dev.get(got), want, dtype, SUM_TOL)
-    if grad:
-        _close(dev.get(d_z), want_z, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_softmax_xent_nonfinite_rows_are_nan(dev, dtype, rng):
-    z, t, _ = _logits_case(rng, dtype, 4, 3000)
-    z[1, 7] = np.nan
-    z[2, 2999] = np.inf
-    for word_major in (False, True):
-        arr = np.ascontiguousarray(z.T) if word_major else z.copy()
-        fn = gpu.softmax_xent_t if word_major else gpu.softmax_xent
-        nll = dev.get(fn(dev.put(arr), dev.put(t), 1.0, True))
-        assert np.isnan(nll[1]) and np.isnan(nll[2])
-        assert np.isfinite(nll[0]) and np.isfinite(nll[3])
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("V,N", [(1, 1), (5, 1), (3000, 2), (300, 33), (70000, 3)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_log_softmax_columns(dev, dtype, V, N, bias, rng):
-    zT = (rng.standard_normal((V, N)) * 3).astype(dtype)
-    if V > 1:
-        zT[0, 0] = -np.inf  # a word ruled out: probability 0, the column still normalised
-    b = rng.standard_normal(V).astype(dtype) if bias else None
-    want = zT.copy()
-    lse_want = reference.log_softmax_t(want, b)
-    d = dev.put(zT)
-    lse = dev.get(gpu.log_softmax_t(d, None if b is None else dev.put(b)))
-    _close(lse, lse_want, dtype, SUM_TOL)
-    got = dev.get(d)
-    assert V == 1 or got[0, 0] == -np.inf
-    _close(got, want, dtype, SUM_TOL)
-    if V > 1:
-        np.testing.assert_allclose(np.exp(got.astype(np.float64)).sum(axis=0), 1.0,
-                                   rtol=1e-5 if dtype == np.float32 else 1e-12)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("N,S", [(1, 1), (3, 300), (5, 1000)])
-@pytest.mark.parametrize("grad", [True, False])
-def test_nce_xent(dev, dtype, N, S, grad, rng):
-    zt = (rng.standard_normal(N) * 4).astype(dtype)
-    lqt = rng.standard_normal(N).astype(dtype)
-    ZS = (rng.standard_normal((N, S)) * 4).astype(dtype)
-    ZS[0, 0] = 60  # large |d|: exp(-|d|) underflows, no overflow
-    lqs = rng.standard_normal(S).astype(dtype)
-    want_ZS = ZS.copy()
-    want, want_dzt = reference.nce_xent(zt, lqt, want_ZS, lqs, 0.25, grad)
-    d_ZS = dev.put(ZS)
-    got, dzt = gpu.nce_xent(dev.put(zt), dev.put(lqt), d_ZS, dev.put(lqs), 0.25, grad)
-    _close(dev.get(got), want, dtype, SUM_TOL)
-    if grad:
-        _close(dev.get(dzt), want_dzt, dtype)
-        _close(dev.get(d_ZS), want_ZS, dtype)
-    else:
-        assert dzt is None
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_nce_nonfinite_row_is_nan(dev, dtype, rng):
-    ZS = rng.standard_normal((3, 10)).astype(dtype)
-    ZS[1, 4] = np.inf
-    zt = np.zeros(3, dtype)
-    zt[2] = np.nan
-    nll, _ = gpu.nce_xent(dev.put(zt), dev.put(np.zeros(3, dtype)), dev.put(ZS),
-                          dev.put(np.zeros(10, dtype)), 1.0, True)
-    nll = dev.get(nll)
-    assert np.isfinite(nll[0]) and np.isnan(nll[1]) and np.isnan(nll[2])
-
-
-def _slim_case(rng, dtype, K, N, Mk, V, shared=False):
-    P = rng.standard_normal((K, N, Mk)).astype(dtype)
-    idx = rng.integers(0, Mk, (K, V)).astype(np.int32)
-    idx[:, 0] = 0
-    idx[:, -1] = Mk - 1
-    if shared:
-        idx[:, ::3] = Mk // 2
-    return P, idx, rng.standard_normal(V).astype(dtype)
-
-
-# (K, N, Mk, V, shared): generic; K=1; N=1; pools of one entry; heavy sharing; one word
-SLIM_CASES = [(3, 7, 5, 40, False), (1, 4, 6, 6, False), (4, 1, 3, 25, False),
-              (2, 5, 1, 30, False), (5, 9, 8, 300, True), (2, 3, 4, 1, False)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,N,Mk,V,shared", SLIM_CASES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_slim_gather_sums(dev, dtype, K, N, Mk, V, shared, bias, rng):
-    """Row- and word-major gather-sums add bias, k = 0, 1, ... in the
-    reference's order (additions only: no FMA), so they agree exactly."""
-    P, idx, b = _slim_case(rng, dtype, K, N, Mk, V, shared)
-    b = b if bias else None
-    want = np.full((N, V), np.nan, dtype)
-    reference.slim_gather_sum(P, idx, b, want)
-    z = dev.put(np.full((N, V), np.nan, dtype))
-    gpu.slim_gather_sum(dev.put(P), dev.put(idx), None if b is None else dev.put(b), z)
-    np.testing.assert_array_equal(dev.get(z), want)
-    PT = np.ascontiguousarray(P.transpose(0, 2, 1))
-    wantT = np.full((V, N), np.nan, dtype)
-    reference.slim_gather_sum_t(PT, idx, b, wantT)
-    zT = dev.put(np.full((V, N), np.nan, dtype))
-    gpu.slim_gather_sum_t(dev.put(PT), dev.put(idx), None if b is None else dev.put(b), zT)
-    np.testing.assert_array_equal(dev.get(zT), wantT)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,N,Mk,V,shared", SLIM_CASES)
-def test_slim_segment_sums(dev, dtype, K, N, Mk, V, shared, rng):
-    _, idx, _ = _slim_case(rng, dtype, K, N, Mk, V, shared)
-    dz = rng.standard_normal((N, V)).astype(dtype)
-    want = np.full((K, N, Mk), np.nan, dtype)
-    reference.slim_segment_sum(dz, idx, want)
-    G = dev.put(np.full((K, N, Mk), np.nan, dtype))
-    gpu.slim_segment_sum(dev.put(dz), dev.put(idx), G)
-    _close(dev.get(G), want, dtype, SUM_TOL)
-    dzT = np.ascontiguousarray(dz.T)
-    wantT, db_want = np.full((K, Mk, N), np.nan, dtype), np.empty(V, dtype)
-    reference.slim_segment_sum_t(dzT, idx, wantT, None, db_want)
-    GT, db = dev.put(np.full((K, Mk, N), np.nan, dtype)), dev.put(np.full(V, np.nan, dtype))
-    gpu.slim_segment_sum_t(dev.put(dzT), dev.put(idx), GT, None, db)
-    _close(dev.get(GT), wantT, dtype, SUM_TOL)
-    _close(dev.get(db), db_want, dtype, SUM_TOL)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,N,Mk,F", [(3, 7, 5, 4), (1, 1, 1, 9), (2, 33, 300, 2)])
-def test_slim_segment_sum_t_inverse_table(dev, dtype, K, N, Mk, F, rng):
-    """With the inverted table the word-major backward is a gather that adds
-    each entry's words in ascending order, as the reference does: exact."""
-    from slimnp.mapping import inverse_table
-
-    V = Mk * F
-    idx = np.stack([rng.permutation(np.arange(V) % Mk) for _ in range(K)]).astype(np.int32)
-    inv = inverse_table(idx, Mk)
-    assert inv is not None
-    dzT = rng.standard_normal((V, N)).astype(dtype)
-    want = np.full((K, Mk, N), np.nan, dtype)
-    reference.slim_segment_sum_t(dzT, idx, want)
-    GT = dev.put(np.full((K, Mk, N), np.nan, dtype))
-    gpu.slim_segment_sum_t(dev.put(dzT), dev.put(idx), GT, dev.put(inv), None)
-    np.testing.assert_array_equal(dev.get(GT), want)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n", [0, 1, 255, 257, 70001])
-def test_sumsq_axpy(dev, dtype, n, rng):
-    x = rng.standard_normal(n).astype(dtype)
-    y = rng.standard_normal(n).astype(dtype)
-    assert gpu.sumsq(dev.put(x)) == pytest.approx(reference.sumsq(x), rel=1e-12, abs=1e-300)
-    want = y.copy()
-    reference.axpy(want, -0.3, x)
-    d = dev.put(y)
-    gpu.axpy(d, -0.3, dev.put(x))
-    _close(dev.get(d), want, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("V,D,rows", [(10, 7, [0, 3, 9]), (5, 1, [4]), (300, 3, list(range(0, 300, 2))),
-                                      (4, 2, [])])
-def test_rows_variants(dev, dtype, V, D, rows, rng):
-    x = rng.standard_normal((V, D)).astype(dtype)
-    y = rng.standard_normal((V, D)).astype(dtype)
-    r = np.array(rows, np.int64)  # ParamStore's row sets can be int64
-    assert gpu.sumsq_rows(dev.put(x), dev.put(r)) == pytest.approx(reference.sumsq_rows(x, r), rel=1e-12)
-    want = y.copy()
-    reference.axpy_rows(want, 0.7, x, r)
-    d = dev.put(y)
-    gpu.axpy_rows(d, 0.7, dev.put(x), dev.put(r))
-    _close(dev.get(d), want, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [None, [0, 2, 5]])
-def test_adagrad_update(dev, dtype, rows, rng):
-    p = rng.standard_normal((6, 300)).astype(dtype)
-    acc = rng.random((6, 300)).astype(dtype) + 0.1
-    g = rng.standard_normal((6, 300)).astype(dtype)
-    wp, wacc = p.copy(), acc.copy()
-    dp, dacc = dev.put(p), dev.put(acc)
-    if rows is None:
-        reference.adagrad_update(wp, wacc, g, 0.5, 0.1, 1e-7)
-        gpu.adagrad_update(dp, dacc, dev.put(g), 0.5, 0.1, 1e-7)
-    else:
-        r = np.array(rows, np.int32)
-        reference.adagrad_update(wp, wacc, g, 0.5, 0.1, 1e-7, r)
-        gpu.adagrad_update(dp, dacc, dev.put(g), 0.5, 0.1, 1e-7, dev.put(r))
-    _close(dev.get(dp), wp, dtype)
-    _close(dev.get(dacc), wacc, dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -450,7 +123,7 @@ def test_device_gpu_without_cuda_is_one_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# whole training steps: GPU kernels vs the CPU
+# whole training steps: every compiled backend vs the reference
 # ---------------------------------------------------------------------------
 MODELS = {
     "dense": dict(),
@@ -515,11 +188,9 @@ def test_training_step_parity(dev, dtype, name, loss, optimizer, monkeypatch):
         pytest.skip("the kernels' own tests cover the reversed order")
     with kernels.using("reference"):
         want = _train_steps(LanguageModel(cfg), loss, optimizer)
-    if dev.name == "emu":
-        with kernels.using("gpu"):  # every kernel through gpu.py, on NumPy arrays
-            got = _train_steps(LanguageModel(cfg), loss, optimizer)
-    else:
-        got = _train_steps(LanguageModel(cfg, device="gpu"), loss, optimizer)
+    # every kernel through the backend's module: Numba, or gpu.py on NumPy
+    # arrays (the emulator, dispatcher mode 'gpu'), or on CuPy arrays
+    got = _train_steps(LanguageModel(cfg, device="gpu" if dev.name == "cuda" else "cpu"), loss, optimizer)
     tol = dict(rtol=1e-9, atol=1e-11) if dtype == "float64" else dict(rtol=2e-4, atol=2e-5)
     for (n1, g1, gr1, ds1, p1), (n2, g2, gr2, ds2, p2) in zip(got, want):
         assert n1 == pytest.approx(n2, rel=tol["rtol"] * 10)
