@@ -36,9 +36,20 @@ def _user_errors():
     from .data import CorpusError
     from .fetch import FetchError
     from .io import FormatError
+    from .memory import NotEnoughMemory
     from .trainer import TrainingError
 
-    return (CorpusError, DeviceUnavailable, FetchError, FormatError, TrainingError, ValueError, OSError)
+    return (CorpusError, DeviceUnavailable, FetchError, FormatError, NotEnoughMemory, TrainingError,
+            ValueError, OSError)
+
+
+def _json(obj, **kw) -> str:
+    """Strict JSON of a ``--json`` output: NaN/infinity become null with a
+    ``<key>_reason`` beside them (slimnp.errors.json_dumps)."""
+    from .errors import json_dumps
+    from .trainer import JSON_REASONS
+
+    return json_dumps(obj, JSON_REASONS, **kw)
 
 
 def _device_option(fn):
@@ -79,10 +90,12 @@ def friendly_errors(fn):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(0)
         except _user_errors() as exc:
+            from .errors import os_error_line
+
             msg = str(exc) or type(exc).__name__
-            if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
-                msg = f"{exc.filename}: {msg}"
-            raise click.ClickException(msg) from None
+            if isinstance(exc, OSError):  # the file, the cause in words: one line
+                msg = os_error_line(exc)
+            raise click.ClickException(" ".join(msg.split())) from None
 
     return wrapper
 
@@ -211,12 +224,15 @@ def _train_options(fn):
 
 @main.command()
 @_train_options
+@click.option("--checkpoint-every", type=click.FloatRange(min=0), default=10.0, show_default=True, metavar="MINUTES", help="Also write the checkpoint every MINUTES of wall-clock time inside an epoch (after the step it falls due in; fractions allowed; 0: only at epoch ends).  A killed run resumed with --resume loses at most this much work and continues bit-exactly.")
+@click.option("--force-memory", is_flag=True, help="Train even if the memory estimate printed at the start exceeds the memory available.")
 @click.option("--distributed", is_flag=True, help="Data-parallel training across the ranks of an MPI job (mpiexec -n N / srun): each rank trains on --batch-size/N of the streams, gradients are summed every step, rank 0 writes the files [needs pip install 'slimnp[mpi]'].")
 @_device_option
 @friendly_errors
 def train(data, train_file, valid_file, test_file, out, resume, force, threads, quiet, as_json,
           seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind, output_kind,
-          mapping, mapping_seed, tie, distributed, device, init_from=None, **hyper):
+          mapping, mapping_seed, tie, distributed, device, init_from=None, checkpoint_every=10.0,
+          force_memory=False, **hyper):
     """Train an LSTM language model.
 
     With no data options, trains on the built-in synthetic corpus (a hidden
@@ -253,12 +269,14 @@ def train(data, train_file, valid_file, test_file, out, resume, force, threads, 
     with (comm.abort_on_error() if comm is not None else contextlib.nullcontext()):
         return _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
                as_json, seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind,
-               output_kind, mapping, mapping_seed, tie, hyper, device=device, init_from=init_from)
+               output_kind, mapping, mapping_seed, tie, hyper, device=device, init_from=init_from,
+               checkpoint_every=checkpoint_every, force_memory=force_memory)
 
 
 def _train(comm, data, train_file, valid_file, test_file, out, resume, force, threads, quiet,
            as_json, seed, min_count, max_vocab, eval_batch_size, loss_average, input_kind,
-           output_kind, mapping, mapping_seed, tie, hyper, device="cpu", init_from=None):
+           output_kind, mapping, mapping_seed, tie, hyper, device="cpu", init_from=None,
+           checkpoint_every=10.0, force_memory=False):
     """The body of ``train``; ``comm``: the distributed run's ranks, or None;
     ``device``: 'cpu' or 'gpu'."""
     from .trainer import run_training, resume_training
@@ -278,7 +296,8 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
             raise click.UsageError(f"--resume continues the stored run; {names} cannot change "
                                    "(only --epochs may be raised)")
         summary = resume_training(resume, epochs=hyper.get("epochs"), device=device, log=log,
-                                  progress=not quiet, comm=comm)
+                                  progress=not quiet, comm=comm, checkpoint_every=checkpoint_every,
+                                  force_memory=force_memory)
     else:
         if init_from:
             model_opts = [k for k in MODEL_OPTIONS if hyper.get(k) is not None]
@@ -290,6 +309,15 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
                     f"{', '.join('--' + k.replace('_', '-') for k in model_opts)} cannot be given")
             if not (data or train_file):
                 raise click.UsageError("--init-from needs the training data: --data DIR or --train/--valid")
+        out = Path(out or "model.h5")
+        if root:  # before any work: a typo in --out costs seconds, not an epoch
+            from .trainer import check_output
+
+            check_output(out)
+            if out.exists() and not force:
+                raise click.ClickException(
+                    f"{out} exists; continue it with `slimnp train --resume {out}`, "
+                    "or pass --force to overwrite it (or choose another --out)")
         files = _resolve_data(data, train_file, valid_file, test_file)
         corpus_info = None
         if files is None:
@@ -303,17 +331,13 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
         else:
             preset = PRESETS["zaremba-small"]
         hp = train_hp(hyper, preset, input_kind, output_kind, mapping, mapping_seed, tie)
-        out = Path(out or "model.h5")
-        if out.exists() and not force:
-            raise click.ClickException(
-                f"{out} exists; continue it with `slimnp train --resume {out}`, "
-                "or pass --force to overwrite it (or choose another --out)")
         summary = run_training(files, out, hp, seed=seed, min_count=min_count, max_vocab=max_vocab,
                                eval_batch_size=eval_batch_size, loss_average=loss_average,
                                corpus_info=corpus_info, device=device, log=log, progress=not quiet,
-                               comm=comm, init_from=init_from)
+                               comm=comm, init_from=init_from, checkpoint_every=checkpoint_every,
+                               force_memory=force_memory)
     if as_json and root:
-        click.echo(json.dumps(summary))
+        click.echo(_json(summary))
     return summary
 
 
@@ -372,7 +396,7 @@ def evaluate(model, file, batch_size, threads, as_json, quiet, device):
            "loss": res.loss, "tokens": res.tokens, "oov": enc.n_oov, "oov_rate": enc.oov_rate,
            "batch_size": batch_size, "seconds": secs, "tokens_per_s": res.tokens / max(secs, 1e-9)}
     if as_json:
-        click.echo(json.dumps(out))
+        click.echo(_json(out))
     else:
         click.echo(f"perplexity {res.perplexity:.3f}  (loss {res.loss:.4f} nats/token, "
                    f"{res.tokens:,} tokens, OOV {enc.oov_rate * 100:.2f}%, {secs:.1f} s)")
@@ -400,7 +424,7 @@ def inspect(model, as_json):
                   if d["name"].startswith("/mapping/")}
         info["slim"] = slim_report(mcfg, tables, nbytes)
     if as_json:
-        click.echo(json.dumps(info, indent=2))
+        click.echo(_json(info, indent=2))
         return
     click.echo(sio.format_describe_text(info))
     for side, r in info.get("slim", {}).items():
@@ -487,7 +511,7 @@ def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent,
                  "(batch 10, before fine-tuning)")
     log(line)
     if as_json:
-        click.echo(json.dumps(report))
+        click.echo(_json(report))
 
 
 # ---------------------------------------------------------------------------
@@ -560,7 +584,7 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet, d
     secs = time.perf_counter() - t0
     for i, (line, s) in enumerate(zip(lines, scores)):
         if as_json:
-            click.echo(json.dumps({"sentence": i, "text": line, **s.to_dict(words)}))
+            click.echo(_json({"sentence": i, "text": line, **s.to_dict(words)}))
             continue
         click.echo(f"{s.logprob:.4f}\t{s.log10prob:.4f}\t{s.tokens}\t{s.oov}\t{s.perplexity:.2f}\t{line}")
         if words:
@@ -574,7 +598,7 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet, d
                "continuous": continuous, "seconds": secs,
                "sentences_per_s": len(scores) / max(secs, 1e-9)}
     if as_json:
-        click.echo(json.dumps({"total": summary}))
+        click.echo(_json({"total": summary}))
     else:
         click.echo(f"{summary['sentences']:,} sentences, {tokens:,} tokens, {summary['oov']:,} OOV; "
                    f"logprob {total:.2f} (log10 {summary['log10prob']:.2f}), "
@@ -609,7 +633,7 @@ def generate(model, prompt, length, temperature, top_k, seed, count, through_eos
                         count=count, stop_at_eos=not through_eos)
     for i, t in enumerate(texts):
         if as_json:
-            click.echo(json.dumps({"sample": i, "seed": seed, "text": t}))
+            click.echo(_json({"sample": i, "seed": seed, "text": t}))
         else:
             click.echo(t + ("\n" if through_eos and i < len(texts) - 1 else ""))
 
@@ -655,6 +679,11 @@ def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_n
 
     if bool(dev_nbest) != bool(dev_refs):
         raise click.UsageError("--tune and --refs go together: the development n-best list and its references")
+    from .trainer import check_output
+
+    for path, what in ((out, "--out"), (best, "--best")):
+        if path:  # before the scoring: a typo costs seconds
+            check_output(path, what=what)
     lm = _load_lm(model, threads, device)
     groups = nbest.read_nbest(nbest_file)
     dev = nbest.read_nbest(dev_nbest) if dev_nbest else None
@@ -721,7 +750,7 @@ def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_n
         for line in firsts:
             click.echo(line)
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(_json(summary))
         return
     if "weights" in summary:
         click.echo(f"weights: {summary['weights']}", err=True)
@@ -824,7 +853,7 @@ def experiment_status(plan, sets, as_json):
                "valid_ppl": rec and rec.get("valid_ppl"), "test_ppl": rec and rec.get("test_ppl")}
         rows.append(row)
         if as_json:
-            click.echo(json.dumps(row))
+            click.echo(_json(row))
     if as_json:
         return
     click.echo(f"{p.path}: {p.description}" if p.description else str(p.path))

@@ -5,7 +5,7 @@ every rank builds the same model from the same seed and trains on its own
 ``B/N`` of the ``B`` parallel streams.  One step on rank r::
 
     forward/backward on streams [r*B/N, (r+1)*B/N)   loss scale 1/B (global)
-    allgather  (nll, stop request, row sets)          a few hundred bytes
+    allgather  (nll, stop, row sets, checkpoint)      a few hundred bytes
     Allreduce  store.grad  (in place, SUM)            the whole flat buffer
     optimizer step on the summed gradient             identical on every rank
 
@@ -280,30 +280,33 @@ class Communicator:
         if host is not buf:
             buf[...] = _to_device(buf, host)
 
-    def step(self, store, nll: float, stop: str | None = None) -> tuple[float, str | None]:
-        """The exchange of one training step; returns the global NLL and stop request.
+    def step(self, store, nll: float, stop: str | None = None,
+             checkpoint: bool = False) -> tuple[float, str | None, bool]:
+        """The exchange of one training step; returns the global NLL, the stop
+        request and whether a timed checkpoint follows this step.
 
         Sums ``store.grad`` over ranks (:meth:`allreduce_`), and makes every
         row-tracked gradient's row set the union of the ranks' sets (one small
-        ``allgather`` also carrying the NLL and a pending Ctrl-C/SIGTERM, so
-        all ranks stop after the same step).  Call it after
-        ``forward_backward`` (gradients settled), before the optimizer.
+        ``allgather`` also carrying the NLL, a pending Ctrl-C/SIGTERM, so
+        all ranks stop after the same step, and rank 0's ``checkpoint`` flag,
+        so rank 0's clock alone decides when all ranks write one).  Call it
+        after ``forward_backward`` (gradients settled), before the optimizer.
         """
         tracked = {}  # name -> this rank's rows
         names = _names_by_offset(store)
         for seg in store.segments():
             if seg[0] == "rows":
                 tracked[names[seg[1]]] = to_numpy(seg[3])
-        everyone = self.allgather((float(nll), stop, tracked))
+        everyone = self.allgather((float(nll), stop, tracked, bool(checkpoint)))
         for name in tracked:
-            sets = [t.get(name) for _, _, t in everyone]
+            sets = [t.get(name) for _, _, t, _ in everyone]
             if any(s is None for s in sets):
                 store.grad_view(name)  # dense on some rank: dense here too
             else:
                 store.grad_rows(name, store.xp.asarray(np.unique(np.concatenate(sets))))
         self.allreduce_(store.grad)
-        stops = [s for _, s, _ in everyone if s]
-        return math.fsum(v for v, _, _ in everyone), (stops[0] if stops else None)
+        stops = [s for _, s, _, _ in everyone if s]
+        return math.fsum(v for v, _, _, _ in everyone), (stops[0] if stops else None), everyone[0][3]
 
     def allgather_axis(self, a, axis: int):
         """Every rank's ``a`` concatenated along ``axis`` in rank order (on

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ._atomic import atomic_path
+from .errors import write_error
 
 SPLITS = ("train", "valid", "test")
 
@@ -153,6 +154,8 @@ def _download(url, path: Path, entry: dict, timeout, progress, done: int, total:
         except (socket.timeout, TimeoutError):
             raise FetchError(f"could not download {url}: timed out after {timeout} s") from None
         except OSError as e:  # connection reset, refused, disk full...
+            if e.filename is not None and Path(e.filename) == part:  # the disk, not the network
+                raise write_error(e, path, existed=path.exists(), needed=size) from None
             raise FetchError(f"could not download {url}: {e}") from None
         if got != size:
             raise FetchError(f"{url}: expected {size} bytes, got {got}; the download was cut short or the file changed")

@@ -30,6 +30,16 @@ Root attributes
     read back with its dtype and bits unchanged.  ``load(...,
     optimizer=False)`` skips it, as loading a model for evaluation does.
 
+Checksums
+---------
+Every non-empty array dataset except the vocabulary's strings (parameters,
+mapping tables, optimizer and training state, word counts) is stored chunked
+with HDF5's Fletcher-32 filter: HDF5 verifies each chunk as it reads it, and a
+damaged or half-copied file is reported as such, naming the dataset, instead
+of loading garbage.  The filter is transparent to readers (any HDF5 library
+reads such a file), so the format version stays 1; files written before it
+(plain contiguous datasets) load as before.
+
 Value trees
 -----------
 ``mapping_attrs``, ``optimizer`` and ``train_state`` are dicts stored with one
@@ -58,6 +68,7 @@ never leaves a half-written model behind and never damages the previous one.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -68,6 +79,7 @@ import numpy as np
 
 from slimnp import __version__ as _SLIMNP_VERSION
 from slimnp._atomic import atomic_path
+from slimnp.errors import cause_of, error_number
 
 __all__ = [
     "FORMAT",
@@ -261,7 +273,19 @@ def _check_no_prefix_clash(paths: List[str], where: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def _write_tree(group: h5py.Group, tree: Mapping[str, Any], where: str, compression: Optional[str]) -> None:
+def _dataset_kw(arr: np.ndarray, filters: Mapping[str, Any]) -> dict:
+    """``create_dataset`` keywords of ``arr``: ``filters`` (checksum,
+    compression), which need a chunked layout, for arrays with elements."""
+    if arr.ndim == 0 or arr.size == 0:
+        return {}
+    return dict(filters, chunks=True) if filters else {}
+
+
+def _create(group: h5py.Group, name: str, arr: np.ndarray, filters: Mapping[str, Any]):
+    return group.create_dataset(name, data=arr, **_dataset_kw(arr, filters))
+
+
+def _write_tree(group: h5py.Group, tree: Mapping[str, Any], where: str, filters: Mapping[str, Any]) -> None:
     """Write a value tree into ``group`` (see "Value trees" in the module doc)."""
     if not isinstance(tree, Mapping):
         raise TypeError(f"cannot store {where}: expected a dict, got {type(tree).__name__}")
@@ -278,11 +302,11 @@ def _write_tree(group: h5py.Group, tree: Mapping[str, Any], where: str, compress
     for key, value in tree.items():
         item = f"{where}/{key}"
         if isinstance(value, np.ndarray):
-            group.create_dataset(key, data=_as_storable_array(value, item), compression=compression)
+            _create(group, key, _as_storable_array(value, item), filters)
         elif isinstance(value, Mapping) and _contains_array(value):
             sub = group.create_group(key)
             sub.attrs[_DICT_MARK_ATTR] = True
-            _write_tree(sub, value, item, compression)
+            _write_tree(sub, value, item, filters)
         elif _is_native_scalar(value):
             group.attrs[key] = value
         else:
@@ -294,7 +318,7 @@ def _write_tree(group: h5py.Group, tree: Mapping[str, Any], where: str, compress
         group.attrs[_JSON_KEYS_ATTR] = json.dumps(json_keys)
 
 
-def _write_file(f: h5py.File, ckpt: Checkpoint, compression: Optional[str]) -> None:
+def _write_file(f: h5py.File, ckpt: Checkpoint, filters: Mapping[str, Any]) -> None:
     """Write every part of ``ckpt`` into the open (temporary) file ``f``."""
     if not isinstance(ckpt.config, Mapping):
         raise TypeError(f"cannot store config: expected a dict, got {type(ckpt.config).__name__}")
@@ -320,9 +344,9 @@ def _write_file(f: h5py.File, ckpt: Checkpoint, compression: Optional[str]) -> N
         counts = np.asarray(ckpt.vocab_counts)
         if counts.dtype.kind not in "iub":
             raise TypeError(f"cannot store vocab_counts: expected integers, got dtype {counts.dtype}")
-        f.create_dataset("vocab_counts", data=counts.astype(np.int64), compression=compression)
+        _create(f, "vocab_counts", counts.astype(np.int64), filters)
 
-    _write_params(f.create_group("params"), ckpt.params, compression)
+    _write_params(f.create_group("params"), ckpt.params, filters)
 
     mapping = f.create_group("mapping")
     _check_no_prefix_clash(list(ckpt.mapping), "mapping")
@@ -330,25 +354,51 @@ def _write_file(f: h5py.File, ckpt: Checkpoint, compression: Optional[str]) -> N
         _check_key(name, "mapping")
         arr = _as_storable_array(table, f"mapping/{name}")
         stored = arr.astype(_smallest_int_dtype(arr)) if arr.dtype.kind in "iu" else arr
-        ds = mapping.create_dataset(name, data=stored, compression=compression)
+        ds = _create(mapping, name, stored, filters)
         ds.attrs["orig_dtype"] = arr.dtype.str
     for key, value in ckpt.mapping_attrs.items():
         if isinstance(value, np.ndarray):
             raise TypeError(f"cannot store mapping_attrs/{key}: arrays belong in mapping, not mapping_attrs")
-    _write_tree(mapping, ckpt.mapping_attrs, "mapping_attrs", compression)
+    _write_tree(mapping, ckpt.mapping_attrs, "mapping_attrs", filters)
 
-    _write_tree(f.create_group("optimizer"), ckpt.optimizer, "optimizer", compression)
-    _write_tree(f.create_group("train_state"), ckpt.train_state, "train_state", compression)
+    _write_tree(f.create_group("optimizer"), ckpt.optimizer, "optimizer", filters)
+    _write_tree(f.create_group("train_state"), ckpt.train_state, "train_state", filters)
 
 
-def _write_params(group: h5py.Group, params: Mapping[str, Any], compression: Optional[str]) -> None:
+def _write_params(group: h5py.Group, params: Mapping[str, Any], filters: Mapping[str, Any]) -> None:
     _check_no_prefix_clash(list(params), "params")
     for name, value in params.items():
         _check_key(name, "params")
-        group.create_dataset(name, data=_as_storable_array(value, f"params/{name}"), compression=compression)
+        _create(group, name, _as_storable_array(value, f"params/{name}"), filters)
 
 
-def save(path: PathLike, ckpt: Checkpoint, *, compression: Optional[str] = None) -> None:
+#: File bytes beside the data: per dataset (object header, chunk index) and per file.
+_DATASET_OVERHEAD = 4096
+_FILE_OVERHEAD = 16384
+
+
+def _array_bytes(tree: Any) -> int:
+    """Bytes of the arrays inside a value tree, with their datasets' overhead."""
+    if isinstance(tree, np.ndarray):
+        return int(tree.nbytes) + _DATASET_OVERHEAD
+    if isinstance(tree, Mapping):
+        return sum(_array_bytes(v) for v in tree.values())
+    return 0
+
+
+def payload_bytes(ckpt: Checkpoint) -> int:
+    """About the size of the file :func:`save` writes for ``ckpt`` (quoted
+    when the disk is full)."""
+    n = _FILE_OVERHEAD + sum(_array_bytes(t) for t in (ckpt.params, ckpt.mapping, ckpt.optimizer,
+                                                        ckpt.train_state))
+    n += sum(len(w.encode("utf-8")) + 16 for w in ckpt.vocab)  # strings and their heap entries
+    if ckpt.vocab_counts is not None:
+        n += 8 * len(ckpt.vocab_counts) + _DATASET_OVERHEAD
+    return n
+
+
+def save(path: PathLike, ckpt: Checkpoint, *, compression: Optional[str] = None,
+         checksum: bool = True) -> None:
     """Write ``ckpt`` to ``path`` atomically.
 
     Parameters
@@ -359,16 +409,19 @@ def save(path: PathLike, ckpt: Checkpoint, *, compression: Optional[str] = None)
         What to store.  ``ckpt.attrs`` is ignored; fresh root attributes are
         written.
     compression : str, optional
-        h5py compression filter for array datasets (e.g. ``"gzip"``).  The
-        default ``None`` keeps plain contiguous datasets, which are fastest to
-        read and can be memory-mapped.
+        h5py compression filter for array datasets (e.g. ``"gzip"``).
+    checksum : bool, default True
+        Fletcher-32 checksums on every array dataset (see "Checksums" in the
+        module doc); ``False`` writes plain contiguous datasets, as slimnp
+        did before checksums (tests of old files use it).
 
     Raises
     ------
     TypeError, ValueError
         A value cannot be stored (the message names it).
-    OSError
-        Writing failed (e.g. disk full).
+    slimnp.errors.WriteError
+        Writing failed (disk full, permission denied, ...): an ``OSError``
+        whose message is one line naming ``path`` and what was kept.
 
     Notes
     -----
@@ -378,10 +431,109 @@ def save(path: PathLike, ckpt: Checkpoint, *, compression: Optional[str] = None)
     failure, including ``KeyboardInterrupt``, the temporary file is removed
     and the previous file at ``path`` is left untouched.
     """
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            _write_file(f, ckpt, compression)
-            f.flush()
+    filters: Dict[str, Any] = {}
+    if checksum:
+        filters["fletcher32"] = True
+    if compression:
+        filters["compression"] = compression
+    with atomic_path(path, needed=payload_bytes(ckpt)) as tmp:
+        with open(tmp, "w+b", buffering=0) as raw:
+            sink = _StickyFile(raw)
+            with h5py.File(sink, "w") as f:
+                _write_file(f, ckpt, filters)
+            sink.check()  # the first failed write, as an OSError
+
+
+class _StickyFile:
+    """The file object HDF5 writes a checkpoint through (h5py's ``fileobj``
+    driver): every write goes to ``raw`` until one fails; from then on the
+    writes stop reaching the disk but are reported as done, and
+    :meth:`check` raises the first error once HDF5 has closed the file.
+
+    Why: when the disk fills up, HDF5 (2.0, through h5py 3.16) reports many of
+    the failed writes while h5py frees its objects, where they can only be
+    printed, and then crashed the interpreter (measured on a full tmpfs, with
+    and without chunked datasets).  Here HDF5 never sees a failure; the
+    half-written temporary file is deleted by :func:`atomic_path`.
+
+    HDF5 reads back a little of what it wrote (its metadata); after a failure
+    the small writes (up to :attr:`KEEP` bytes each) are kept in memory and
+    served to those reads, so HDF5 finishes on consistent metadata.  Every
+    read fills its whole buffer, with zeros past the end as HDF5's own POSIX
+    driver does: h5py's driver neither checks the count ``readinto`` returns
+    nor clears the buffer, so a short read would hand HDF5 stale memory (seen:
+    a failed write that failed differently from one run to the next).
+    """
+
+    KEEP = 1 << 16
+
+    def __init__(self, raw):
+        self.raw, self.pos, self.end, self.error = raw, 0, 0, None
+        self.kept = []  # (offset, bytes) written after the failure, in order
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.end}[whence]
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        n = len(view)
+        if self.error is None:
+            try:
+                self.raw.seek(self.pos)
+                done = 0
+                while done < n:
+                    done += self.raw.write(view[done:])
+            except OSError as exc:
+                self.error = exc
+        if self.error is not None and n <= self.KEEP:
+            self.kept.append((self.pos, bytes(view)))
+        self.pos += n
+        self.end = max(self.end, self.pos)
+        return n
+
+    def readinto(self, b) -> int:
+        view = memoryview(b).cast("B")
+        n = len(view)
+        got = 0
+        try:
+            self.raw.seek(self.pos)
+            got = self.raw.readinto(view) or 0
+        except OSError as exc:
+            self.error = self.error or exc
+        view[got:] = bytes(n - got)
+        for off, data in self.kept:  # what never reached the disk
+            lo, hi = max(off, self.pos), min(off + len(data), self.pos + n)
+            if lo < hi:
+                view[lo - self.pos : hi - self.pos] = data[lo - off : hi - off]
+        self.pos += n
+        return n
+
+    def read(self, n: int = -1) -> bytes:
+        buf = bytearray(n if n >= 0 else max(0, self.end - self.pos))
+        self.readinto(buf)
+        return bytes(buf)
+
+    def truncate(self, size=None) -> int:
+        size = self.pos if size is None else size
+        if self.error is None:
+            try:
+                self.raw.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        self.end = size
+        return size
+
+    def flush(self) -> None:
+        pass  # raw is unbuffered
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 # --------------------------------------------------------------------------
@@ -403,7 +555,10 @@ def _open(path: str) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise FormatError(f"{path}: not an HDF5 file or truncated ({_one_line(exc)})") from exc
+        n = error_number(exc)
+        if n is not None and n not in (errno.EINVAL, errno.ENOENT):  # EACCES, EIO, ...
+            raise FormatError(f"{path}: cannot read it: {cause_of(exc, path, writing=False)[1]}") from exc
+        raise FormatError(f"{path}: not an HDF5 file, or truncated") from exc
 
 
 def _check_header(f: h5py.File, path: str) -> Tuple[dict, dict]:
@@ -444,10 +599,28 @@ def _walk_datasets(group: h5py.Group, prefix: str = ""):
             yield from _walk_datasets(obj, prefix + name + "/")
 
 
+class _Damaged(Exception):
+    """A dataset failed its checksum (or another filter) while being read."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _damaged(path: str, name: str) -> FormatError:
+    return FormatError(f"{path}: dataset {name} is damaged (its checksum does not match): the file "
+                       "was corrupted or not copied completely; use another copy or a checkpoint")
+
+
 def _read_array(ds: h5py.Dataset) -> np.ndarray:
     # ds[()] reads everything into memory (never a lazy h5py handle); asarray
     # keeps 0-d datasets as arrays instead of NumPy scalars.
-    return np.asarray(ds[()])
+    try:
+        return np.asarray(ds[()])
+    except OSError as exc:
+        if "filter" in str(exc) or "checksum" in str(exc):  # Fletcher-32 said no
+            raise _Damaged(ds.name) from exc
+        raise
 
 
 def _read_attrs(group: h5py.Group, scalars_only: bool = False) -> dict:
@@ -573,12 +746,67 @@ def load(path: PathLike, expected_shapes: Optional[ShapeSpec] = None, *, params:
             state = _read_tree(f["train_state"]) if train_state and "train_state" in f else {}
         except FormatError:
             raise
+        except _Damaged as exc:
+            raise _damaged(path, exc.name) from None
         except _READ_ERRORS as exc:
             raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
 
     return Checkpoint(config=config, vocab=vocab, params=param_arrays, mapping=tables,
                       mapping_attrs=mapping_attrs, optimizer=opt, train_state=state,
                       vocab_counts=counts, attrs=root)
+
+
+def load_params_into(path: PathLike, arrays: Mapping[str, Any]) -> None:
+    """Read the parameters of a slimnp file straight into ``arrays``.
+
+    ``arrays`` maps every ``"layer/name"`` of the file to an array of the
+    same shape (a model's parameter views, NumPy or CuPy).  A C-contiguous
+    NumPy array of the stored dtype is filled in place by HDF5 (no copy of
+    the file's data in memory: reloading the best model for the final test
+    costs no memory); others through one dataset-sized host array.
+
+    Raises
+    ------
+    FormatError
+        As :func:`load`; also when the names or shapes differ from ``arrays``.
+    """
+    path = os.fspath(path)
+    with _open(path) as f:
+        _check_header(f, path)
+        try:
+            if "params" not in f or not isinstance(f["params"], h5py.Group):
+                raise FormatError(f"{path}: missing /params group")
+            found = dict(_walk_datasets(f["params"]))
+            problems = _expected_shape_problems({k: a.shape for k, a in arrays.items()},
+                                                {k: ds.shape for k, ds in found.items()})
+            if problems:
+                raise FormatError(f"{path}: parameters do not match the model: " + "; ".join(problems))
+            for name, dest in arrays.items():
+                ds = found[name]
+                if isinstance(dest, np.ndarray) and dest.flags.c_contiguous and dest.dtype == ds.dtype:
+                    if dest.size:
+                        try:
+                            ds.read_direct(dest)
+                        except OSError as exc:
+                            if "filter" in str(exc) or "checksum" in str(exc):
+                                raise _Damaged(ds.name) from exc
+                            raise
+                else:
+                    dest[...] = _read_array(ds).astype(dest.dtype, copy=False) if isinstance(dest, np.ndarray) \
+                        else _to_module_of(dest, _read_array(ds))
+        except FormatError:
+            raise
+        except _Damaged as exc:
+            raise _damaged(path, exc.name) from None
+        except _READ_ERRORS as exc:
+            raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
+
+
+def _to_module_of(like, host: np.ndarray):
+    """``host`` as an array of ``like``'s module and dtype (CuPy: on its device)."""
+    from slimnp.backend import array_module
+
+    return array_module(like).asarray(host, dtype=like.dtype)
 
 
 def read_config(path: PathLike) -> dict:

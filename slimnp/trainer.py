@@ -5,18 +5,21 @@ contiguous chunk) in segments of ``bptt`` steps, carrying the LSTM state from
 one segment to the next (gradients are truncated at segment borders) and
 resetting it to zero at each epoch start, as in Zaremba et al. 2014.
 
-Checkpoints are written atomically at every epoch end and when the run is
-interrupted (Ctrl-C / SIGTERM).  They hold the parameters, optimizer state,
-learning rate, epoch, position inside the epoch, carried state and the RNG
-state, so ``resume`` continues bit-for-bit: a run stopped and resumed ends
-with exactly the parameters of an uninterrupted run.
+Checkpoints are written atomically at every epoch end, every
+``checkpoint_every`` minutes of wall-clock time inside an epoch (at a step
+boundary), and when the run is interrupted (Ctrl-C / SIGTERM).  They hold the
+parameters, optimizer state, learning rate, epoch, position inside the epoch,
+carried state and the RNG state, so ``resume`` continues bit-for-bit: a run
+stopped, or killed, and resumed ends with exactly the parameters of an
+uninterrupted run, and a kill loses at most the minutes since the last one.
 
 Data parallelism (``comm``, :mod:`slimnp.distributed`): each MPI rank trains
 on its ``B/N`` of the streams with the global loss scale, the gradient buffer
 is summed over ranks before every optimizer step, and only rank 0 logs and
 writes files; checkpoints hold the whole ``(L, 2, B, H)`` carried state, so a
 run resumes with any number of ranks that divides B (bit-for-bit with the
-same number).
+same number).  Rank 0's clock decides when a timed checkpoint is due and
+the per-step exchange tells every rank, so all write it after the same step.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -34,6 +38,8 @@ import numpy as np
 
 from . import distributed as dist
 from . import io as sio
+from . import memory
+from ._atomic import append_line, is_special
 from .backend import make_rng, to_numpy
 from .data import Vocabulary, batchify, num_segments, segment
 from .evaluate import evaluate_ids
@@ -42,7 +48,19 @@ from .model import LanguageModel, ModelConfig, param_shapes
 from .optim import OPTIMIZERS, Schedule, make_optimizer
 from .sampled import KINDS as SAMPLED_KINDS
 from .sampled import Sampled, prepare_model
+from .errors import WriteError, json_dumps, write_error
 from .progress import Progress, fmt_duration
+
+#: The clock of timed checkpoints (tests replace it with a step counter).
+_clock = time.monotonic
+#: Minutes between checkpoints inside an epoch (``slimnp train --checkpoint-every``).
+CHECKPOINT_EVERY = 10.0
+#: Why a summary or metrics value can be missing (strict JSON writes null and this).
+JSON_REASONS = {"best_valid_ppl": "no epoch has finished yet",
+                "prev_valid_ppl": "no epoch has finished yet",
+                "valid_ppl": "no validation text", "train_ppl": "the training loss overflowed",
+                "test_ppl": "no test tokens", "ratio_to_oracle": "no test perplexity",
+                "perplexity": "no tokens", "loss": "no tokens"}
 
 
 class TrainingError(RuntimeError):
@@ -158,6 +176,17 @@ def load_model(path, device: str = "cpu"):
     return model, vocab, ck
 
 
+def expected_model(cfg: dict, path="model file") -> dict:
+    """The ``model`` section of a stored config, checked to build a ModelConfig."""
+    if not isinstance(cfg.get("model"), dict):
+        raise sio.FormatError(f"{path}: config has no 'model' section")
+    try:
+        ModelConfig.from_dict(cfg["model"]).validate()
+    except (TypeError, ValueError) as exc:
+        raise sio.FormatError(f"{path}: model config is invalid: {exc}") from None
+    return cfg["model"]
+
+
 def expected_shapes(cfg: dict) -> dict:
     """Parameter shapes a stored config implies (for :func:`slimnp.io.load`)."""
     if not isinstance(cfg.get("model"), dict):
@@ -208,12 +237,20 @@ class Trainer:
     comm : a :class:`slimnp.distributed.Communicator` for data-parallel
         training (every rank builds the same Trainer; this one takes streams
         ``[r B/N, (r+1) B/N)``), or None for one process
+    checkpoint_every : minutes of wall-clock time between checkpoints inside
+        an epoch (written after the step during which they fell due; 0:
+        only at epoch ends and interrupts)
     """
 
     def __init__(self, model: LanguageModel, vocab: Vocabulary, train_ids, valid_ids,
                  config: TrainConfig, out, data_info: dict | None = None,
-                 log=print, progress: bool = True, comm=None):
+                 log=print, progress: bool = True, comm=None,
+                 checkpoint_every: float = CHECKPOINT_EVERY):
         config.validate()
+        if not checkpoint_every >= 0:
+            raise ValueError(f"checkpoint_every must be >= 0 minutes, got {checkpoint_every}")
+        self.checkpoint_every = float(checkpoint_every)
+        self._saved_at = None  # _clock() when self.out was last written (or the run resumed)
         self.comm = comm
         self.is_root = comm is None or comm.is_root
         if not self.is_root:  # rank 0 speaks for all
@@ -283,11 +320,27 @@ class Trainer:
         """Write a checkpoint (distributed: every rank calls this, rank 0 writes)."""
         ck = self.checkpoint()
         if self.is_root:
-            sio.save(path or self.out, ck)
+            try:
+                sio.save(path or self.out, ck)
+            except WriteError as exc:  # say where the run can go on from
+                there = (f"continue from the last checkpoint with `{self._relaunch()} --resume "
+                         f"{self.out}`" if self.out.exists() else "start it again")
+                raise WriteError(f"{exc.message}; training stopped: free space or fix the folder, "
+                                 f"then {there}", exc.errno, exc.filename) from exc
+        if path is None or Path(path) == self.out:
+            self._saved_at = _clock()
 
-    def restore(self, ck: sio.Checkpoint) -> None:
-        """Take parameters, optimizer and training state from a checkpoint."""
+    def restore(self, ck: sio.Checkpoint, release: bool = False) -> None:
+        """Take parameters, optimizer and training state from a checkpoint.
+
+        ``release``: drop the checkpoint's parameter arrays once they are
+        loaded (``ck.params`` becomes empty), so the file's copy of the
+        parameters and of Adagrad's accumulator are never both alive beside
+        the model's (:mod:`slimnp.memory` counts one of them).
+        """
         self.model.load_params(ck.params)
+        if release:
+            ck.params = {}
         self.optimizer.load_state_dict(ck.optimizer)
         st = dict(ck.train_state)
         self.rng.bit_generator.state = st.pop("rng")
@@ -302,10 +355,11 @@ class Trainer:
         self.state = TrainState(**{k: v for k, v in st.items() if k in fields})
 
     def _metrics(self, record: dict) -> None:
+        """One strict-JSON line in the metrics log (rewritten atomically: a
+        full disk leaves the earlier lines intact)."""
         if not self.is_root:
             return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.metrics_path, json_dumps(record, JSON_REASONS))
 
     # -- the loop ----------------------------------------------------------------
     def validate(self, ids) -> float:
@@ -376,6 +430,10 @@ class Trainer:
         if comm is not None:
             self.log(dist.traffic_line(model.store.grad.nbytes, ranks))
             self._check_ranks("at the start", everything=True)
+        every = self.checkpoint_every * 60.0  # seconds; 0: epoch ends only
+        if st.segment or st.epoch > 1:
+            self._saved_at = _clock()  # resumed: the file holds exactly this state
+        start = _clock()
         with _StopFlag() as stop:
             while st.epoch <= cfg.epochs and not st.finished:
                 prog = Progress(nseg, f"epoch {st.epoch}/{cfg.epochs}", enabled=self.show_progress)
@@ -393,8 +451,14 @@ class Trainer:
                     nll, new_hidden, _ = model.forward_backward(x, y, self.hidden, seg_scale, self.rng,
                                                                 masks=self._masks(x.shape[0]),
                                                                 sampled=self.sampled)
-                    if comm is not None:  # sum gradients and NLL; agree on stopping
-                        nll, requested = comm.step(model.store, nll, stop.requested)
+                    # a timed checkpoint after this step? (not after the last:
+                    # the epoch's end writes one anyway)
+                    due = (every > 0 and i + 1 < nseg
+                           and _clock() - (self._saved_at or start) >= every)
+                    if comm is not None:  # sum gradients and NLL; agree on stopping and
+                        # on rank 0's checkpoint clock
+                        nll, requested, due = comm.step(model.store, nll, stop.requested,
+                                                        checkpoint=due)
                     if not math.isfinite(nll):
                         prog.close()
                         raise TrainingError(
@@ -408,13 +472,16 @@ class Trainer:
                     st.epoch_nll += nll
                     st.epoch_tokens += ntok
                     st.tokens_seen += ntok
+                    if comm is None:  # one process: a signal counts up to the last moment
+                        requested = stop.requested
+                    if due and not requested:  # (a stop writes one below)
+                        t0 += self._save_inside_epoch(t0)  # writing is not training time
                     dt = time.perf_counter() - t0
                     if prog.enabled:
                         ppl = math.exp(min(st.epoch_nll / st.epoch_tokens, 700))
                         prog.update(i + 1, f"loss {st.epoch_nll / st.epoch_tokens:.3f} ppl {ppl:8.2f} "
-                                    f"lr {st.lr:.4g} {(st.epoch_tokens - tok0) / max(dt, 1e-9):,.0f} tok/s")
-                    if comm is None:  # one process: a signal counts up to the last moment
-                        requested = stop.requested
+                                    f"lr {st.lr:.4g} {(st.epoch_tokens - tok0) / max(dt, 1e-9):,.0f} tok/s"
+                                    f" {self._saved_line()}")
                     if requested:
                         break
                 prog.close()
@@ -437,6 +504,28 @@ class Trainer:
         st.finished = True
         self.save()
         return st
+
+    def _save_inside_epoch(self, t0: float) -> float:
+        """Write the timed checkpoint after the current step (a collective call
+        when distributed); returns the seconds it took."""
+        st = self.state
+        w0 = time.perf_counter()
+        before = st.train_seconds
+        st.train_seconds = before + (w0 - t0)  # the file counts the epoch so far
+        try:
+            self.save()
+        finally:
+            st.train_seconds = before
+        took = time.perf_counter() - w0
+        self._metrics({"event": "checkpoint", "epoch": st.epoch, "segment": st.segment,
+                       "write_seconds": took})
+        return took
+
+    def _saved_line(self) -> str:
+        """``"saved 3:12 ago"``: how old the last checkpoint is (progress line)."""
+        if self._saved_at is None:
+            return "no checkpoint yet"
+        return f"saved {fmt_duration(_clock() - self._saved_at)} ago"
 
     def _end_epoch(self, elapsed: float, tok0: int) -> None:
         st, cfg = self.state, self.config
@@ -523,11 +612,21 @@ def _finish(trainer: Trainer, test, corpus_info, log, t_start) -> dict:
     if not st.finished or not trainer.is_root:  # the test evaluation is rank 0's
         return summary
     model = trainer.model
-    if trainer.best_path.exists():
-        model, _, _ = load_model(trainer.best_path, device=model.device)
+    # the best model: the parameters now if the last epoch was the best, else
+    # read from its file into the model (no second model in memory) and the
+    # final parameters read back from the checkpoint afterwards
+    last_best = bool(st.history) and bool(st.history[-1].get("best"))
+    swap = test is not None and trainer.best_path.exists() and not last_best
+    if swap:
+        sio.load_params_into(trainer.best_path, model.store.params)
+    try:
+        if test is not None:
+            t0 = time.perf_counter()
+            res = evaluate_ids(model, test.ids, trainer.vocab.eos_id, batch_size=1)
+    finally:
+        if swap:
+            sio.load_params_into(trainer.out, model.store.params)
     if test is not None:
-        t0 = time.perf_counter()
-        res = evaluate_ids(model, test.ids, trainer.vocab.eos_id, batch_size=1)
         summary.update(test_ppl=res.perplexity, test_tokens=res.tokens, test_oov_rate=test.oov_rate,
                        test_seconds=time.perf_counter() - t0)
         line = f"test perplexity {res.perplexity:.2f} ({res.tokens:,} tokens, exact)"
@@ -602,10 +701,62 @@ def train_config(hp: dict, *, seed=0, loss_average="batch", eval_batch_size=10) 
                        eval_batch_size=eval_batch_size)
 
 
+def check_output(out, *, what: str = "--out") -> None:
+    """Fail in seconds, not after an epoch, when ``out`` cannot be written:
+    its folder must exist and take a new file (a probe file is created and
+    removed there), and it must not be a folder.  Raises
+    :class:`slimnp.errors.WriteError` (one line)."""
+    import tempfile
+
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    if is_special(out):  # /dev/null, a FIFO: written in place
+        return
+    if out.is_dir():
+        raise WriteError(f"cannot write {out} ({what}): it is a folder; give a file name", filename=out)
+    if not folder.exists():
+        raise WriteError(f"cannot write {out} ({what}): folder {folder} does not exist; "
+                         "create it first (nothing was done)", filename=out)
+    if not folder.is_dir():
+        raise WriteError(f"cannot write {out} ({what}): {folder} is not a folder", filename=out)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.probe-")
+    except OSError as exc:
+        err = write_error(exc, out, existed=out.exists())
+        cause = err.message.split(";")[0].removeprefix(f"cannot write {out}: ")
+        raise WriteError(f"cannot write {out} ({what}): {cause}; nothing was done", err.errno,
+                         out) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _check_outputs(out, what: str = "--out") -> None:
+    """The checkpoint, best model and metrics paths of a run (:func:`check_output`)."""
+    out = Path(out)
+    check_output(out, what=what)
+    for p in (out.with_name(out.stem + ".best" + out.suffix), out.with_name(out.stem + ".metrics.jsonl")):
+        if p.is_dir():
+            check_output(p, what=f"beside {out}")
+
+
+def _memory_check(mc: ModelConfig, tc: TrainConfig, *, device, comm, force, log,
+                  valid_tokens=None) -> None:
+    """The run's memory estimate in the log; :class:`slimnp.memory.NotEnoughMemory`
+    when it does not fit (rank 0 decides for a distributed run)."""
+    if comm is not None and not comm.is_root:
+        return
+    memory.check(mc, device=device, force=force, log=log, valid_tokens=valid_tokens,
+                 local_ranks=1 if comm is None else comm.local_size,
+                 optimizer=tc.optimizer, loss=tc.loss, samples=tc.samples, bptt=tc.bptt,
+                 batch_size=tc.batch_size, eval_batch_size=tc.eval_batch_size,
+                 ranks=1 if comm is None else comm.size)
+
+
 @_stop_all_ranks_on_error
 def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=None,
                  eval_batch_size=10, loss_average="batch", corpus_info=None,
-                 device="cpu", log=print, progress=True, comm=None, init_from=None) -> dict:
+                 device="cpu", log=print, progress=True, comm=None, init_from=None,
+                 checkpoint_every: float = CHECKPOINT_EVERY, force_memory: bool = False) -> dict:
     """Build the vocabulary, the model and a :class:`Trainer`, and train.
 
     ``files`` maps 'train', 'valid' and optionally 'test' to text files;
@@ -616,15 +767,23 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     ``init_from``: a model file to start from (its config, vocabulary,
     parameters and tables; fresh optimizer and training state), e.g. one
     made by ``slimnp compress``; ``hp``'s model settings are then unused.
+    ``checkpoint_every``: minutes between checkpoints inside an epoch (0:
+    epoch ends only).  Before the model is built, ``out``'s folder is checked
+    (:func:`check_output`) and the memory the run needs is estimated and
+    logged (:mod:`slimnp.memory`); a run that would not fit stops with
+    :class:`slimnp.memory.NotEnoughMemory` unless ``force_memory``.
     Returns a summary dict (perplexities, times).
     """
     t_start = time.perf_counter()
     if comm is not None and not comm.is_root:
         log, progress = _quiet, False
+    if comm is None or comm.is_root:
+        _check_outputs(out)
+    run = dict(checkpoint_every=checkpoint_every, force_memory=force_memory)
     if init_from is not None:
         return _run_from_model(files, out, hp, init_from, seed=seed, eval_batch_size=eval_batch_size,
                                loss_average=loss_average, device=device, log=log,
-                               progress=progress, comm=comm, t_start=t_start)
+                               progress=progress, comm=comm, t_start=t_start, **run)
     if files.get("vocab"):
         vocab = Vocabulary.read(files["vocab"])  # counted below, from the encoded text
     else:
@@ -635,12 +794,16 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     if vocab.counts is None:
         vocab.count(enc["train"].ids)
     tc = train_config(hp, seed=seed, loss_average=loss_average, eval_batch_size=eval_batch_size)
+    tc.validate()
     data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}
     data_info.update(train_sha256=file_sha256(files["train"]), min_count=min_count,
                      max_vocab=max_vocab, corpus=corpus_info)
+    _memory_check(mc, tc, device=device, comm=comm, force=force_memory, log=log,
+                  valid_tokens=enc["valid"].n_tokens)
     model = LanguageModel(mc, device=device)
     trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, out,
-                      data_info=data_info, log=log, progress=progress, comm=comm)
+                      data_info=data_info, log=log, progress=progress, comm=comm,
+                      checkpoint_every=checkpoint_every)
     if trainer.is_root and trainer.metrics_path.exists():
         trainer.metrics_path.unlink()  # a fresh run starts a fresh log
     trainer.init_params()
@@ -651,17 +814,22 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
 
 
 def _run_from_model(files, out, hp, init_from, *, seed, eval_batch_size, loss_average, device,
-                    log, progress, comm, t_start) -> dict:
+                    log, progress, comm, t_start, checkpoint_every=CHECKPOINT_EVERY,
+                    force_memory=False) -> dict:
     """:func:`run_training` from the parameters of model file ``init_from``."""
+    tc = train_config(hp, seed=seed, loss_average=loss_average, eval_batch_size=eval_batch_size)
+    tc.validate()
+    mc0 = ModelConfig.from_dict(expected_model(sio.read_config(init_from), init_from))
+    _memory_check(mc0, tc, device=device, comm=comm, force=force_memory, log=log)
     model, vocab, ck = load_model(init_from, device)
     enc = _encode_splits(vocab, files, log)
-    tc = train_config(hp, seed=seed, loss_average=loss_average, eval_batch_size=eval_batch_size)
     data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}
     data_info.update(train_sha256=file_sha256(files["train"]), min_count=1, max_vocab=None,
                      corpus=None, init_from=str(Path(init_from).resolve()),
                      init_from_sha256=file_sha256(init_from))
     trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, out,
-                      data_info=data_info, log=log, progress=progress, comm=comm)
+                      data_info=data_info, log=log, progress=progress, comm=comm,
+                      checkpoint_every=checkpoint_every)
     if trainer.is_root and trainer.metrics_path.exists():
         trainer.metrics_path.unlink()
     mc = model.config
@@ -674,7 +842,8 @@ def _run_from_model(files, out, hp, init_from, *, seed, eval_batch_size, loss_av
 
 @_stop_all_ranks_on_error
 def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True, comm=None,
-                    allow_finished=False) -> dict:
+                    allow_finished=False, checkpoint_every: float = CHECKPOINT_EVERY,
+                    force_memory: bool = False) -> dict:
     """Continue the run stored in checkpoint ``path`` exactly where it stopped.
 
     A run that already finished its epochs is an error, unless
@@ -684,10 +853,19 @@ def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True
     ``comm``: as in :func:`run_training`; every rank reads ``path`` and takes
     its streams' part of the carried state (the run must use as many ranks
     as the one that wrote the file, or any number dividing the batch).
+    ``checkpoint_every``, ``force_memory``: as in :func:`run_training`; the
+    folder and memory checks run before the checkpoint is read.
     """
     t_start = time.perf_counter()
     if comm is not None and not comm.is_root:
         log, progress = _quiet, False
+    if comm is None or comm.is_root:
+        _check_outputs(path, what="--resume")
+    head = sio.read_config(path)
+    if isinstance(head.get("train"), dict):
+        tc0 = TrainConfig.from_dict(head["train"])
+        _memory_check(ModelConfig.from_dict(expected_model(head, path)), tc0, device=device,
+                      comm=comm, force=force_memory, log=log)
     ck = sio.load(path, expected_shapes=expected_shapes)
     cfg = ck.config
     if "train" not in cfg or "data" not in cfg or "train_sha256" not in cfg["data"]:
@@ -711,8 +889,9 @@ def resume_training(path, epochs=None, *, device="cpu", log=print, progress=True
     enc = _encode_splits(vocab, files, log)
     model = model_from_checkpoint(ck, path, device)
     trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, path,
-                      data_info=info, log=log, progress=progress, comm=comm)
-    trainer.restore(ck)
+                      data_info=info, log=log, progress=progress, comm=comm,
+                      checkpoint_every=checkpoint_every)
+    trainer.restore(ck, release=True)
     del ck, st  # the model and optimizer hold copies now: free the file's arrays (Adagrad: GBs)
     trainer.state.finished = trainer.state.epoch > tc.epochs
     log(f"resuming {path}: epoch {trainer.state.epoch}, segment {trainer.state.segment}"

@@ -8,9 +8,14 @@
 run with ``run_training(..., comm=...)``, then ``resume_training`` when
 ``resume_epochs`` is given, or, with ``interrupt_at`` k, rank 1 alone gets a
 SIGINT in step k (both ranks must stop after that same step), the checkpoint
-is copied to ``<out stem>.interrupted.h5`` and the run resumed.  Each rank
-writes ``<out stem>.rank<r>.json`` with the checksums of the parameters,
-optimizer and RNG state it ends with.
+is copied to ``<out stem>.interrupted.h5`` and the run resumed.  With
+``timer_steps`` k, the checkpoint clock counts training steps on rank 0 (a
+checkpoint falls due every k steps) and stands still on rank 1, so only rank
+0's clock can decide; the first timed checkpoint is copied to ``<out
+stem>.timed.h5``, and once the run is done that copy is resumed to the end
+as ``<out stem>.timed-resumed.h5``.  Each rank writes ``<out
+stem>.rank<r>.json`` with the checksums of the parameters, optimizer and RNG
+state it ends with.
 """
 import json
 import shutil
@@ -19,7 +24,9 @@ import sys
 from pathlib import Path
 
 from slimnp import distributed
+from slimnp import trainer as trainer_module
 from slimnp.distributed import digest
+from slimnp.model import LanguageModel
 from slimnp.trainer import Trainer, resume_training, run_training
 
 
@@ -54,9 +61,18 @@ def train(spec_path):
 
         if run.get("interrupt_at") and comm.rank == 1:
             distributed.Communicator.step = interrupted_step
+        undo = _step_clock(comm, out) if run.get("timer_steps") else (lambda: None)
         summary = run_training(spec["files"], out, run["hp"], log=lambda m: None, progress=False,
-                               comm=comm)
+                               comm=comm, checkpoint_every=run.get("timer_steps", 10.0))
+        undo()
         distributed.Communicator.step = step
+        if run.get("timer_steps"):
+            timed = out.with_name(f"{out.stem}.timed-resumed.h5")
+            if comm.rank == 0:
+                shutil.copy(out.with_name(f"{out.stem}.timed.h5"), timed)
+            comm.barrier()
+            resume_training(timed, log=lambda m: None, progress=False, comm=comm,
+                            checkpoint_every=0)
         if run.get("interrupt_at"):
             assert not summary["finished"]
             if comm.rank == 0:
@@ -70,6 +86,34 @@ def train(spec_path):
         rec = {"rank": comm.rank, "size": comm.size, "params": digest(t.model.store.data),
                "optimizer": digest(acc), "rng": digest(t.rng.bit_generator.state)}
         out.with_name(f"{out.stem}.rank{comm.rank}.json").write_text(json.dumps(rec))
+
+
+def _step_clock(comm, out):
+    """The checkpoint clock in training steps (one "minute" a step) on rank 0,
+    frozen on rank 1; rank 0 copies its first timed checkpoint.  Returns undo."""
+    steps = [0]
+    fb, save_inside = LanguageModel.forward_backward, Trainer._save_inside_epoch
+
+    def counted(self, *a, **kw):
+        steps[0] += 1
+        return fb(self, *a, **kw)
+
+    def save_and_copy(self, t0):
+        took = save_inside(self, t0)
+        copy = out.with_name(f"{out.stem}.timed.h5")
+        if comm.rank == 0 and not copy.exists():
+            shutil.copy(out, copy)
+        return took
+
+    LanguageModel.forward_backward = counted
+    Trainer._save_inside_epoch = save_and_copy
+    trainer_module._clock = (lambda: 60.0 * steps[0]) if comm.rank == 0 else (lambda: 0.0)
+
+    def undo():
+        LanguageModel.forward_backward, Trainer._save_inside_epoch = fb, save_inside
+        trainer_module._clock = __import__("time").monotonic
+
+    return undo
 
 
 def crash(outdir):

@@ -160,7 +160,10 @@ def runs(tmp_path_factory):
                   out=str(d / "resume_epoch.h5"), resume_epochs=2),
              # SIGINT to rank 1 in step 9 of epoch 1: a checkpoint with a carried state
              dict(name="resume_signal", hp={**TINY_HP, **RESUME}, out=str(d / "resume_signal.h5"),
-                  interrupt_at=9)]
+                  interrupt_at=9),
+             # a timed checkpoint every 6 steps by rank 0's clock (rank 1's stands still)
+             dict(name="resume_timer", hp={**TINY_HP, **RESUME}, out=str(d / "resume_timer.h5"),
+                  timer_steps=6)]
     (d / "runs.json").write_text(json.dumps({"files": files, "runs": plan}))
     rc, out, err, _ = _launch([WORKER, "train", d / "runs.json"])
     assert rc == 0, out + err
@@ -191,6 +194,27 @@ def test_two_ranks_equal_one_process(runs, name, tmp_path):
     recs = [json.loads(l) for l in (d / f"{name}.metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in recs] == ["epoch", "epoch", "final"]
     assert recs[-1]["ranks"] == 2
+
+
+def test_rank_0s_clock_times_the_checkpoints_of_both_ranks(runs):
+    """Rank 0's clock says a checkpoint is due every 6 steps, rank 1's never:
+    both write it after the same step (the gather of the carried state would
+    hang or fail otherwise), the run ends as an uninterrupted one, and the
+    first timed checkpoint, resumed by 2 ranks, too (bit-exact)."""
+    d, _ = runs
+    recs = [json.loads(l) for l in (d / "resume_timer.metrics.jsonl").read_text().splitlines()]
+    timed = [(r["epoch"], r["segment"]) for r in recs if r["event"] == "checkpoint"]
+    nseg = sio.load(d / "resume_timer.timed.h5").train_state  # the first one
+    assert (nseg["epoch"], nseg["segment"], nseg["finished"]) == (1, 6, False)
+    assert nseg["hidden"].shape == (2, 2, 4, 16) and np.all(nseg["hidden"] != 0)
+    assert timed[:3] == [(1, 6), (1, 12), (1, 18)] and len({e for e, _ in timed}) == 2, timed
+    full = sio.load(d / "resume_full.h5")
+    for name in ("resume_timer", "resume_timer.timed-resumed"):
+        got = sio.load(d / f"{name}.h5")
+        assert got.train_state["finished"]
+        for k in full.params:
+            np.testing.assert_array_equal(got.params[k], full.params[k], err_msg=f"{name} {k}")
+        np.testing.assert_array_equal(got.optimizer["accumulator"], full.optimizer["accumulator"])
 
 
 @pytest.mark.parametrize("name", ["resume_epoch", "resume_signal"])
@@ -226,7 +250,8 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path):
         np.testing.assert_allclose(two.params[k], one.params[k], rtol=1e-9, atol=1e-12, err_msg=k)
 
 
-@pytest.mark.parametrize("name", list(RUNS) + ["resume_full", "resume_epoch", "resume_signal"])
+@pytest.mark.parametrize("name", list(RUNS) + ["resume_full", "resume_epoch", "resume_signal",
+                                                "resume_timer"])
 def test_all_ranks_end_with_identical_parameters(runs, name):
     d, _ = runs
     r0, r1 = (json.loads((d / f"{name}.rank{r}.json").read_text()) for r in (0, 1))

@@ -154,3 +154,41 @@ def test_registry_matches_local_copies(name, folder, server, tmp_path):
     paths = fetch(name, tmp_path / name, base_url=base)
     for p in paths:
         assert p.read_bytes() == (src / p.name).read_bytes()
+
+
+def test_a_full_disk_is_a_write_error_not_a_download_error(server, tmp_path, monkeypatch):
+    """ENOSPC while saving a download names the file, not the URL or the
+    temporary name (issue 17)."""
+    import builtins
+    import errno
+
+    from slimnp.errors import WriteError
+
+    base, www = server
+    reg = _registry(www, CONTENTS)
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, "No space left on device", self.f.name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+    def opening(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        return Full(f) if ".tmp-" in str(file) and "w" in mode else f
+
+    monkeypatch.setattr(builtins, "open", opening)
+    with pytest.raises(WriteError) as err:
+        fetch("toy", tmp_path / "out", base_url=base, registry=reg)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot write {tmp_path / 'out'}/toy.") and "no space left on device" in msg
+    assert ".tmp-" not in msg and "http" not in msg
+    assert not list((tmp_path / "out").glob(".*"))

@@ -332,3 +332,149 @@ def test_format_describe_text(tmp_path):
     row = [line for line in text.splitlines() if "/params/lstm0/Wx" in line][0]
     header = [line for line in text.splitlines() if line.split()[:2] == ["dataset", "shape"]][0]
     assert row.index("(200, 800)") == header.index("shape")  # aligned columns
+
+
+# ---------------------------------------------------------------------------
+# checksums
+# ---------------------------------------------------------------------------
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def test_every_array_dataset_is_checksummed(model_file):
+    path, ckpt = model_file
+    with h5py.File(path, "r") as f:
+        arrays = [(name, ds) for name, ds in io._walk_datasets(f) if name != "vocab"]
+        assert len(arrays) == 6 + 3 + 6 + 1 + 1  # params, mapping, optimizer, train_state, counts
+        for name, ds in arrays:
+            assert ds.fletcher32 and ds.chunks, name
+        assert f.attrs["format_version"] == 1  # the filter is transparent: same format
+
+
+def _flip_byte(path, dataset, at=5):
+    with h5py.File(path, "r") as f:
+        ds = f[dataset]
+        offset = ds.id.get_chunk_info(0).byte_offset if ds.chunks else ds.id.get_offset()
+    with open(path, "r+b") as fh:
+        fh.seek(offset + at)
+        b = fh.read(1)
+        fh.seek(offset + at)
+        fh.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("dataset", ["/params/lstm0/Wx", "/optimizer/accum/output/W"])
+def test_a_flipped_byte_is_reported_naming_the_dataset(model_file, dataset):
+    path, _ = model_file
+    _flip_byte(path, dataset)
+    with pytest.raises(FormatError) as err:
+        io.load(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: dataset {dataset} is damaged (its checksum does not match)")
+    assert "\n" not in msg
+    if dataset.startswith("/optimizer"):  # a model loaded for evaluation does not read it
+        io.load(path, optimizer=False)
+    with pytest.raises(FormatError, match=f"dataset {dataset} is damaged"):
+        io.load_params_into(path, {k: np.empty_like(v) for k, v in _make_ckpt().params.items()}) \
+            if dataset.startswith("/params") else io.load(path)
+
+
+def test_files_written_before_checksums_still_load(tmp_path):
+    old = os.path.join(DATA, "format1-before-checksums.hdf5")  # slimnp 0.1.0, plain contiguous datasets
+    with h5py.File(old, "r") as f:
+        assert not f["params/lstm0/Wx"].fletcher32 and f["params/lstm0/Wx"].chunks is None
+    got, want = io.load(old), _make_ckpt()
+    _assert_tree_equal(want.params, got.params)
+    _assert_tree_equal(want.mapping, got.mapping)
+    _assert_tree_equal(want.optimizer, got.optimizer)
+    assert got.vocab == want.vocab and got.config == want.config
+    arrays = {k: np.empty_like(v) for k, v in want.params.items()}
+    io.load_params_into(old, arrays)
+    _assert_tree_equal(want.params, arrays)
+    io.save(tmp_path / "plain.h5", want, checksum=False)  # the old layout, still writable
+    _assert_tree_equal(want.params, io.load(tmp_path / "plain.h5").params)
+
+
+def test_load_params_into_checks_names_and_shapes(model_file):
+    path, ckpt = model_file
+    arrays = {k: np.empty_like(v) for k, v in ckpt.params.items()}
+    io.load_params_into(path, arrays)
+    _assert_tree_equal(ckpt.params, arrays)
+    other = dict(arrays, **{"lstm0/Wx": np.empty((3, 3), np.float32)})
+    with pytest.raises(FormatError, match=r"lstm0/Wx: expected \(3, 3\), found \(4, 16\)"):
+        io.load_params_into(path, other)
+    cast = {k: np.empty(v.shape, np.float64) for k, v in ckpt.params.items()}  # another dtype
+    io.load_params_into(path, cast)
+    np.testing.assert_array_equal(cast["lstm0/Wx"], ckpt.params["lstm0/Wx"])
+
+
+# ---------------------------------------------------------------------------
+# failed writes: one line, the old file untouched, no HDF5 crash
+# ---------------------------------------------------------------------------
+class _FailingRaw:
+    """An unbuffered file whose writes fail with ``errno`` after ``budget`` bytes."""
+
+    def __init__(self, raw, budget, errno):
+        self.raw, self.budget, self.errno = raw, budget, errno
+
+    def write(self, b):
+        if self.budget < len(b):
+            raise OSError(self.errno, os.strerror(self.errno))
+        self.budget -= len(b)
+        return self.raw.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
+def test_a_write_failing_anywhere_is_one_clean_error(model_file, monkeypatch):
+    """The disk fills up after 0, 1000, 2000, ... bytes of the file: always
+    one WriteError, the old file intact, and HDF5 only ever gets whole reads."""
+    import errno as E
+
+    from slimnp.errors import WriteError
+
+    path, old = model_file
+    before = path.read_bytes()
+    new = _make_ckpt(hidden=8, seed=1)
+    size = os.path.getsize(path) + 20000
+    init, readinto = io._StickyFile.__init__, io._StickyFile.readinto
+    short = []
+
+    def whole(self, b):
+        n = readinto(self, b)
+        short.extend([n] if n != len(memoryview(b).cast("B")) else [])
+        return n
+
+    monkeypatch.setattr(io._StickyFile, "readinto", whole)
+    for budget in range(0, size, 1000):
+        monkeypatch.setattr(io._StickyFile, "__init__",
+                            lambda self, raw: init(self, _FailingRaw(raw, budget, E.ENOSPC)))
+        try:
+            io.save(path, new)
+        except WriteError as err:
+            msg = str(err)
+            assert msg.startswith(f"cannot write {path}: no space left on device (about "), msg
+            assert msg.endswith(f"; the previous {path} is unchanged") and ".tmp-" not in msg
+            assert path.read_bytes() == before
+        else:  # it fitted
+            assert budget > 10000
+            _assert_tree_equal(new.params, io.load(path).params)
+            path.write_bytes(before)
+        assert _tmp_leftovers(path.parent) == [] and short == []
+
+
+def test_special_files_are_written_in_place(tmp_path):
+    """A FIFO (like /dev/null or /dev/stdout) is written, not renamed over."""
+    import stat
+    import threading
+
+    from slimnp import nbest
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    nbest.write_text(fifo, ["one", "two"])
+    reader.join(10)
+    assert got == [b"one\ntwo\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]

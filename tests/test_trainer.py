@@ -129,3 +129,187 @@ def test_clip_and_schedules():
     assert k.next_lr(1.0, 1, float("inf"), 100.0) == 1.0
     assert k.next_lr(1.0, 2, 100.0, 99.5) == 0.5
     assert k.next_lr(1.0, 2, 100.0, 90.0) == 1.0
+
+
+# ---------------------------------------------------------------------------
+# checkpoints inside an epoch
+# ---------------------------------------------------------------------------
+def _step_clock(monkeypatch):
+    """The checkpoint clock in training steps: one "minute" per step."""
+    from slimnp import trainer
+    from slimnp.model import LanguageModel
+
+    steps = [0]
+    orig = LanguageModel.forward_backward
+
+    def counted(self, *a, **kw):
+        steps[0] += 1
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(LanguageModel, "forward_backward", counted)
+    monkeypatch.setattr(trainer, "_clock", lambda: 60.0 * steps[0])
+
+
+def test_timed_checkpoints_inside_epochs_resume_bit_exactly(tmp_path, monkeypatch):
+    """A checkpoint every 10 steps (the clock counts steps), none after an
+    epoch's last step; each is resumable to exactly the uninterrupted end."""
+    import shutil
+
+    from slimnp.trainer import Trainer
+
+    files, _ = tiny_corpus(tmp_path / "c")
+    extra = dict(optimizer="adagrad", lr=0.2, loss="is", samples=15)  # state and RNG carried
+    _run(files, tmp_path / "full.h5", **extra)
+    full = sio.load(tmp_path / "full.h5")
+
+    _step_clock(monkeypatch)
+    copies = []
+    orig = Trainer._save_inside_epoch
+
+    def save_and_copy(self, t0):
+        took = orig(self, t0)
+        copies.append(tmp_path / f"at{len(copies)}.h5")
+        shutil.copy(self.out, copies[-1])
+        return took
+
+    monkeypatch.setattr(Trainer, "_save_inside_epoch", save_and_copy)
+    run_training(files, tmp_path / "timed.h5", {**TINY_HP, **extra}, log=lambda m: None,
+                 progress=False, checkpoint_every=10)
+    recs = [json.loads(l) for l in (tmp_path / "timed.metrics.jsonl").read_text().splitlines()]
+    nseg = 214  # 6000 tokens / 4 streams, bptt 7
+    points = [(r["epoch"], r["segment"]) for r in recs if r["event"] == "checkpoint"]
+    # every 10 steps, restarting at each epoch end (which writes one itself)
+    assert points == [(e, s) for e in (1, 2) for s in range(10, nseg, 10)], points
+    assert [r["event"] for r in recs].count("epoch") == 2
+    timed = sio.load(tmp_path / "timed.h5")
+    for k in full.params:  # writing them changed nothing
+        np.testing.assert_array_equal(timed.params[k], full.params[k], err_msg=k)
+    monkeypatch.undo()
+    for i in (0, 25):  # (1, 10) and (2, 50)
+        st = sio.load(copies[i]).train_state
+        assert (st["epoch"], st["segment"], st["finished"]) == points[i] + (False,)
+        resume_training(copies[i], log=lambda m: None, progress=False, checkpoint_every=0)
+        got = sio.load(copies[i])
+        for k in full.params:
+            np.testing.assert_array_equal(got.params[k], full.params[k], err_msg=f"{i} {k}")
+        np.testing.assert_array_equal(got.optimizer["accumulator"], full.optimizer["accumulator"])
+
+
+def _cli(args, timeout=120):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "slimnp", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_after_a_mid_epoch_checkpoint_resumes_bit_exactly(tmp_path):
+    """kill -9 (no handler runs) once the file holds a checkpoint from inside
+    epoch 2; `train --resume` then ends with the uninterrupted run's bits."""
+    import os
+    import signal
+    import time
+
+    files, _ = tiny_corpus(tmp_path / "c", tokens=12000)
+    opts = ["--train", files["train"], "--valid", files["valid"], "--test", files["test"], "-q",
+            "--epochs", "3", "--layers", "2", "--hidden", "16", "--batch-size", "4", "--bptt", "7",
+            "--dropout", "0.1", "--optimizer", "adagrad", "--lr", "0.2", "--threads", "1"]
+    ref = _cli(["train", *opts, "--out", tmp_path / "ref.h5", "--checkpoint-every", "0"])
+    p = _cli(["train", *opts, "--out", tmp_path / "m.h5", "--checkpoint-every", "0.0005"])  # 30 ms
+    deadline, st = time.monotonic() + 120, None
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            st = sio.load(tmp_path / "m.h5", params=False, optimizer=False).train_state
+        except sio.FormatError:  # not written yet
+            st = None
+        if st and st["epoch"] == 2 and st["segment"] > 0:
+            break
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    st = sio.load(tmp_path / "m.h5").train_state
+    assert st["epoch"] >= 2 and 0 < st["segment"] and not st["finished"], st
+    r = _cli(["train", "--resume", tmp_path / "m.h5", "-q", "--threads", "1"])
+    out, err = r.communicate(timeout=120)
+    assert r.returncode == 0, out + err
+    # a temporary file the kill left behind is gone with the next write
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    assert f"resuming {tmp_path / 'm.h5'}: epoch {st['epoch']}, segment {st['segment']}/" in out
+    assert ref.wait(timeout=120) == 0
+    want, got = sio.load(tmp_path / "ref.h5"), sio.load(tmp_path / "m.h5")
+    assert got.train_state["finished"]
+    for k in want.params:
+        np.testing.assert_array_equal(got.params[k], want.params[k], err_msg=k)
+    np.testing.assert_array_equal(got.optimizer["accumulator"], want.optimizer["accumulator"])
+
+
+def test_progress_line_says_when_the_checkpoint_was_written(tmp_path, monkeypatch):
+    import io
+
+    from slimnp import progress, trainer
+
+    files, _ = tiny_corpus(tmp_path / "c")
+    stream = io.StringIO()
+    monkeypatch.setattr(progress.sys, "stderr", stream)
+    monkeypatch.setattr(progress.Progress, "__init__", _always_draw(progress.Progress.__init__))
+    now = [1000.0]
+    monkeypatch.setattr(trainer, "_clock", lambda: now[0])
+    run_training(files, tmp_path / "m.h5", {**TINY_HP, "epochs": 2}, log=lambda m: None,
+                 progress=True, checkpoint_every=10)
+    lines = stream.getvalue().splitlines()
+    assert "no checkpoint yet" in lines[0]
+    assert any("epoch 2/2" in l and "saved 0:00 ago" in l for l in lines), lines[-3:]
+
+
+def _always_draw(init):
+    def wrapped(self, *a, **kw):
+        init(self, *a, **kw)
+        self.interval = 0.0
+    return wrapped
+
+
+def test_best_epoch_before_the_last_is_the_one_tested(tmp_path, monkeypatch):
+    """The final test reads the best model's parameters into the model (no
+    second copy in memory) and the final ones back afterwards."""
+    from slimnp.evaluate import evaluate_ids
+    from slimnp.trainer import Trainer, load_model
+
+    files, _ = tiny_corpus(tmp_path / "c")
+    ppl = iter([50.0, 60.0])  # epoch 1 is the best
+    monkeypatch.setattr(Trainer, "validate", lambda self, ids: next(ppl))
+    seen = []
+    orig = Trainer.train
+
+    def keep(self):
+        seen.append(self)
+        return orig(self)
+
+    monkeypatch.setattr(Trainer, "train", keep)
+    s = _run(files, tmp_path / "m.h5")
+    best, vocab, _ = load_model(tmp_path / "m.best.h5")
+    assert sio.load(tmp_path / "m.best.h5").train_state["epoch"] == 2  # written after epoch 1
+    want = evaluate_ids(best, vocab.encode_file(files["test"]).ids, vocab.eos_id).perplexity
+    assert s["test_ppl"] == want and s["best_valid_ppl"] == 50.0
+    final = sio.load(tmp_path / "m.h5").params
+    for k, v in seen[0].model.params_numpy().items():  # the final parameters again
+        np.testing.assert_array_equal(v, final[k], err_msg=k)
+
+
+def test_check_output_fails_fast(tmp_path):
+    from slimnp.errors import WriteError
+    from slimnp.trainer import check_output
+
+    check_output(tmp_path / "m.h5")  # fine, and leaves nothing behind
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(WriteError, match=r"cannot write .*x\.h5 \(--out\): folder .*missing/dir does "
+                                         r"not exist; create it first \(nothing was done\)"):
+        check_output(tmp_path / "missing" / "dir" / "x.h5")
+    (tmp_path / "d.h5").mkdir()
+    with pytest.raises(WriteError, match="it is a folder"):
+        check_output(tmp_path / "d.h5")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(WriteError, match="is not a folder"):
+        check_output(tmp_path / "f" / "x.h5")
