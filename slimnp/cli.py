@@ -673,9 +673,7 @@ def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_n
     --best) and, with --out, the reranked list; reports BLEU with --refs
     and --test-refs.
     """
-    from . import nbest, rerank as rr
-    from .bleu import sacrebleu_corpus_bleu
-    from .progress import Progress
+    from .mt import rerank_nbest
 
     if bool(dev_nbest) != bool(dev_refs):
         raise click.UsageError("--tune and --refs go together: the development n-best list and its references")
@@ -684,86 +682,20 @@ def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_n
     for path, what in ((out, "--out"), (best, "--best")):
         if path:  # before the scoring: a typo costs seconds
             check_output(path, what=what)
-    lm = _load_lm(model, threads, device)
-    groups = nbest.read_nbest(nbest_file)
-    dev = nbest.read_nbest(dev_nbest) if dev_nbest else None
-
-    def scored(gs, label):
-        n = len({h.text for g in gs for h in g})
-        prog = Progress(n, f"score {label}", enabled=not quiet)
-        vals = rr.lm_scores(lm, gs, batch_size, progress=lambda d: prog.update(d, f"{d:,}/{n:,} hypotheses"))
-        prog.close()
-        return vals
-
-    test_lm = rr.add_lm_feature(groups, scored(groups, Path(nbest_file).name), feature_name)
-    layout = nbest.feature_names(test_lm)
-    names = [n for n, _ in layout]
-    lm_col = sum(k for n, k in layout[: names.index(feature_name)])
-    summary = {"nbest": str(nbest_file), "sentences": len(groups),
-               "hypotheses": sum(len(g) for g in groups), "feature": feature_name}
-    w = None
-    if weights:
-        given = nbest.parse_weights(weights)
-        if dev is not None:
-            given.setdefault(feature_name, (0.0,))  # tuning may start without the LM
-        w = nbest.weight_vector(given, layout)
-    if dev is not None:
-        dev_lm = rr.add_lm_feature(dev, scored(dev, Path(dev_nbest).name), feature_name)
-        dev_layout = nbest.feature_names(dev_lm)
-        if dev_layout != layout:
-            raise click.ClickException(f"the --tune list has features {dev_layout}, NBEST has {layout}")
-        if w is None:
-            w0, resid = rr.decoder_weights(dev, nbest.feature_names(dev))
-            w = np.insert(w0, lm_col, 0.0)
-            summary["decoder_weights_fit_residual"] = resid
-        refs_tok = rr.reference_tokens(dev, _read_lines(dev_refs), where=str(dev_refs))
-        rep = rr.tune_weights(dev_lm, layout, refs_tok, w, lm_col, restarts=restarts, seed=seed)
-        summary["init_weights"] = nbest.format_weights(rep.init, layout)
-        summary["weights_no_lm"] = nbest.format_weights(rep.weights_no_lm, layout)
-        summary["dev_bleu"] = rep.bleu
-        w = rep.weights
-    X = [nbest.feature_matrix(g, layout) for g in test_lm]
-    if w is not None:
-        summary["weights"] = nbest.format_weights(w, layout)
-        out_groups, choice = rr.rerank_groups(test_lm, X, w, feature_name)
-    else:
-        out_groups, choice = test_lm, [0] * len(groups)
+    res = rerank_nbest(_load_lm(model, threads, device), nbest_file, weights=weights, dev_nbest=dev_nbest,
+                       dev_refs=dev_refs, test_refs=test_refs, feature_name=feature_name, out=out,
+                       best=best, restarts=restarts, seed=seed, batch_size=batch_size, quiet=quiet)
+    if not res.reranked:
         click.echo("no --weights or --tune: the LM feature was added, the order is the decoder's", err=True)
-    firsts = [g[0].text for g in out_groups]  # best first either way
-    if test_refs:
-        refs = _read_lines(test_refs)
-        refs_tok = rr.reference_tokens(groups, refs, where=str(test_refs))
-        test = {"decoder": rr.corpus_bleu_of(groups, [0] * len(groups), refs_tok)}
-        if dev is not None:
-            test["tuned_no_lm"] = rr.corpus_bleu_of(groups, nbest.rescore(X, rep.weights_no_lm), refs_tok)
-        if w is not None:
-            test["tuned_lm" if dev is not None else "reranked"] = rr.corpus_bleu_of(groups, choice, refs_tok)
-        sb = sacrebleu_corpus_bleu(firsts, [refs[g[0].sent_id] for g in groups])
-        if sb is not None:
-            test["sacrebleu_reranked"] = sb
-        summary["test_bleu"] = test
-    if out:
-        nbest.write_nbest(out, out_groups)
-    if best:
-        nbest.write_text(best, firsts)
-    elif not as_json:
-        for line in firsts:
-            click.echo(line)
     if as_json:
-        click.echo(_json(summary))
+        click.echo(_json(res.summary))
         return
-    if "weights" in summary:
-        click.echo(f"weights: {summary['weights']}", err=True)
-    for key, label in (("dev_bleu", "dev"), ("test_bleu", "test")):
-        if key in summary:
-            b = summary[key]
-            parts = [f"{k.replace('_', ' ')} {v:.2f}" for k, v in b.items()]
-            click.echo(f"{label} BLEU: " + ", ".join(parts), err=True)
+    if not best:
+        for line in res.best:
+            click.echo(line)
+    for line in res.report():
+        click.echo(line, err=True)
 
-
-# ---------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------
 @main.group()
 def experiment():
     """Plans of many training runs: run them (resumable, in parallel), see where they stand.
@@ -971,7 +903,7 @@ def data_nbest(refs, directory, name, n, min_edits, max_edits, noise, limit, see
     number of edits plus noise.  A test bed for `slimnp rerank`: a good
     language model must raise BLEU when added.
     """
-    from .fakemt import write_task
+    from .mt.fakemt import write_task
 
     lines = [line for line in _read_lines(refs) if line.strip()][:limit]
     if not lines:

@@ -467,7 +467,7 @@ def test_special_files_are_written_in_place(tmp_path):
     import stat
     import threading
 
-    from slimnp import nbest
+    from slimnp.mt import nbest
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
