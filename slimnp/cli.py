@@ -518,24 +518,14 @@ def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent,
 # score / generate / rerank: applying a trained model
 # ---------------------------------------------------------------------------
 def _read_lines(path) -> list:
-    """Lines of a UTF-8 text file ('-': stdin), without their line ends; a
-    decoding error names the line."""
-    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    lines = raw.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the final newline does not start another line
-    out = []
-    for i, b in enumerate(lines, 1):
-        try:
-            out.append(b.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            raise click.ClickException(
-                f"{path}:{i}: not valid UTF-8 (byte 0x{b[e.start]:02x} at column {e.start + 1}); "
-                "re-encode the file as UTF-8") from None
-    if out and out[0].startswith("\ufeff"):
-        out[0] = out[0][1:]
-    return out
+    """Lines of a UTF-8 text file ('-': stdin), without their line ends (and
+    a leading byte-order mark); a decoding error is one line naming the line."""
+    from .mt.nbest import read_lines
 
+    try:
+        return read_lines(path)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 def _load_lm(model, threads, device="cpu"):
     from .apply import LM
