@@ -377,9 +377,13 @@ def test_memory_estimate_matches_the_measured_peak(tmp_path, V, H, optimizer):
               schedule="epoch", lr_decay=0.5, decay_start=1, decay_threshold=1.0, clip=5.0,
               optimizer=optimizer)
     env = dict(os.environ, NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([files, str(tmp_path / "m.h5"), hp])],
-                       env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # the same run once before, so Numba's kernels come from its on-disk cache
+    # as they do after a first run: compiling them (a fresh checkout, CI)
+    # costs a few hundred MB of transient memory that is not the run's
+    for out in ("warm.h5", "m.h5"):
+        r = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([files, str(tmp_path / out), hp])],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     ratio = got["estimate"] / got["peak"]
     assert 0.75 <= ratio <= 1.25, got
