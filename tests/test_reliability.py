@@ -376,7 +376,10 @@ def test_memory_estimate_matches_the_measured_peak(tmp_path, V, H, optimizer):
     hp = dict(layers=1, hidden=H, dropout=0.0, init_scale=0.1, epochs=1, bptt=5, batch_size=4, lr=0.1,
               schedule="epoch", lr_decay=0.5, decay_start=1, decay_threshold=1.0, clip=5.0,
               optimizer=optimizer)
-    env = dict(os.environ, NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    # a clean environment: what earlier tests of the session left in os.environ
+    # (kernel modes, thread layers) must not change what this process measures
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "TMPDIR", "LANG", "PYTHONPATH") if k in os.environ}
+    env.update(NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
     # the same run once before, so Numba's kernels come from its on-disk cache
     # as they do after a first run: compiling them (a fresh checkout, CI)
     # costs a few hundred MB of transient memory that is not the run's
