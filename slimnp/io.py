@@ -67,6 +67,7 @@ never leaves a half-written model behind and never damages the previous one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import json
@@ -727,7 +728,7 @@ def load(path: PathLike, expected_shapes: Optional[ShapeSpec] = None, *, params:
             if problems:
                 raise FormatError(f"{path}: parameters do not match the model: " + "; ".join(problems))
 
-        try:
+        with _reading(path):
             if "vocab" not in f:
                 raise FormatError(f"{path}: missing /vocab dataset")
             vocab = [str(w) for w in f["vocab"].asstr()[()].tolist()]
@@ -744,16 +745,24 @@ def load(path: PathLike, expected_shapes: Optional[ShapeSpec] = None, *, params:
                         tables[name] = arr.astype(np.dtype(_from_attr(orig))) if orig is not None else arr
             opt = _read_tree(f["optimizer"]) if optimizer and "optimizer" in f else {}
             state = _read_tree(f["train_state"]) if train_state and "train_state" in f else {}
-        except FormatError:
-            raise
-        except _Damaged as exc:
-            raise _damaged(path, exc.name) from None
-        except _READ_ERRORS as exc:
-            raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
 
     return Checkpoint(config=config, vocab=vocab, params=param_arrays, mapping=tables,
                       mapping_attrs=mapping_attrs, optimizer=opt, train_state=state,
                       vocab_counts=counts, attrs=root)
+
+
+@contextlib.contextmanager
+def _reading(path):
+    """Read errors inside a file's body as one :class:`FormatError` naming
+    ``path`` (a damaged dataset by name, anything else as corrupt or truncated)."""
+    try:
+        yield
+    except FormatError:
+        raise
+    except _Damaged as exc:
+        raise _damaged(path, exc.name) from None
+    except _READ_ERRORS as exc:
+        raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
 
 
 def load_params_into(path: PathLike, arrays: Mapping[str, Any]) -> None:
@@ -773,7 +782,7 @@ def load_params_into(path: PathLike, arrays: Mapping[str, Any]) -> None:
     path = os.fspath(path)
     with _open(path) as f:
         _check_header(f, path)
-        try:
+        with _reading(path):
             if "params" not in f or not isinstance(f["params"], h5py.Group):
                 raise FormatError(f"{path}: missing /params group")
             found = dict(_walk_datasets(f["params"]))
@@ -794,12 +803,6 @@ def load_params_into(path: PathLike, arrays: Mapping[str, Any]) -> None:
                 else:
                     dest[...] = _read_array(ds).astype(dest.dtype, copy=False) if isinstance(dest, np.ndarray) \
                         else _to_module_of(dest, _read_array(ds))
-        except FormatError:
-            raise
-        except _Damaged as exc:
-            raise _damaged(path, exc.name) from None
-        except _READ_ERRORS as exc:
-            raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
 
 
 def _to_module_of(like, host: np.ndarray):
