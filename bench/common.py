@@ -206,7 +206,7 @@ def slimnp_config(cfg: dict, variant: str):
 
     d = dict(vocab_size=cfg["V"], hidden=cfg["H"], layers=cfg["L"], dropout=0.0)
     try:
-        from slimnp.trainer import slim_settings
+        from slimnp.options import slim_settings
 
         extra = dict(VARIANTS[variant])
         for side in ("input", "output"):

@@ -230,8 +230,8 @@ def section_train(a, rows):
 
 def section_large(a, rows):
     from slimnp.model import ModelConfig
-    from slimnp.sampled import Sampled, prepare_model
-    from slimnp.sampling import AliasSampler
+    from slimnp.sampled_losses import Sampled, prepare_model
+    from slimnp.alias_sampler import AliasSampler
 
     V, H, L, T, B, K = a.large_vocab, a.large_hidden, 2, 20, a.large_batch, 8
     cfg = dict(L=L, H=H, V=V, T=T, B=B)
@@ -295,7 +295,8 @@ def _time_gpu(fn, repeats, sync_fn):
 def section_table7(a, rows):
     from slimnp.backend import get_xp
     from slimnp.kernels import log_softmax_t
-    from slimnp.layers import Workspace, slim_log_probs_t
+    from slimnp.buffers import Workspace
+    from slimnp.layers import slim_log_probs_t
     from slimnp.mapping import shuffle_assignment_pools
 
     cp = get_xp(DEVICE)

@@ -59,8 +59,8 @@ def child(a, variant):
 
     from slimnp.model import LanguageModel
     from slimnp.optim import make_optimizer
-    from slimnp.sampled import Sampled, prepare_model
-    from slimnp.sampling import AliasSampler
+    from slimnp.sampled_losses import Sampled, prepare_model
+    from slimnp.alias_sampler import AliasSampler
 
     cfg = _config(a, variant)
     rng = np.random.default_rng(0)

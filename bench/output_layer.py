@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from slimnp.kernels import cpu  # noqa: E402
 from slimnp import kernels  # noqa: E402
-from slimnp.layers import Workspace, slim_log_probs_t, slim_logits  # noqa: E402
+from slimnp.buffers import Workspace  # noqa: E402
+from slimnp.layers import slim_log_probs_t, slim_logits  # noqa: E402
 from slimnp.mapping import shuffle_assignment_pools  # noqa: E402
 
 

@@ -43,7 +43,7 @@ def _make_model(path, variant, V=10_000):
 
     from slimnp import io as sio
     from slimnp.model import LanguageModel, ModelConfig
-    from slimnp.trainer import mapping_fields
+    from slimnp.modelfile import mapping_fields
 
     kw = {}
     if variant == "slim":

@@ -35,8 +35,8 @@ def slimnp_step(model, cfg, args):
     if args.loss != "softmax":  # noise: the smoothed Zipf(1) law of the data
         import numpy as np
 
-        from slimnp.sampled import Sampled, prepare_model
-        from slimnp.sampling import AliasSampler
+        from slimnp.sampled_losses import Sampled, prepare_model
+        from slimnp.alias_sampler import AliasSampler
 
         q = np.arange(1, cfg["V"] + 1, dtype=np.float64) ** -0.75
         sampled = Sampled(args.loss, args.samples, AliasSampler(q / q.sum()), rng)

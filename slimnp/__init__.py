@@ -11,7 +11,7 @@ The public pieces, importable from the package root::
     layers, kernels                 pure forward/backward pairs, kernels
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 import os as _os
 
@@ -29,12 +29,13 @@ _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 _os.environ.setdefault("NUMBA_THREADING_LAYER", "workqueue")
 
 from . import io, kernels, layers  # noqa: E402
-from .apply import LM, load  # noqa: E402
+from .inference import LM, load  # noqa: E402
 from .backend import get_xp, make_rng  # noqa: E402
 from .data import Vocabulary  # noqa: E402
 from .evaluate import EvalResult, evaluate_ids  # noqa: E402
 from .model import LanguageModel, ModelConfig  # noqa: E402
-from .trainer import TrainConfig, Trainer, load_model  # noqa: E402
+from .modelfile import load_model  # noqa: E402
+from .trainer import TrainConfig, Trainer  # noqa: E402
 
 __all__ = ["LanguageModel", "ModelConfig", "Vocabulary", "Trainer", "TrainConfig", "EvalResult",
            "evaluate_ids", "load_model", "load", "LM", "io", "kernels", "layers", "get_xp", "make_rng"]

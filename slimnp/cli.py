@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import __version__
+from ._version import __version__
 
 # Settings of the two built-in recipes.  Options left unset on the command
 # line take the recipe's value: the built-in synthetic corpus when no data is
@@ -279,7 +279,8 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
            checkpoint_every=10.0, force_memory=False):
     """The body of ``train``; ``comm``: the distributed run's ranks, or None;
     ``device``: 'cpu' or 'gpu'."""
-    from .trainer import run_training, resume_training
+    from .options import configs
+    from .trainer import resume_training, run_training
 
     root = comm is None or comm.is_root
     if threads:
@@ -331,10 +332,12 @@ def _train(comm, data, train_file, valid_file, test_file, out, resume, force, th
         else:
             preset = PRESETS["zaremba-small"]
         hp = train_hp(hyper, preset, input_kind, output_kind, mapping, mapping_seed, tie)
-        summary = run_training(files, out, hp, seed=seed, min_count=min_count, max_vocab=max_vocab,
-                               eval_batch_size=eval_batch_size, loss_average=loss_average,
-                               corpus_info=corpus_info, device=device, log=log, progress=not quiet,
-                               comm=comm, init_from=init_from, checkpoint_every=checkpoint_every,
+        model, train_cfg = configs(hp, seed=seed, loss_average=loss_average,
+                                   eval_batch_size=eval_batch_size)
+        summary = run_training(files, out, None if init_from else model, train_cfg,
+                               min_count=min_count, max_vocab=max_vocab, corpus_info=corpus_info,
+                               device=device, log=log, progress=not quiet, comm=comm,
+                               init_from=init_from, checkpoint_every=checkpoint_every,
                                force_memory=force_memory)
     if as_json and root:
         click.echo(_json(summary))
@@ -378,7 +381,7 @@ def evaluate(model, file, batch_size, threads, as_json, quiet, device):
     """
     from .evaluate import evaluate_ids
     from .progress import Progress
-    from .trainer import load_model
+    from .modelfile import load_model
 
     if threads:
         from .threads import set_threads
@@ -467,7 +470,8 @@ def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent,
     from . import io as sio
     from .compress import compress_model
     from .evaluate import evaluate_ids
-    from .trainer import file_sha256, load_model, mapping_fields
+    from .modelfile import load_model, mapping_fields
+    from .trainer import file_sha256
 
     if threads:
         from .threads import set_threads
@@ -528,7 +532,7 @@ def _read_lines(path) -> list:
         raise click.ClickException(str(exc)) from None
 
 def _load_lm(model, threads, device="cpu"):
-    from .apply import LM
+    from .inference import LM
 
     if threads:
         from .threads import set_threads
@@ -561,7 +565,7 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet, d
     <eos>), OOV words, perplexity, the sentence -- then, with --words, one
     indented line per token.  Totals and the perplexity go to stderr.
     """
-    from .apply import LOG10_E
+    from .inference import LOG10_E
     from .progress import Progress
 
     lm = _load_lm(model, threads, device)

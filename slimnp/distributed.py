@@ -13,7 +13,7 @@ so the summed gradient is the one a single process with batch B computes, the
 clipping norm is global, and every rank applies the same update to the same
 parameters (Adagrad's accumulator included) without ever exchanging them.
 
-Row-sparse gradients (:meth:`slimnp.layers.ParamStore.grad_rows`): the store
+Row-sparse gradients (:meth:`slimnp.buffers.ParamStore.grad_rows`): the store
 knows which embedding rows *this* rank touched; after the allreduce the rows
 touched by the other ranks are non-zero too.  :meth:`Communicator.step`
 therefore replaces each row set by the union over ranks (the rows a single

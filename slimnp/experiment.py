@@ -424,7 +424,7 @@ def vocab_size(params: dict) -> int:
 
 def configs_of(options: dict):
     """``(ModelConfig, TrainConfig)`` a run's options give."""
-    from .trainer import model_config, train_config
+    from .options import model_config, train_config
 
     hp, p = hp_of(options)
     mc = model_config(hp, vocab_size(p))
@@ -620,7 +620,7 @@ def status(plan: Plan) -> list:
 
 def record(plan: Plan, run: Run, summary: dict, wall: float) -> dict:
     """The results line of a finished run."""
-    from . import __version__
+    from ._version import __version__
     from . import io as sio
 
     info = sio.describe(summary.get("best") or plan.runs_dir / f"{run.name}.h5")
@@ -959,7 +959,8 @@ def _work_learned(spec, log) -> dict:
     from . import io as sio
     from .cli import main
     from .compress import compress_model
-    from .trainer import file_sha256, load_model, mapping_fields, resume_training
+    from .modelfile import load_model, mapping_fields
+    from .trainer import file_sha256, resume_training
 
     L = spec["learned"]
     out = Path(spec["out"])

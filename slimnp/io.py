@@ -78,7 +78,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import h5py
 import numpy as np
 
-from slimnp import __version__ as _SLIMNP_VERSION
+from ._version import __version__ as _SLIMNP_VERSION
 from slimnp._atomic import atomic_path
 from slimnp.errors import cause_of, error_number
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import pipeline
+from . import threaded_lstm
 from .backend import get_xp, to_numpy
-from .layers import (LSTM, Embedding, ParamStore, Projection, SlimEmbedding, SlimSoftmax, Softmax,
-                     dropout_mask)
+from .buffers import ParamStore
+from .layers import LSTM, Embedding, Projection, SlimEmbedding, SlimSoftmax, Softmax, dropout_mask
 from .mapping import input_table, output_table
 
 
@@ -278,7 +278,7 @@ class LanguageModel:
         Returns the top layer's (masked) outputs ``(T, B, H)``, the final
         state ``(L, 2, B, H)``, ``(word vectors (T, B, E), per-layer
         caches)`` and whether the stack ran as a pipeline over layers
-        (:mod:`slimnp.pipeline`).
+        (:mod:`slimnp.threaded_lstm`).
         """
         e = self.embedding.forward(x)  # (T, B, E)
         a = e if self.proj_in is None else self.proj_in.forward(e)  # (T, B, H)
@@ -286,9 +286,9 @@ class LanguageModel:
             a = a * masks[0]
         T, B = x.shape
         lm = self._layer_masks(masks)
-        if pipeline.enabled(self.xp, len(self.lstms), T, B, self.config.hidden):
+        if threaded_lstm.enabled(self.xp, len(self.lstms), T, B, self.config.hidden):
             weights = [lstm.weights() for lstm in self.lstms]
-            a, new_state, caches = pipeline.forward(a, state, weights, lm)
+            a, new_state, caches = threaded_lstm.forward(a, state, weights, lm)
             return a, new_state, (e, caches), True
         new_state = self.xp.empty_like(state)
         caches = []
@@ -315,7 +315,7 @@ class LanguageModel:
             (Zaremba: loss summed over time, averaged over the batch)
         rng : host generator for dropout masks (None: no dropout)
         masks : explicit dropout masks (overrides ``rng``; used by tests)
-        sampled : a :class:`slimnp.sampled.Sampled` objective (importance
+        sampled : a :class:`slimnp.sampled_losses.Sampled` objective (importance
             sampling or NCE) instead of the full softmax
 
         Returns
@@ -343,7 +343,7 @@ class LanguageModel:
         lm = self._layer_masks(masks)
         if piped:
             weights = [lstm.weights() for lstm in self.lstms]
-            da, dGs, dstate = pipeline.backward(da, caches, weights, lm)
+            da, dGs, dstate = threaded_lstm.backward(da, caches, weights, lm)
             for lstm, cache, dG in zip(self.lstms, caches, dGs):
                 lstm.weight_grads(cache, dG)
         else:
@@ -363,7 +363,7 @@ class LanguageModel:
     def _sampled_loss(self, sampled, h, y, scale):
         """The sampled objective's loss per row and ``dh``; the output layer's
         gradients go to the candidates' rows only."""
-        from .sampled import sampled_loss
+        from .sampled_losses import sampled_loss
 
         xp = self.xp
         samples, logq_s = sampled.draw()  # host arrays: the sampler and its RNG live there

@@ -43,11 +43,11 @@ from ._atomic import append_line, is_special
 from .backend import make_rng, to_numpy
 from .data import Vocabulary, batchify, num_segments, segment
 from .evaluate import evaluate_ids
-from .mapping import HASH_NAME
-from .model import LanguageModel, ModelConfig, param_shapes
+from .model import LanguageModel, ModelConfig
+from .modelfile import expected_model, expected_shapes, load_model, mapping_fields, model_from_checkpoint
 from .optim import OPTIMIZERS, Schedule, make_optimizer
-from .sampled import KINDS as SAMPLED_KINDS
-from .sampled import Sampled, prepare_model
+from .sampled_losses import KINDS as SAMPLED_KINDS
+from .sampled_losses import Sampled, prepare_model
 from .errors import WriteError, json_dumps, write_error
 from .progress import Progress, fmt_duration
 
@@ -74,7 +74,7 @@ class TrainConfig:
     batch_size: int = 20  # B parallel streams
     lr: float = 1.0  # initial learning rate
     optimizer: str = "sgd"  # 'sgd' or 'adagrad' (slimnp.optim.OPTIMIZERS)
-    loss: str = "softmax"  # training objective: 'softmax' (exact), 'is' or 'nce' (slimnp.sampled)
+    loss: str = "softmax"  # training objective: 'softmax' (exact), 'is' or 'nce' (slimnp.sampled_losses)
     samples: int = 4000  # S, noise words per minibatch for 'is' / 'nce'
     clip: float = 5.0  # max global gradient norm (0: off)
     schedule: str = "epoch"  # 'epoch' (Zaremba), 'plateau' (Kim et al.), 'constant'
@@ -111,7 +111,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training config keys: {', '.join(unknown)}")
+        return cls(**d)
 
 
 @dataclass
@@ -135,66 +138,6 @@ def file_sha256(path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def mapping_fields(model: LanguageModel) -> dict:
-    """What a model file stores of the slim tables: the tables themselves for
-    ``shuffle``, only the seed and hash name for ``hash``."""
-    c = model.config
-    if c.mapping == "hash":
-        return {"mapping": {}, "mapping_attrs": {"kind": "hash", "hash": HASH_NAME,
-                                                 "seed": c.mapping_seed}}
-    attrs = {"kind": c.mapping, "seed": c.mapping_seed}
-    if c.mapping == "learned" and c.mapping_info:
-        attrs.update({k: v for k, v in json.loads(c.mapping_info).items() if k != "kind"})
-    return {"mapping": dict(model.mapping), "mapping_attrs": attrs}
-
-
-def model_from_checkpoint(ck: sio.Checkpoint, path, device: str = "cpu") -> LanguageModel:
-    """Build the model a checkpoint describes and load its parameters."""
-    mc = ModelConfig.from_dict(ck.config["model"])
-    if mc.mapping == "hash" and ck.mapping_attrs.get("hash", HASH_NAME) != HASH_NAME:
-        raise sio.FormatError(f"{path}: mapping hash {ck.mapping_attrs.get('hash')!r} is unknown "
-                              f"to this slimnp (knows {HASH_NAME})")
-    try:
-        model = LanguageModel(mc, device=device, mapping=ck.mapping or None)
-    except ValueError as exc:
-        raise sio.FormatError(f"{path}: {exc}") from None
-    model.load_params(ck.params)
-    return model
-
-
-def load_model(path, device: str = "cpu"):
-    """Load a model file for evaluation: ``(model, vocab, checkpoint)``.
-
-    The file's format, version, every parameter name and shape are checked
-    first (:func:`slimnp.io.load`); mismatches raise ``FormatError``.
-    """
-    ck = sio.load(path, expected_shapes=expected_shapes, optimizer=False)
-    model = model_from_checkpoint(ck, path, device)
-    vocab = Vocabulary.from_words(list(ck.vocab), ck.vocab_counts)
-    return model, vocab, ck
-
-
-def expected_model(cfg: dict, path="model file") -> dict:
-    """The ``model`` section of a stored config, checked to build a ModelConfig."""
-    if not isinstance(cfg.get("model"), dict):
-        raise sio.FormatError(f"{path}: config has no 'model' section")
-    try:
-        ModelConfig.from_dict(cfg["model"]).validate()
-    except (TypeError, ValueError) as exc:
-        raise sio.FormatError(f"{path}: model config is invalid: {exc}") from None
-    return cfg["model"]
-
-
-def expected_shapes(cfg: dict) -> dict:
-    """Parameter shapes a stored config implies (for :func:`slimnp.io.load`)."""
-    if not isinstance(cfg.get("model"), dict):
-        raise sio.FormatError("model file config has no 'model' section")
-    try:
-        return param_shapes(ModelConfig.from_dict(cfg["model"]))
-    except (TypeError, ValueError) as exc:
-        raise sio.FormatError(f"model file config is invalid: {exc}") from None
 
 
 class _StopFlag:
@@ -272,7 +215,7 @@ class Trainer:
         if config.loss != "softmax":
             # noise: the smoothed unigram law of the training text; draws come
             # from self.rng, which checkpoints store (resume stays exact)
-            from .sampling import AliasSampler, unigram_noise
+            from .alias_sampler import AliasSampler, unigram_noise
 
             counts = np.bincount(self.train_ids, minlength=model.config.vocab_size)
             self.sampled = Sampled(config.loss, config.samples,
@@ -644,63 +587,6 @@ def _finish(trainer: Trainer, test, corpus_info, log, t_start) -> dict:
     return summary
 
 
-def slim_settings(hp: dict, V: int) -> dict:
-    """Slim-embedding fields of :class:`ModelConfig` from CLI-style settings.
-
-    ``input_ratio`` / ``output_ratio`` give the layer's size as a fraction of
-    the dense ``V x H`` table (parameters ``M*H/K``, so ``M = ratio*K*V``;
-    on the output side ``M/K = round(ratio*V)`` keeps M a multiple of K).
-    """
-    out = {}
-    for side, kind_slim in (("input", "slim"), ("output", "slim")):
-        kind = hp.get(side) or ("dense" if side == "input" else "full")
-        out[side] = kind
-        k, m, ratio = hp.get(f"{side}_k"), hp.get(f"{side}_m"), hp.get(f"{side}_ratio")
-        if kind != kind_slim:
-            if k or m or ratio:
-                raise ValueError(f"--{side}-k/--{side}-m/--{side}-ratio need --{side} slim")
-            continue
-        if hp.get("tie") and side == "input":
-            if k or m or ratio:
-                raise ValueError("with --tie the input uses the output's pools: "
-                                 "give --output-k/--output-m only")
-            continue
-        if not k:
-            raise ValueError(f"--{side} slim needs --{side}-k (sub-vectors per word)")
-        if (m is None) == (ratio is None):
-            raise ValueError(f"--{side} slim needs exactly one of --{side}-m and --{side}-ratio")
-        if ratio is not None:
-            if not 0 < ratio <= 1:
-                raise ValueError(f"--{side}-ratio must lie in (0, 1], got {ratio}")
-            m = max(1, round(ratio * k * V)) if side == "input" else k * max(1, round(ratio * V))
-        out[f"{side}_k"], out[f"{side}_m"] = int(k), int(m)
-    if hp.get("tie") and out["input"] == "slim" and out["output"] == "slim":
-        out["input_k"], out["input_m"] = out["output_k"], out["output_m"]
-    out["mapping"] = hp.get("mapping") or "shuffle"
-    out["mapping_seed"] = int(hp.get("mapping_seed") or 0)
-    out["tie"] = bool(hp.get("tie"))
-    return out
-
-
-def model_config(hp: dict, V: int) -> ModelConfig:
-    """The :class:`ModelConfig` of CLI-style settings ``hp`` for a vocabulary of ``V`` words."""
-    return ModelConfig(vocab_size=V, hidden=hp["hidden"], layers=hp["layers"],
-                       dropout=hp["dropout"], init_scale=hp["init_scale"],
-                       input_dropout=hp.get("input_dropout"),
-                       embedding_size=hp.get("embedding_size") or 0,
-                       dtype=hp.get("dtype") or "float32", **slim_settings(hp, V))
-
-
-def train_config(hp: dict, *, seed=0, loss_average="batch", eval_batch_size=10) -> TrainConfig:
-    """The :class:`TrainConfig` of CLI-style settings ``hp``."""
-    return TrainConfig(epochs=hp["epochs"], bptt=hp["bptt"], batch_size=hp["batch_size"], lr=hp["lr"],
-                       optimizer=hp.get("optimizer") or "sgd", loss=hp.get("loss") or "softmax",
-                       samples=hp.get("samples") or 4000, clip=hp["clip"], schedule=hp["schedule"],
-                       lr_decay=hp["lr_decay"], decay_start=hp["decay_start"],
-                       decay_threshold=hp["decay_threshold"], loss_average=loss_average, seed=seed,
-                       eval_batch_size=eval_batch_size)
-
-
 def check_output(out, *, what: str = "--out") -> None:
     """Fail in seconds, not after an epoch, when ``out`` cannot be written:
     its folder must exist and take a new file (a probe file is created and
@@ -753,20 +639,23 @@ def _memory_check(mc: ModelConfig, tc: TrainConfig, *, device, comm, force, log,
 
 
 @_stop_all_ranks_on_error
-def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=None,
-                 eval_batch_size=10, loss_average="batch", corpus_info=None,
-                 device="cpu", log=print, progress=True, comm=None, init_from=None,
+def run_training(files: dict, out, model, train: TrainConfig, *, min_count=1, max_vocab=None,
+                 corpus_info=None, device="cpu", log=print, progress=True, comm=None, init_from=None,
                  checkpoint_every: float = CHECKPOINT_EVERY, force_memory: bool = False) -> dict:
     """Build the vocabulary, the model and a :class:`Trainer`, and train.
 
-    ``files`` maps 'train', 'valid' and optionally 'test' to text files;
-    ``hp`` holds the model and schedule settings named like the CLI options
-    (and optionally ``dtype``, float32 by default).  ``comm``: a
+    ``files`` maps 'train', 'valid' and optionally 'test' to text files (and
+    optionally 'vocab' to a vocabulary file).  ``model``: the
+    :class:`~slimnp.model.ModelConfig` to train (a ``vocab_size`` of 0 is
+    filled in from the vocabulary built here; another value must equal its
+    size), or a function of the vocabulary size returning one
+    (:func:`slimnp.options.configs` makes both configs from CLI-style
+    options); ``train``: the :class:`TrainConfig`.  ``comm``: a
     :class:`slimnp.distributed.Communicator` to train data-parallel (every
     rank calls this with the same arguments; rank 0 logs and writes the files).
     ``init_from``: a model file to start from (its config, vocabulary,
     parameters and tables; fresh optimizer and training state), e.g. one
-    made by ``slimnp compress``; ``hp``'s model settings are then unused.
+    made by ``slimnp compress``; ``model`` must then be None.
     ``checkpoint_every``: minutes between checkpoints inside an epoch (0:
     epoch ends only).  Before the model is built, ``out``'s folder is checked
     (:func:`check_output`) and the memory the run needs is estimated and
@@ -775,26 +664,29 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     Returns a summary dict (perplexities, times).
     """
     t_start = time.perf_counter()
+    if not isinstance(train, TrainConfig):
+        raise TypeError(f"train must be a TrainConfig, got {type(train).__name__}")
+    if (init_from is None) == (model is None):
+        raise TypeError("give exactly one of model (a ModelConfig) and init_from (a model file)")
+    train.validate()
     if comm is not None and not comm.is_root:
         log, progress = _quiet, False
     if comm is None or comm.is_root:
         _check_outputs(out)
     run = dict(checkpoint_every=checkpoint_every, force_memory=force_memory)
     if init_from is not None:
-        return _run_from_model(files, out, hp, init_from, seed=seed, eval_batch_size=eval_batch_size,
-                               loss_average=loss_average, device=device, log=log,
+        return _run_from_model(files, out, train, init_from, device=device, log=log,
                                progress=progress, comm=comm, t_start=t_start, **run)
     if files.get("vocab"):
         vocab = Vocabulary.read(files["vocab"])  # counted below, from the encoded text
     else:
         vocab = Vocabulary.build(files["train"], min_count=min_count, max_vocab=max_vocab)
-    mc = model_config(hp, len(vocab))
+    mc = _sized(model, len(vocab))
     mc.validate()  # before the slower encoding: a bad option fails fast
     enc = _encode_splits(vocab, files, log)
     if vocab.counts is None:
         vocab.count(enc["train"].ids)
-    tc = train_config(hp, seed=seed, loss_average=loss_average, eval_batch_size=eval_batch_size)
-    tc.validate()
+    tc = train
     data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}
     data_info.update(train_sha256=file_sha256(files["train"]), min_count=min_count,
                      max_vocab=max_vocab, corpus=corpus_info)
@@ -813,12 +705,23 @@ def run_training(files: dict, out, hp: dict, *, seed=0, min_count=1, max_vocab=N
     return _finish(trainer, enc.get("test"), corpus_info, log, t_start)
 
 
-def _run_from_model(files, out, hp, init_from, *, seed, eval_batch_size, loss_average, device,
-                    log, progress, comm, t_start, checkpoint_every=CHECKPOINT_EVERY,
-                    force_memory=False) -> dict:
+def _sized(model, V: int) -> ModelConfig:
+    """The :class:`ModelConfig` of :func:`run_training`'s ``model`` for a vocabulary of V words."""
+    mc = model(V) if callable(model) else model
+    if not isinstance(mc, ModelConfig):
+        raise TypeError(f"model must be a ModelConfig (or a function of V returning one), "
+                        f"got {type(mc).__name__}")
+    if mc.vocab_size == 0:
+        return dataclasses.replace(mc, vocab_size=V)
+    if mc.vocab_size != V:
+        raise ValueError(f"the model's vocab_size is {mc.vocab_size} but the vocabulary has {V} words "
+                         "(vocab_size 0 takes the vocabulary's size)")
+    return mc
+
+
+def _run_from_model(files, out, tc, init_from, *, device, log, progress, comm, t_start,
+                    checkpoint_every=CHECKPOINT_EVERY, force_memory=False) -> dict:
     """:func:`run_training` from the parameters of model file ``init_from``."""
-    tc = train_config(hp, seed=seed, loss_average=loss_average, eval_batch_size=eval_batch_size)
-    tc.validate()
     mc0 = ModelConfig.from_dict(expected_model(sio.read_config(init_from), init_from))
     _memory_check(mc0, tc, device=device, comm=comm, force=force_memory, log=log)
     model, vocab, ck = load_model(init_from, device)

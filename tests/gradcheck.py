@@ -4,13 +4,13 @@ Each check follows Karpathy's recipe: a scalar ``loss = sum(y * w)`` over a
 layer's outputs (``w`` random, so every output gets its own weight), the
 analytic gradient from the layer's backward, and central differences of the
 loss.  Layers are checked as training runs them: the layer objects over a
-:class:`~slimnp.layers.ParamStore`, their gradients read from the store.
+:class:`~slimnp.buffers.ParamStore`, their gradients read from the store.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from slimnp.layers import ParamStore
+from slimnp.buffers import ParamStore
 
 EPS = 1e-6
 

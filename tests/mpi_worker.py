@@ -28,6 +28,7 @@ from slimnp import trainer as trainer_module
 from slimnp.distributed import digest
 from slimnp.model import LanguageModel
 from slimnp.trainer import Trainer, resume_training, run_training
+from slimnp.options import configs
 
 
 def _capture_trainers():
@@ -62,7 +63,7 @@ def train(spec_path):
         if run.get("interrupt_at") and comm.rank == 1:
             distributed.Communicator.step = interrupted_step
         undo = _step_clock(comm, out) if run.get("timer_steps") else (lambda: None)
-        summary = run_training(spec["files"], out, run["hp"], log=lambda m: None, progress=False,
+        summary = run_training(spec["files"], out, *configs(run["hp"]), log=lambda m: None, progress=False,
                                comm=comm, checkpoint_every=run.get("timer_steps", 10.0))
         undo()
         distributed.Communicator.step = step
@@ -133,7 +134,7 @@ def crash(outdir):
             return orig(self, *a, **kw)
 
         LanguageModel.forward_backward = forward_backward
-    run_training(files, Path(outdir) / "crash.h5", dict(TINY_HP), log=lambda m: None,
+    run_training(files, Path(outdir) / "crash.h5", *configs(dict(TINY_HP)), log=lambda m: None,
                  progress=False, comm=comm)
 
 

@@ -11,6 +11,7 @@ from slimnp import kernels
 from slimnp.kernels import adagrad_update, cpu, reference
 from slimnp.optim import SGD, Adagrad, make_optimizer
 from slimnp.trainer import TrainConfig, resume_training, run_training
+from slimnp.options import configs
 
 from helpers import TINY_HP, tiny_corpus
 
@@ -209,7 +210,7 @@ def test_state_dict_round_trip_through_hdf5(tmp_path, rng):
 
 def _run(files, out, **kw):
     hp = {**TINY_HP, "optimizer": "adagrad", "lr": 0.2, **kw}
-    return run_training(files, out, hp, log=lambda m: None, progress=False)
+    return run_training(files, out, *configs(hp), log=lambda m: None, progress=False)
 
 
 def test_interrupt_and_resume_is_bit_exact(tmp_path, monkeypatch):

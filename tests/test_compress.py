@@ -12,7 +12,7 @@ from slimnp.cli import main
 from slimnp.compress import compress_model, kmeans, nearest
 from slimnp.evaluate import evaluate_ids
 from slimnp.model import LanguageModel, ModelConfig
-from slimnp.trainer import load_model
+from slimnp.modelfile import load_model
 
 from helpers import tiny_corpus
 
@@ -228,7 +228,7 @@ def test_compress_rejects_bad_input():
 
 def test_compress_cli_errors_are_one_line(tmp_path):
     from slimnp import io as sio
-    from slimnp.trainer import mapping_fields
+    from slimnp.modelfile import mapping_fields
 
     m = _dense_model(V=40, H=8)
     path = tmp_path / "d.h5"

@@ -27,6 +27,7 @@ from slimnp import distributed as dist
 from slimnp import io as sio
 from slimnp.model import ModelConfig, param_shapes
 from slimnp.trainer import resume_training, run_training
+from slimnp.options import configs
 
 from helpers import TINY_HP, tiny_corpus
 
@@ -173,7 +174,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_ranks_equal_one_process(runs, name, tmp_path):
     d, files = runs
-    run_training(files, tmp_path / "one.h5", {**TINY_HP, **RUNS[name]}, log=lambda m: None,
+    run_training(files, tmp_path / "one.h5", *configs({**TINY_HP, **RUNS[name]}), log=lambda m: None,
                  progress=False)
     one, two = sio.load(tmp_path / "one.h5"), sio.load(d / f"{name}.h5")
     assert two.train_state["finished"] and two.train_state["epoch"] == 3
@@ -241,7 +242,7 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step(runs):
 def test_a_two_rank_checkpoint_resumes_in_one_process(runs, tmp_path):
     """The file holds the whole (L, 2, B, H) state: any number of ranks dividing B can go on."""
     d, files = runs
-    run_training(files, tmp_path / "one.h5", {**TINY_HP, **RESUME}, log=lambda m: None,
+    run_training(files, tmp_path / "one.h5", *configs({**TINY_HP, **RESUME}), log=lambda m: None,
                  progress=False)
     shutil.copy(d / "resume_signal.interrupted.h5", tmp_path / "two.h5")
     resume_training(tmp_path / "two.h5", log=lambda m: None, progress=False)

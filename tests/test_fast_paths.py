@@ -6,7 +6,8 @@ import pytest
 from slimnp import kernels
 from slimnp.backend import make_rng
 from slimnp.kernels import cpu, reference
-from slimnp.layers import ParamStore, Workspace, slim_softmax_loss_t
+from slimnp.buffers import ParamStore, Workspace
+from slimnp.layers import slim_softmax_loss_t
 from slimnp.mapping import hash_assignment, inverse_table, shuffle_assignment_pools
 from slimnp.model import LanguageModel, ModelConfig
 from slimnp.optim import SGD, global_norm
@@ -259,7 +260,7 @@ def test_workspace_reuses_buffers():
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("dropout,T", [(0.0, 23), (0.3, 10), (0.3, 31)])
 def test_pipelined_stack_equals_sequential(monkeypatch, dropout, T):
-    from slimnp import pipeline
+    from slimnp import threaded_lstm
 
     cfg = ModelConfig(vocab_size=50, hidden=8, layers=3, dropout=dropout, dtype="float64")
     rng = np.random.default_rng(0)
@@ -268,7 +269,7 @@ def test_pipelined_stack_equals_sequential(monkeypatch, dropout, T):
     state = rng.standard_normal((3, 2, 4, 8)) * 0.1
     out = []
     for piped in (True, False):
-        monkeypatch.setattr(pipeline, "enabled", lambda *a, piped=piped: piped)
+        monkeypatch.setattr(threaded_lstm, "enabled", lambda *a, piped=piped: piped)
         m = LanguageModel(cfg)
         m.init_params(make_rng(1))
         masks = m._masks(make_rng(5), T, 4)
@@ -284,9 +285,9 @@ def test_pipeline_error_propagates_without_hanging(monkeypatch):
     layers stop waiting, and the BLAS thread count is restored."""
     import threading
 
-    from slimnp import pipeline
+    from slimnp import threaded_lstm
 
-    real = pipeline.kernels.lstm_segment_kernels
+    real = threaded_lstm.kernels.lstm_segment_kernels
 
     def kernels_failing_off_main_thread(G, cs):
         fwd, bwd = real(G, cs)
@@ -298,38 +299,38 @@ def test_pipeline_error_propagates_without_hanging(monkeypatch):
 
         return step, bwd
 
-    monkeypatch.setattr(pipeline, "enabled", lambda *a: True)
-    monkeypatch.setattr(pipeline.kernels, "lstm_segment_kernels", kernels_failing_off_main_thread)
+    monkeypatch.setattr(threaded_lstm, "enabled", lambda *a: True)
+    monkeypatch.setattr(threaded_lstm.kernels, "lstm_segment_kernels", kernels_failing_off_main_thread)
     m = LanguageModel(ModelConfig(vocab_size=20, hidden=4, layers=3))
     m.init_params(make_rng(0))
-    before = pipeline.blas_threads()
+    before = threaded_lstm.blas_threads()
     x = np.zeros((12, 2), np.int32)
     with pytest.raises(RuntimeError, match="kernel failed"):
         m.nll(x, x, m.zero_state(2))
-    assert pipeline.blas_threads() == before
+    assert threaded_lstm.blas_threads() == before
 
 
 def test_pipeline_heuristic(monkeypatch):
-    from slimnp import pipeline
+    from slimnp import threaded_lstm
 
     # a 2-core machine whose OpenBLAS runs 2 threads, whatever runs the test
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(pipeline, "blas_threads", lambda: 2)
+    monkeypatch.setattr(threaded_lstm.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threaded_lstm, "blas_threads", lambda: 2)
     monkeypatch.delenv("SLIMNP_PIPELINE", raising=False)
-    assert pipeline.enabled(np, 2, 35, 20, 300)  # config B: pipelined
-    assert pipeline.enabled(np, 3, 10, 20, 200)  # two chunks, B*H = MIN_BH
-    assert not pipeline.enabled(np, 1, 35, 20, 300)  # one layer: nothing to overlap
-    assert not pipeline.enabled(np, 2, 5, 20, 300)  # a single chunk
-    assert not pipeline.enabled(np, 2, 35, 1, 200)  # steps too small (exact B=1 evaluation)
-    assert not pipeline.enabled(object(), 2, 35, 20, 300)  # not NumPy (CuPy)
-    monkeypatch.setattr(pipeline, "blas_threads", lambda: 1)
-    assert not pipeline.enabled(np, 2, 35, 20, 300)  # a single-threaded BLAS: no cores to share
-    monkeypatch.setattr(pipeline, "blas_threads", lambda: 2)
+    assert threaded_lstm.enabled(np, 2, 35, 20, 300)  # config B: pipelined
+    assert threaded_lstm.enabled(np, 3, 10, 20, 200)  # two chunks, B*H = MIN_BH
+    assert not threaded_lstm.enabled(np, 1, 35, 20, 300)  # one layer: nothing to overlap
+    assert not threaded_lstm.enabled(np, 2, 5, 20, 300)  # a single chunk
+    assert not threaded_lstm.enabled(np, 2, 35, 1, 200)  # steps too small (exact B=1 evaluation)
+    assert not threaded_lstm.enabled(object(), 2, 35, 20, 300)  # not NumPy (CuPy)
+    monkeypatch.setattr(threaded_lstm, "blas_threads", lambda: 1)
+    assert not threaded_lstm.enabled(np, 2, 35, 20, 300)  # a single-threaded BLAS: no cores to share
+    monkeypatch.setattr(threaded_lstm, "blas_threads", lambda: 2)
     monkeypatch.setenv("SLIMNP_PIPELINE", "1")
-    assert pipeline.enabled(np, 2, 35, 1, 200)  # on whenever possible ...
-    assert not pipeline.enabled(np, 1, 35, 1, 200)  # ... and only then
+    assert threaded_lstm.enabled(np, 2, 35, 1, 200)  # on whenever possible ...
+    assert not threaded_lstm.enabled(np, 1, 35, 1, 200)  # ... and only then
     monkeypatch.setenv("SLIMNP_PIPELINE", "0")
-    assert not pipeline.enabled(np, 2, 35, 20, 300)
+    assert not threaded_lstm.enabled(np, 2, 35, 20, 300)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

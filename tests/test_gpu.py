@@ -149,8 +149,8 @@ def _train_steps(model, loss, optimizer, steps=2, seed=3):
     host copies of everything a step produces."""
     from slimnp.backend import make_rng
     from slimnp.optim import make_optimizer
-    from slimnp.sampled import Sampled, prepare_model
-    from slimnp.sampling import AliasSampler
+    from slimnp.sampled_losses import Sampled, prepare_model
+    from slimnp.alias_sampler import AliasSampler
 
     xp, V = model.xp, model.config.vocab_size
     rng = make_rng(seed)
@@ -214,7 +214,7 @@ def test_gpu_trained_model_file_round_trip(tmp_path, variant):
 
     from helpers import tiny_corpus
     from slimnp.cli import main
-    from slimnp.trainer import load_model
+    from slimnp.modelfile import load_model
 
     files, _ = tiny_corpus(tmp_path / "data", tokens=4000, vocab=60)
     out = tmp_path / "m.h5"
@@ -249,12 +249,13 @@ def test_cpu_model_file_resumes_on_gpu(tmp_path):
     _need_gpu()
     from helpers import TINY_HP, tiny_corpus
     from slimnp.trainer import resume_training, run_training
+    from slimnp.options import configs
 
     files, _ = tiny_corpus(tmp_path / "data", tokens=3000, vocab=50)
     hp = dict(TINY_HP, epochs=1, optimizer="adagrad", lr=0.1)
     out = tmp_path / "r.h5"
     with kernels.using("reference"):
-        run_training(files, out, hp, log=lambda m: None, progress=False)
+        run_training(files, out, *configs(hp), log=lambda m: None, progress=False)
     summary = resume_training(out, epochs=2, device="gpu", log=lambda m: None, progress=False)
     assert summary["finished"] and np.isfinite(summary["best_valid_ppl"])
 
@@ -263,7 +264,8 @@ def test_cpu_model_file_resumes_on_gpu(tmp_path):
 def test_generate_and_score_on_gpu(tmp_path):
     _need_gpu()
     from helpers import TINY_HP, tiny_corpus
-    from slimnp.apply import LM
+    from slimnp.inference import LM
+    from slimnp.options import configs
     from slimnp.trainer import run_training
 
     files, _ = tiny_corpus(tmp_path / "data", tokens=3000, vocab=50)
@@ -271,7 +273,7 @@ def test_generate_and_score_on_gpu(tmp_path):
               output_k=2, output_ratio=0.5)
     out = tmp_path / "g.h5"
     with kernels.using("reference"):
-        run_training(files, out, hp, log=lambda m: None, progress=False)
+        run_training(files, out, *configs(hp), log=lambda m: None, progress=False)
     cpu, gpu_lm = LM.load(out), LM.load(out, "gpu")
     lines = files["test"].read_text().splitlines()[:20]
     with kernels.using("reference"):

@@ -4,7 +4,7 @@ import numpy as np
 from slimnp import io as sio
 from slimnp.backend import make_rng
 from slimnp.model import LanguageModel, ModelConfig, param_shapes
-from slimnp.trainer import expected_shapes, load_model
+from slimnp.modelfile import expected_shapes, load_model
 
 from helpers import cycle_losses
 

@@ -27,3 +27,19 @@ def test_library_example_runs(tmp_path, monkeypatch):
     tiny_corpus(tmp_path, tokens=3000)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.rst", "exec"), {})
+
+
+def test_run_training_example_runs(tmp_path, monkeypatch):
+    block = README.split("vocabulary the run builds::\n\n")[1]
+    lines = []
+    for line in block.splitlines():
+        if line and not line.startswith("    "):
+            break
+        lines.append(line[4:])
+    code = "\n".join(lines)
+    assert "run_training(files" in code
+    tiny_corpus(tmp_path, tokens=3000)  # train.txt, valid.txt, test.txt
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    exec(compile(code, "README.rst", "exec"), {"print": printed.append})
+    assert (tmp_path / "model.h5").exists() and 1 < printed[0] < float("inf")

@@ -161,7 +161,7 @@ def test_a_missing_output_folder_fails_before_training(trained, tmp_path, monkey
     from slimnp.errors import WriteError
 
     with pytest.raises(WriteError, match="does not exist"):
-        trainer.run_training(files, out, {}, log=lambda m: None)
+        trainer.run_training(files, out, ModelConfig(vocab_size=0), trainer.TrainConfig(), log=lambda m: None)
     # rerank: before the model is loaded and the lists scored
     from slimnp import cli
 
@@ -346,13 +346,14 @@ MEASURE = r"""
 import json, resource, sys
 from slimnp import memory
 from slimnp.trainer import run_training
+from slimnp.options import configs
 seen = []
 check = memory.check
 memory.check = lambda *a, **kw: seen.append(check(*a, **kw)) or seen[-1]
 files, out, hp, warm = json.loads(sys.argv[1])
 # compile every kernel first (a tiny run of the same kind), then reset the
 # peak-RSS counter: Numba's compile-time memory is not the run's
-run_training(warm[0], warm[1], hp, log=lambda m: None, progress=False, checkpoint_every=0)
+run_training(warm[0], warm[1], *configs(hp), log=lambda m: None, progress=False, checkpoint_every=0)
 seen.clear()
 try:
     with open("/proc/self/clear_refs", "w") as f:
@@ -360,7 +361,7 @@ try:
     reset = True
 except OSError:
     reset = False
-run_training(files, out, hp, log=lambda m: None, progress=False, checkpoint_every=0)
+run_training(files, out, *configs(hp), log=lambda m: None, progress=False, checkpoint_every=0)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 if reset:
     for line in open("/proc/self/status"):

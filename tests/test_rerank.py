@@ -16,6 +16,7 @@ from slimnp.mt import fakemt, nbest
 from slimnp.cli import main
 from slimnp.synthetic import HMMSpec, write_corpus
 from slimnp.trainer import run_training
+from slimnp.options import configs
 
 HP = dict(layers=1, hidden=32, dropout=0.0, init_scale=0.1, epochs=3, bptt=10, batch_size=16, lr=1.0,
           schedule="epoch", lr_decay=0.5, decay_start=1, decay_threshold=1.0, clip=5.0)
@@ -26,7 +27,7 @@ def task(tmp_path_factory):
     d = tmp_path_factory.mktemp("rerank")
     write_corpus(d, HMMSpec(vocab=100, states=8, seed=0, support=20), 40000, 2000, 2000)
     files = {s: d / f"{s}.txt" for s in ("train", "valid", "test")}
-    run_training(files, d / "m.h5", HP, log=lambda m: None, progress=False)
+    run_training(files, d / "m.h5", *configs(HP), log=lambda m: None, progress=False)
     dev = fakemt.write_task(files["valid"].read_text().splitlines(), d, "dev", n=20, seed=1)
     test = fakemt.write_task(files["test"].read_text().splitlines(), d, "test", n=20, seed=2)
     return d / "m.h5", dev, test

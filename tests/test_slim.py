@@ -13,7 +13,7 @@ from slimnp.layers import (SlimSoftmax, Softmax, slim_embedding_backward, slim_e
                            slim_logits)
 from slimnp.mapping import hash_assignment, shuffle_assignment, shuffle_assignment_pools
 from slimnp.model import LanguageModel, ModelConfig
-from slimnp.trainer import load_model, mapping_fields
+from slimnp.modelfile import load_model, mapping_fields
 
 from gradcheck import assert_grad, layer
 from helpers import cycle_losses, tiny_corpus

@@ -7,13 +7,49 @@ import pytest
 
 from slimnp import io as sio
 from slimnp.optim import SGD, Schedule, clip_global_norm
-from slimnp.trainer import TrainingError, resume_training, run_training
+from slimnp.model import ModelConfig
+from slimnp.options import configs
+from slimnp.trainer import TrainConfig, TrainingError, resume_training, run_training
 
 from helpers import TINY_HP, tiny_corpus
 
 
 def _run(files, out, **kw):
-    return run_training(files, out, {**TINY_HP, **kw}, log=lambda m: None, progress=False)
+    return run_training(files, out, *configs({**TINY_HP, **kw}), log=lambda m: None, progress=False)
+
+
+def test_library_configs_and_cli_options_train_the_same_model(tmp_path):
+    """run_training takes a ModelConfig and a TrainConfig; the CLI's options
+    reach it through slimnp.options and give the same model bit for bit."""
+    files, _ = tiny_corpus(tmp_path / "c", tokens=6000)
+    hp = {**TINY_HP, "epochs": 1, "input": "slim", "input_k": 2, "input_ratio": 0.5}
+    a = run_training(files, tmp_path / "a.h5", *configs(hp, seed=3), log=lambda m: None, progress=False)
+    V = sio.load(tmp_path / "a.h5").config["model"]["vocab_size"]
+    mc = ModelConfig(vocab_size=0, hidden=16, layers=2, dropout=0.1, init_scale=0.1, input="slim",
+                     input_k=2, input_m=round(0.5 * 2 * V))
+    tc = TrainConfig(epochs=1, bptt=7, batch_size=4, lr=1.0, schedule="epoch", lr_decay=0.5,
+                     decay_start=1, decay_threshold=1.0, clip=5.0, seed=3)
+    b = run_training(files, tmp_path / "b.h5", mc, tc, log=lambda m: None, progress=False)
+    assert a["test_ppl"] == b["test_ppl"]
+    pa, pb = sio.load(tmp_path / "a.h5").params, sio.load(tmp_path / "b.h5").params
+    assert pa.keys() == pb.keys() and all(np.array_equal(pa[k], pb[k]) for k in pa)
+    # a vocab_size other than the vocabulary's, a missing or doubled model, a dict
+    with pytest.raises(ValueError, match=f"vocab_size is 7 but the vocabulary has {V} words"):
+        run_training(files, tmp_path / "c.h5", ModelConfig(vocab_size=7), tc, log=lambda m: None)
+    with pytest.raises(TypeError, match="exactly one of model"):
+        run_training(files, tmp_path / "c.h5", None, tc, log=lambda m: None)
+    with pytest.raises(TypeError, match="exactly one of model"):
+        run_training(files, tmp_path / "c.h5", mc, tc, init_from=tmp_path / "a.h5", log=lambda m: None)
+    with pytest.raises(TypeError, match="train must be a TrainConfig"):
+        run_training(files, tmp_path / "c.h5", mc, dict(TINY_HP), log=lambda m: None)
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_train_config_from_dict_is_strict():
+    tc = TrainConfig(epochs=3, lr=0.5)
+    assert TrainConfig.from_dict(tc.to_dict()) == tc
+    with pytest.raises(ValueError, match="unknown training config keys: epoch, lr_decy"):
+        TrainConfig.from_dict({**tc.to_dict(), "lr_decy": 0.5, "epoch": 3})
 
 
 def test_tiny_run_learns_and_writes_files(tmp_path):
@@ -71,7 +107,7 @@ def test_sampled_training_is_checkpointed_and_evaluated_exactly(tmp_path):
     s = _run(files, tmp_path / "m.h5", loss="is", samples=10, epochs=1)
     cfg = sio.read_config(tmp_path / "m.h5")
     assert cfg["train"]["loss"] == "is" and cfg["train"]["samples"] == 10
-    from slimnp.trainer import load_model
+    from slimnp.modelfile import load_model
     from slimnp.evaluate import evaluate_ids
 
     model, vocab, _ = load_model(tmp_path / "m.best.h5")
@@ -173,7 +209,7 @@ def test_timed_checkpoints_inside_epochs_resume_bit_exactly(tmp_path, monkeypatc
         return took
 
     monkeypatch.setattr(Trainer, "_save_inside_epoch", save_and_copy)
-    run_training(files, tmp_path / "timed.h5", {**TINY_HP, **extra}, log=lambda m: None,
+    run_training(files, tmp_path / "timed.h5", *configs({**TINY_HP, **extra}), log=lambda m: None,
                  progress=False, checkpoint_every=10)
     recs = [json.loads(l) for l in (tmp_path / "timed.metrics.jsonl").read_text().splitlines()]
     nseg = 214  # 6000 tokens / 4 streams, bptt 7
@@ -257,7 +293,7 @@ def test_progress_line_says_when_the_checkpoint_was_written(tmp_path, monkeypatc
     monkeypatch.setattr(progress.Progress, "__init__", _always_draw(progress.Progress.__init__))
     now = [1000.0]
     monkeypatch.setattr(trainer, "_clock", lambda: now[0])
-    run_training(files, tmp_path / "m.h5", {**TINY_HP, "epochs": 2}, log=lambda m: None,
+    run_training(files, tmp_path / "m.h5", *configs({**TINY_HP, "epochs": 2}), log=lambda m: None,
                  progress=True, checkpoint_every=10)
     lines = stream.getvalue().splitlines()
     assert "no checkpoint yet" in lines[0]
@@ -275,7 +311,8 @@ def test_best_epoch_before_the_last_is_the_one_tested(tmp_path, monkeypatch):
     """The final test reads the best model's parameters into the model (no
     second copy in memory) and the final ones back afterwards."""
     from slimnp.evaluate import evaluate_ids
-    from slimnp.trainer import Trainer, load_model
+    from slimnp.modelfile import load_model
+    from slimnp.trainer import Trainer
 
     files, _ = tiny_corpus(tmp_path / "c")
     ppl = iter([50.0, 60.0])  # epoch 1 is the best

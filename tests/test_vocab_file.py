@@ -6,6 +6,7 @@ import pytest
 from slimnp.data import CorpusError, Vocabulary, find_splits
 from slimnp.synthetic import HMMSpec, write_corpus
 from slimnp.trainer import run_training
+from slimnp.options import configs
 
 from helpers import TINY_HP
 
@@ -35,9 +36,9 @@ def test_synthetic_corpus_fixes_the_whole_vocabulary(tmp_path):
     files = find_splits(tmp_path)
     assert files["vocab"] == tmp_path / "vocab.txt"
     seen = len(Vocabulary.build(files["train"]))
-    s = run_training(files, tmp_path / "m.h5", {**TINY_HP, "epochs": 1, "loss": "is", "samples": 50},
+    s = run_training(files, tmp_path / "m.h5", *configs({**TINY_HP, "epochs": 1, "loss": "is", "samples": 50}),
                      log=lambda m: None, progress=False)
-    from slimnp.trainer import load_model
+    from slimnp.modelfile import load_model
 
     model, vocab, _ = load_model(tmp_path / "m.h5")
     assert len(vocab) == 4001 > seen  # 4,000 words + <unk>

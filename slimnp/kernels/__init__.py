@@ -457,5 +457,5 @@ def hmm_log_prob(ids, initial, t_ptr, t_col, t_val, bg_weight, background, w_ptr
 def alias_table(scaled, prob, alias) -> None:
     """Vose's alias table of ``scaled = V p`` (float64, consumed): fills
     ``prob (V,)`` float64 and ``alias (V,)`` int32.  See
-    :class:`slimnp.sampling.AliasSampler`."""
+    :class:`slimnp.alias_sampler.AliasSampler`."""
     _host_module().alias_table(scaled, prob, alias)

@@ -1,13 +1,13 @@
 """Numba loops of the host-side tools: the synthetic corpus's HMM
 (:mod:`slimnp.synthetic`) and the alias sampler's table
-(:mod:`slimnp.sampling`).
+(:mod:`slimnp.alias_sampler`).
 
 They live here, with the other compiled code, but have no reference or GPU
 twin: no layer calls them, they run on host NumPy arrays once per corpus or
 sampler, and their tests check them against exact results (the HMM's
 brute-force probabilities, the alias table's distribution).  The dispatcher
 (:mod:`slimnp.kernels`) imports this module on first use, so importing
-:mod:`slimnp.synthetic` or :mod:`slimnp.sampling` does not import Numba.
+:mod:`slimnp.synthetic` or :mod:`slimnp.alias_sampler` does not import Numba.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def hmm_log_prob(ids, initial, t_ptr, t_col, t_val, bg_weight, background, w_ptr
 
 
 # ---------------------------------------------------------------------------
-# Walker's alias table by Vose's O(V) construction (slimnp.sampling)
+# Walker's alias table by Vose's O(V) construction (slimnp.alias_sampler)
 # ---------------------------------------------------------------------------
 @nb.njit(**_JIT)
 def alias_table(scaled, prob, alias):

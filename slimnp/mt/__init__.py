@@ -10,7 +10,7 @@ than part of the engine.
 
 :func:`rerank_nbest` is what ``slimnp rerank`` runs::
 
-    >>> from slimnp.apply import load                                   # doctest: +SKIP
+    >>> from slimnp.inference import load                                   # doctest: +SKIP
     >>> from slimnp.mt import rerank_nbest                              # doctest: +SKIP
     >>> res = rerank_nbest(load("ptb.h5"), "test.nbest", dev_nbest="dev.nbest",
     ...                    dev_refs="dev.ref", test_refs="test.ref")    # doctest: +SKIP

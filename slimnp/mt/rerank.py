@@ -166,7 +166,7 @@ def rerank_nbest(lm, nbest_file, *, weights: Optional[str] = None, dev_nbest=Non
     """Rerank the Moses n-best list ``nbest_file`` with ``lm`` as an extra feature.
 
     Every hypothesis gets the feature ``feature_name``: its natural-log
-    probability under ``lm`` (a :class:`slimnp.apply.LM`; as a sentence,
+    probability under ``lm`` (a :class:`slimnp.inference.LM`; as a sentence,
     from a fresh state).  Weights come from ``weights`` (``"TM0=1
     SlimLM0=0.2"``, :func:`slimnp.mt.nbest.parse_weights`), or are tuned for
     corpus BLEU on the development list ``dev_nbest`` and its references

@@ -301,7 +301,7 @@ class LM:
 
     @classmethod
     def load(cls, path, device: str = "cpu") -> "LM":
-        from .trainer import load_model
+        from .modelfile import load_model
 
         model, vocab, _ = load_model(path, device)
         return cls(model, vocab, str(path))

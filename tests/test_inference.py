@@ -1,4 +1,4 @@
-"""Scoring and generation with a trained model (slimnp.apply, `slimnp score`,
+"""Scoring and generation with a trained model (slimnp.inference, `slimnp score`,
 `slimnp generate`)."""
 import json
 
@@ -7,10 +7,11 @@ import pytest
 from click.testing import CliRunner
 from helpers import TINY_HP, tiny_corpus
 
-from slimnp import apply
+from slimnp import inference
 from slimnp.cli import main
 from slimnp.evaluate import evaluate_ids
 from slimnp.trainer import run_training
+from slimnp.options import configs
 
 SLIM = dict(input="slim", input_k=4, input_ratio=0.25, output="slim", output_k=4, output_ratio=0.25)
 
@@ -21,13 +22,13 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("apply")
     files, _ = tiny_corpus(d)
     out = d / "m.h5"
-    run_training(files, out, {**TINY_HP, **SLIM, "dropout": 0.0}, log=lambda m: None, progress=False)
+    run_training(files, out, *configs({**TINY_HP, **SLIM, "dropout": 0.0}), log=lambda m: None, progress=False)
     return out, files["test"]
 
 
 @pytest.fixture(scope="module")
 def lm(trained):
-    return apply.load(trained[0])
+    return inference.load(trained[0])
 
 
 def _lines(path):
@@ -129,7 +130,7 @@ def test_cli_score_text_json_and_words(trained):
     rows = [line.split("\t") for line in r.stdout.splitlines()]
     lines = _lines(test)
     assert len(rows) == len(lines) and rows[0][5] == lines[0]
-    lm = apply.load(model)
+    lm = inference.load(model)
     want = lm.score(lines)
     assert float(rows[0][0]) == pytest.approx(want[0].logprob, abs=1e-4)
     assert "perplexity" in r.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from slimnp.backend import make_rng
-from slimnp.sampling import AliasSampler, unigram_noise
+from slimnp.alias_sampler import AliasSampler, unigram_noise
 
 
 def _skewed(V, seed=0):

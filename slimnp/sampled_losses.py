@@ -38,7 +38,7 @@ KINDS = ("softmax", "is", "nce")
 
 class Sampled:
     """A sampled objective: ``kind`` ('is' or 'nce'), ``S`` proposals per
-    minibatch drawn by ``sampler`` (``slimnp.sampling.AliasSampler``-like:
+    minibatch drawn by ``sampler`` (``slimnp.alias_sampler.AliasSampler``-like:
     ``sample(rng, n)`` and ``log_prob(ids)``) with the host generator ``rng``.
     """
 

@@ -6,7 +6,7 @@ import pytest
 
 from slimnp.backend import make_rng
 from slimnp.model import LanguageModel, ModelConfig
-from slimnp.sampled import Sampled, sampled_loss
+from slimnp.sampled_losses import Sampled, sampled_loss
 
 from backends import GPU, GPU_SUM_TOL, GPU_TOL
 
@@ -97,7 +97,7 @@ def test_sampled_training_lowers_exact_nll(kind):
     distribution) on a Zipf token stream lower the exact NLL by > 0.3 nats in
     30 steps (full softmax training: 3.70 -> 3.12)."""
     from slimnp.optim import SGD
-    from slimnp.sampled import prepare_model
+    from slimnp.sampled_losses import prepare_model
 
     rng = np.random.default_rng(0)
     V = 40
