@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from slimnp import kernels
 from slimnp.backend import make_rng
 from slimnp.cli import main
-from slimnp.compress import compress_model, kmeans, nearest
+from slimnp.compress import CoarseIndex, compress_model, kmeans, nearest, nearest_ivf
 from slimnp.evaluate import evaluate_ids
 from slimnp.model import LanguageModel, ModelConfig
 from slimnp.modelfile import load_model
@@ -178,6 +178,54 @@ def test_kmeans_objective_never_increases():
         r = kmeans(X, 60, seed=1, iters=40, tol=0, pp_budget=seeding_budget)
         assert len(r.history) == r.iterations > 5
         assert all(b <= a * (1 + 1e-6) for a, b in zip(r.history, r.history[1:])), r.history
+
+
+def test_kmeans_objective_never_increases_with_the_approximate_search():
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((3000, 8)).astype(np.float32)
+    r = kmeans(X, 100, seed=1, iters=30, tol=0, exact_budget=0, nprobe=2)
+    assert r.search == "ivf(10, 2)" and len(r.history) == r.iterations == 30
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(r.history, r.history[1:])), r.history
+
+
+def _clustered(n=20000, d=16, centres=800, seed=0):
+    rng = np.random.default_rng(seed)
+    T = rng.standard_normal((centres, d)).astype(np.float32)
+    return (T[rng.integers(centres, size=n)] + 0.3 * rng.standard_normal((n, d))).astype(np.float32), rng
+
+
+def test_ivf_search_probing_every_list_is_exact():
+    X, rng = _clustered()
+    C = X[rng.choice(len(X), 400, replace=False)]
+    index = CoarseIndex(C, seed=2)
+    assert index.lists == 20 and index.start[-1] == 400
+    assert np.array_equal(np.sort(index.order), np.arange(400))  # every centroid in one list
+    le, de = nearest(X, C)
+    li, di = nearest_ivf(X, C, nprobe=20, index=index, block=1000)
+    assert np.array_equal(li, le)
+    np.testing.assert_allclose(di, de, rtol=1e-5, atol=1e-4)
+
+
+def test_ivf_search_is_close_and_never_worse_than_the_previous_labels():
+    X, rng = _clustered()
+    C = X[rng.choice(len(X), 400, replace=False)]
+    le, de = nearest(X, C)
+    li, di = nearest_ivf(X, C, nprobe=4, seed=1)  # 4 of 20 lists: a fifth of the flops
+    assert (li == le).mean() > 0.8 and di.sum() <= 1.05 * de.sum()  # measured 0.88, 1.03
+    np.testing.assert_allclose(di, ((X - C[li]) ** 2).sum(axis=1), rtol=1e-4, atol=1e-3)
+    # with the exact labels as the previous ones, the search cannot lose them
+    lp, dp = nearest_ivf(X, C, nprobe=1, seed=1, previous=le)
+    assert np.array_equal(lp, le)
+    again = nearest_ivf(X, C, nprobe=4, seed=1)
+    assert np.array_equal(again[0], li)  # seeded
+
+
+def test_kmeans_switches_to_the_ivf_search_above_its_budget():
+    X, _ = _clustered()
+    exact = kmeans(X, 400, seed=0, iters=10)
+    approx = kmeans(X, 400, seed=0, iters=10, exact_budget=1e6)
+    assert exact.search == "exact" and approx.search == "ivf(20, 8)"
+    assert approx.inertia <= 1.03 * exact.inertia
 
 
 def _codebook_model(V=60, H=8, K=2, Mk=5, M_in=7, seed=0):
