@@ -452,7 +452,7 @@ def inspect(model, as_json):
 @click.option("--frequent", type=click.IntRange(min=0), default=0, show_default=True, help="The N most frequent words keep their exact sub-vectors as private pool entries (each pool grows by N).")
 @click.option("--valid", "valid_file", type=click.Path(dir_okay=False, exists=True), help="Text to report the perplexity on, before and after.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the k-means samples and seeding.")
-@click.option("--iters", type=click.IntRange(min=1), default=25, show_default=True, help="Lloyd iterations at most.")
+@click.option("--iters", type=click.IntRange(min=1), default=None, help="Lloyd iterations at most [default: 25; 10 where a k-means is too big for the exact search (over 2e11 flops a pass, e.g. a 793K-word layer) and runs an inverted-file search].")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")

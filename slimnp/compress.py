@@ -33,7 +33,6 @@ work is one GEMM per list over the points that probe it -- about
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import time
@@ -88,10 +87,19 @@ class CoarseIndex:
         k = C.shape[0]
         L = max(1, min(k, lists or int(round(math.sqrt(k)))))
         r = kmeans(C, L, seed=seed, iters=8, pp_budget=0, exact_budget=math.inf)
-        self.Q = r.centroids
-        self.order = np.argsort(r.labels, kind="stable").astype(np.int64)
-        self.start = np.concatenate([[0], np.cumsum(np.bincount(r.labels, minlength=L))])
-        self.lists = L
+        self.Q, self.lists = r.centroids, L
+        self._set(r.labels)
+
+    def _set(self, labels) -> None:
+        self.order = np.argsort(labels, kind="stable").astype(np.int64)
+        self.start = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=self.lists))])
+
+    def relist(self, C) -> "CoarseIndex":
+        """The same coarse centres, each of ``C``'s (moved) centroids put in
+        its nearest one's list: Lloyd's centroids move little from one
+        iteration to the next, so the lists are redrawn, not re-clustered."""
+        self._set(nearest(C, self.Q)[0])
+        return self
 
 
 def nearest_ivf(X, C, *, nprobe: int = 8, index: CoarseIndex | None = None, seed: int = 0,
@@ -111,7 +119,7 @@ def nearest_ivf(X, C, *, nprobe: int = 8, index: CoarseIndex | None = None, seed
     n = X.shape[0]
     index = index or CoarseIndex(C, seed=seed)
     nprobe = max(1, min(nprobe, index.lists))
-    probes, _ = _top_lists(X, index.Q, nprobe, block)
+    probes = _top_lists(X, index.Q, nprobe, block)
     c_sq = np.einsum("ij,ij->i", C, C, dtype=np.float64).astype(X.dtype)
     best = np.full(n, np.inf)
     labels = np.zeros(n, np.int32)
@@ -148,15 +156,14 @@ def nearest_ivf(X, C, *, nprobe: int = 8, index: CoarseIndex | None = None, seed
 def _top_lists(X, Q, nprobe: int, block: int):
     """The ``nprobe`` coarse centres nearest each row (n, nprobe), nearest first."""
     n = X.shape[0]
-    q_sq = np.einsum("ij,ij->i", Q, Q, dtype=np.float64)
+    q_sq = np.einsum("ij,ij->i", Q, Q, dtype=np.float64).astype(X.dtype)
     out = np.empty((n, nprobe), np.int32)
+    scores = np.empty((min(block, n), Q.shape[0]), X.dtype)
     for i in range(0, n, block):
-        t = q_sq[None, :] - 2.0 * (X[i:i + block] @ Q.T)
-        part = np.argpartition(t, nprobe - 1, axis=1)[:, :nprobe] if nprobe < Q.shape[0] else \
-            np.broadcast_to(np.arange(Q.shape[0]), (t.shape[0], Q.shape[0]))
-        key = np.take_along_axis(t, part, axis=1)
-        out[i:i + block] = np.take_along_axis(part, np.argsort(key, axis=1, kind="stable"), axis=1)
-    return out, q_sq
+        s = scores[: min(block, n - i)]
+        np.matmul(X[i:i + block], Q.T, out=s)
+        kernels.nearest_lists(s, q_sq, out[i:i + block])
+    return out
 
 
 def _kmeanspp(X, k, rng):
@@ -207,7 +214,7 @@ def _repair(X, C, counts, d2):
     return int(empty.size)
 
 
-def kmeans(X, k: int, *, seed: int = 0, iters: int = 25, tol: float = 1e-4,
+def kmeans(X, k: int, *, seed: int = 0, iters: int | None = None, tol: float = 1e-4,
            sample: int | None = None, pp_budget: float = 2e9, exact_budget: float = 2e11,
            nprobe: int = 8) -> KMeansResult:
     """Cluster the rows of ``X (n, d)`` into ``k`` centroids.
@@ -217,7 +224,8 @@ def kmeans(X, k: int, *, seed: int = 0, iters: int = 25, tol: float = 1e-4,
     X : (n, d) float32 or float64 points
     k : clusters, ``1 <= k <= n``
     seed : the generator of the sample and the seeding: same seed, same result
-    iters : at most this many Lloyd iterations on the sample
+    iters : at most this many Lloyd iterations on the sample (default 25
+        with the exact search, 10 with the inverted file)
     tol : stop when the sample's inertia improves by less than this fraction
     sample : fit the centroids on this many points drawn without replacement
         (default: all points up to ``max(64 k, 100_000)``, or ``max(4 k,
@@ -254,11 +262,13 @@ def kmeans(X, k: int, *, seed: int = 0, iters: int = 25, tol: float = 1e-4,
     else:
         search = f"ivf({max(1, int(round(math.sqrt(k))))}, {nprobe})"
 
-        passes = itertools.count(1)
+        index = None
 
-        def assign(P, C, previous=None):  # a fresh index of the moved centroids, seeded per pass
-            return nearest_ivf(P, C, nprobe=nprobe, index=CoarseIndex(C, seed=seed + next(passes)),
-                               previous=previous)
+        def assign(P, C, previous=None):  # the coarse centres fitted once, the lists redrawn
+            nonlocal index
+            index = CoarseIndex(C, seed=seed + 1) if index is None else index.relist(C)
+            return nearest_ivf(P, C, nprobe=nprobe, index=index, previous=previous)
+    iters = iters or (25 if exact else 10)
     prev, it, history, labels = math.inf, 0, [], None
     for it in range(1, iters + 1):
         labels, d2 = assign(S, C) if exact or labels is None else assign(S, C, labels)
@@ -350,7 +360,7 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
     F = len(freq)
     new = {}
     tables = {}
-    report = {"frequent": F, "kmeans": {"iters": kmeans_kw.get("iters", 25),
+    report = {"frequent": F, "kmeans": {"iters": kmeans_kw.get("iters") or "auto",
                                         "tol": kmeans_kw.get("tol", 1e-4), "seed": seed}}
     if frequent:
         share = float(np.asarray(counts, np.float64)[freq].sum() / max(np.sum(counts), 1))

@@ -427,6 +427,22 @@ def nearest_centroid(scores, c_sq, labels, d2):
     (reference if impl is _gpu else impl).nearest_centroid(scores, c_sq, labels, d2)
 
 
+def nearest_lists(scores, q_sq, out):
+    """The ``n = out.shape[1]`` nearest coarse centres of each row of a block,
+    nearest first (see :func:`reference.nearest_lists`).  scores (b, L) and
+    q_sq (L,) of one float dtype; out (b, n) int32, ``1 <= n <= L``, is written."""
+    _check_float("scores", scores)
+    _check_float("q_sq", q_sq, scores.dtype)
+    b, L = scores.shape
+    _check_shape("q_sq", q_sq, (L,))
+    if out.ndim != 2 or out.shape[0] != b or not 1 <= out.shape[1] <= L:
+        raise ValueError(f"out must have shape ({b}, n) with 1 <= n <= {L}, got {out.shape}")
+    if out.dtype != np.int32:
+        raise TypeError(f"out must be int32, got {out.dtype}")
+    impl = _impl(scores, q_sq, out)
+    (reference if impl is _gpu else impl).nearest_lists(scores, q_sq, out)
+
+
 # ---------------------------------------------------------------------------
 # Numba's thread pool, and the host-side tools' loops (kernels/host.py: Numba
 # in every mode; they take host NumPy arrays and have no layer-facing twin)

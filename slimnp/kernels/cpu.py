@@ -987,3 +987,34 @@ def nearest_centroid(scores, c_sq, labels, d2):
     b, k = scores.shape
     fn = _nearest_centroid_parallel if b * k >= 1 << 16 else _nearest_centroid_serial
     fn(scores, c_sq, labels, d2)
+
+
+def _nearest_lists_impl(scores, q_sq, out):
+    b, L = scores.shape
+    n = out.shape[1]
+    for i in nb.prange(b):
+        # insertion into a sorted run of the n best so far: n is small (the
+        # probes of an inverted file); strict < keeps the lower j on ties
+        best = np.full(n, np.inf)
+        arg = np.zeros(n, np.int32)
+        for j in range(L):
+            t = np.float64(q_sq[j]) - 2.0 * np.float64(scores[i, j])
+            if t < best[n - 1]:
+                p = n - 1
+                while p > 0 and t < best[p - 1]:
+                    best[p] = best[p - 1]
+                    arg[p] = arg[p - 1]
+                    p -= 1
+                best[p] = t
+                arg[p] = j
+        for p in range(n):
+            out[i, p] = arg[p]
+
+
+_nearest_lists_serial, _nearest_lists_parallel = _serial_and_parallel(_nearest_lists_impl)
+
+
+def nearest_lists(scores, q_sq, out):
+    b, L = scores.shape
+    fn = _nearest_lists_parallel if b * L >= 1 << 16 else _nearest_lists_serial
+    fn(scores, q_sq, out)

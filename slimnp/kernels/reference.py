@@ -382,3 +382,13 @@ def nearest_centroid(scores, c_sq, labels, d2):
     t = c_sq[None, :].astype(xp.float64) - 2.0 * scores.astype(xp.float64)
     labels[...] = xp.argmin(t, axis=1)
     d2[...] = t[xp.arange(t.shape[0]), labels]
+
+
+def nearest_lists(scores, q_sq, out):
+    """Given ``scores[i, j] = x_i . q_j`` (b, L) and ``q_sq[j] = |q_j|^2``,
+    write ``out[i]`` (b, n) int32: the n indices j with the smallest
+    ``q_sq[j] - 2 scores[i, j]`` (computed in float64), smallest first, the
+    lower j first on ties -- the lists an inverted-file search probes."""
+    xp = array_module(scores)
+    t = q_sq[None, :].astype(xp.float64) - 2.0 * scores.astype(xp.float64)
+    out[...] = xp.argsort(t, axis=1, kind="stable")[:, : out.shape[1]]
