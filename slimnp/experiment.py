@@ -601,8 +601,18 @@ def status(plan: Plan) -> list:
     out = []
     for r in plan.runs:
         ckpt = plan.runs_dir / f"{r.name}.h5"
+        warm = plan.runs_dir / f"{r.name}.warmup.h5"
         if r.name in done:
             out.append((r, "done", done[r.name]))
+        elif not ckpt.exists() and warm.exists():  # a learned run still in its dense warm-up
+            try:
+                st = sio.describe(warm)["train_state"]
+                state = f"warm-up epoch {st.get('epoch')}, segment {st.get('segment')}"
+                if st.get("finished"):
+                    state = "warm-up done"
+            except Exception as exc:
+                state = f"checkpoint unreadable ({type(exc).__name__})"
+            out.append((r, state, None))
         elif ckpt.exists():
             try:
                 st = sio.describe(ckpt)["train_state"]
@@ -708,14 +718,16 @@ class Runner:
         plan = self.plan
         plan.runs_dir.mkdir(parents=True, exist_ok=True)
         todo = self.pending()
-        skipped = len(plan.runs) - len(todo) if not self.only else len(self.only) - len(todo)
+        done = read_results(plan.results)
+        finished = sum(r.name in done for r in plan.runs)
         for r in todo:
             ckpt = plan.runs_dir / f"{r.name}.h5"
             # (a learned run's checkpoints hold the warm-up's and the compressed
             # model's configs, not the plan's: not compared)
             if ckpt.exists() and not r.meta.get("learned"):
                 check_stale(r, ckpt)
-        self.log(f"{plan.path}: {len(plan.runs)} runs, {skipped} finished, {len(todo)} to run "
+        chosen = f" of the {len(self.only)} chosen by --only" if self.only else ""
+        self.log(f"{plan.path}: {len(plan.runs)} runs, {finished} finished, {len(todo)}{chosen} to run "
                  f"({self.jobs} at a time, {self.threads} thread(s) each, {self.device}); "
                  f"results: {plan.results}")
         queue = list(todo)

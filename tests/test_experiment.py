@@ -128,6 +128,8 @@ def test_plan_runs_skips_finished_and_jobs_agree(tmp_path, corpus):
     before = results.read_bytes()
     again = _run(["run", str(one)])
     assert again.returncode == 0 and "3 finished, 0 to run" in again.stderr
+    only = _run(["run", str(one), "--only", "sm-4"])  # finished runs counted over the whole plan
+    assert only.returncode == 0 and "3 finished, 0 of the 1 chosen by --only to run" in only.stderr
     assert results.read_bytes() == before
     # --jobs 2 elsewhere: the same table
     (tmp_path / "b").mkdir()
