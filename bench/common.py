@@ -156,8 +156,14 @@ def machine_info(threads: int, torch_ok: bool) -> dict:
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         info["blas"] = f"{blas.get('name')} {blas.get('version')}"
+        # OpenBLAS names the kernel it picked for this CPU (DYNAMIC_ARCH): "... Haswell MAX_THREADS=64"
+        words = str(blas.get("openblas configuration", "")).split()
+        arch = [w for w in words if w not in ("USE64BITINT", "DYNAMIC_ARCH", "NO_AFFINITY", "OpenBLAS")
+                and not w.startswith("MAX_THREADS") and not w[:1].isdigit()]
+        info["blas_kernel"] = arch[-1] if arch else "unknown"
     except Exception:
-        info["blas"] = "unknown"
+        info["blas"], info["blas_kernel"] = "unknown", "unknown"
+    info["l3_cache"] = l3_cache()
     try:
         import numba
 
@@ -179,15 +185,35 @@ def machine_info(threads: int, torch_ok: bool) -> dict:
     return info
 
 
-def format_machine(m: dict) -> str:
+def l3_cache() -> str:
+    """The L3 cache size Linux reports for CPU 0 ('32768K'), or 'unknown'."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in sorted(e for e in os.listdir(base) if e.startswith("index")):
+            with open(f"{base}/{entry}/level") as f:
+                if f.read().strip() != "3":
+                    continue
+            with open(f"{base}/{entry}/size") as f:
+                return f.read().strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def format_machine(m: dict, short: bool = False) -> str:
+    """The machine lines of a benchmark's output (``short``: CPU and
+    libraries only, for the benchmarks that do not compare engines)."""
     lines = [f"machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
-             f"load average {' '.join(map(str, m['loadavg']))}",
-             f"python {m['python']}, numpy {m['numpy']} (BLAS: {m['blas']}), "
+             f"L3 {m.get('l3_cache', 'unknown')}, load average {' '.join(map(str, m['loadavg']))}",
+             f"python {m['python']}, numpy {m['numpy']} (BLAS: {m['blas']}, "
+             f"kernel {m.get('blas_kernel', 'unknown')}), "
              f"numba {m['numba']}, torch {m['torch'] or 'n/a'}",
              f"threads: --threads {m['threads']} for both engines (torch.set_num_threads; "
              f"slimnp OpenBLAS + Numba); library defaults: OpenBLAS "
              f"{m['blas_threads_default']}, Numba {m.get('numba_threads_default')}, "
              f"torch {m.get('torch_threads_default', 'n/a')}"]
+    if short:
+        lines = lines[:2]
     if m["env"]:
         lines.append("env: " + " ".join(f"{k}={v}" for k, v in m["env"].items()))
     return "\n".join(lines)

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     k = max(1, round(a.ratio * V))
     pools = min(K, a.pools or K)
     info = machine_info(threads=0, torch_ok=False)
-    print(format_machine(info), file=sys.stderr)
+    print(format_machine(info, short=True), file=sys.stderr)
     print(f"k-means: {pools} of {K} pools, each {V:,} x {d} into {k:,} centroids "
           f"(exact pass: {2 * V * k * d / 1e12:.1f} TFLOP per pool)", file=sys.stderr)
     rng = np.random.default_rng(0)

@@ -135,6 +135,9 @@ def main():
     if a.json:
         print(json.dumps(rows))
         return
+    from common import format_machine, machine_info  # bench/ is sys.path[0]
+
+    print(format_machine(machine_info(threads=0, torch_ok=False), short=True))
     print(f"V={a.vocab:,} {a.layers}x{a.hidden} T={a.bptt} B={a.batch} loss={a.loss} S={a.samples} "
           f"optimizer={a.optimizer}; slim: K=8, input 1/32, output 1/8")
     print(f"{'variant':8} {'parameters':>14} {'params+grads+opt':>17} {'peak RSS':>10} {'tok/s':>8}")

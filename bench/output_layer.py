@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from slimnp.kernels import cpu  # noqa: E402
 from slimnp import kernels  # noqa: E402
 from slimnp.buffers import Workspace  # noqa: E402
+from common import format_machine, machine_info  # noqa: E402  (bench/ is sys.path[0])
 from slimnp.layers import slim_log_probs_t, slim_logits  # noqa: E402
 from slimnp.mapping import shuffle_assignment_pools  # noqa: E402
 
@@ -124,9 +125,12 @@ def main(argv=None):
     if "uncompressed" in rows:
         res["speedup"] = rows["uncompressed"][0] / rows["slim"][0]
     res["slim_over_floor"] = rows["slim"][0] / floor
+    machine = machine_info(threads=0, torch_ok=False)
+    res["machine"] = machine
     if a.json:
         print(json.dumps(res))
         return
+    print(format_machine(machine, short=True))
     print(f"output layer: N={N} H={H} V={V:,} K={K} M/K={Mk:,} float32")
     print(f"measured: GEMM {gflops:.0f} GFLOP/s, copy {gbs:.1f} GB/s; slim floor {floor * 1e3:.1f} ms "
           f"({flops_slim / 1e9:.2f} GFLOP, {bytes_slim / 1e6:.0f} MB)")

@@ -122,6 +122,9 @@ def main():
     if a.json:
         print(json.dumps(results))
         return
+    from common import format_machine, machine_info  # bench/ is sys.path[0]
+
+    print(format_machine(machine_info(threads=0, torch_ok=False), short=True))
     for r in results:
         mb = 2 ** 20
         print(f"{os.path.basename(r['model'])}: {r['parameters']:,} parameters, file {r['file_bytes'] / mb:,.1f} MB, "
