@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from slimnp.experiment import read_results  # noqa: E402
+from slimnp.experiment import load_plan, read_results, status  # noqa: E402
 
 DOC = ROOT / "REPRODUCTION.rst"
 FIGURES = HERE / "figures"
@@ -170,6 +170,21 @@ def figures(sweeps: Path) -> list:
     return out
 
 
+def in_progress() -> str:
+    """Runs with a checkpoint but no result yet (their state, no numbers),
+    as ``slimnp experiment status`` shows them on this machine."""
+    lines = []
+    for plan_file in ("table2-ptb.toml", "sweeps-ptb.toml", "learned-ptb.toml"):
+        plan = load_plan(HERE / plan_file)
+        for run, state, rec in status(plan):
+            if rec is None and state != "new":
+                lines.append(f"``{run.name}`` ({plan_file}): {state}")
+    if not lines:
+        return ""
+    return ("\n\nIn progress when this page was generated (checkpoints on the machine that ran them; "
+            "the plan resumes them):\n\n" + "\n".join(f"* {l}" for l in lines))
+
+
 def fill(doc: str, name: str, body: str) -> str:
     pat = re.compile(rf"(\.\. BEGIN {name}\n)(.*?)(\n\.\. END {name})", re.S)
     if not pat.search(doc):
@@ -191,7 +206,8 @@ def main() -> None:
     doc = fill(doc, "learned", learned_table(sw, learned))
     done = len(sw) + len(res) + len(learned)
     doc = fill(doc, "status", f"Runs finished: {len(sw)} of 21 in the sweeps plan, {len(res)} of 5 "
-                              f"in Table 2's, {len(learned)} of 4 in the learned-assignment plan.")
+                              f"in Table 2's, {len(learned)} of 4 in the learned-assignment plan."
+                              + in_progress())
     DOC.write_text(doc, encoding="utf-8")
     written = figures(sweeps)
     print(f"{DOC}: {done} results; figures: {', '.join(str(p.relative_to(ROOT)) for p in written) or 'none'}")
