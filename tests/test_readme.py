@@ -14,14 +14,19 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert m.group(1) in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def test_library_example_runs(tmp_path, monkeypatch):
-    block = README.split("``import slimnp`` gives the pieces as a small array library::\n\n")[1]
+def literal_block(after: str) -> str:
+    """The README's indented literal block that follows the text ``after``."""
+    block = README.split(after + "\n\n")[1]
     lines = []
     for line in block.splitlines():
         if line and not line.startswith("    "):
             break
         lines.append(line[4:])
-    code = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def test_library_example_runs(tmp_path, monkeypatch):
+    code = literal_block("``import slimnp`` gives the pieces as a small array library::")
     assert "evaluate_ids" in code
     # "train.txt" / "valid.txt" of the example: a small synthetic corpus
     tiny_corpus(tmp_path, tokens=3000)
@@ -30,13 +35,7 @@ def test_library_example_runs(tmp_path, monkeypatch):
 
 
 def test_run_training_example_runs(tmp_path, monkeypatch):
-    block = README.split("vocabulary the run builds::\n\n")[1]
-    lines = []
-    for line in block.splitlines():
-        if line and not line.startswith("    "):
-            break
-        lines.append(line[4:])
-    code = "\n".join(lines)
+    code = literal_block("vocabulary the run builds::")
     assert "run_training(files" in code
     tiny_corpus(tmp_path, tokens=3000)  # train.txt, valid.txt, test.txt
     monkeypatch.chdir(tmp_path)
