@@ -83,8 +83,14 @@ def fig4(res: dict) -> str:
                      size(pm, "embedding_size")])
     head = (f"Uncompressed (2x200, {base['parameters']:,} parameters): test {base['test_ppl']:.2f}, "
             f"valid {base['valid_ppl']:.2f}.\n\n" if base else "Uncompressed: not run yet.\n\n")
-    return head + _table(["compression", "SE", "SM", "PM", "SM - SE", "PM - SE", "SE parameters",
-                          "SM hidden", "PM E"], rows)
+    table = _table(["compression", "SE", "SM", "PM", "SM - SE", "PM - SE", "SE parameters",
+                    "SM hidden", "PM E"], rows)
+    s0, s1 = (res.get("se-32"), res.get("sm-32")), (res.get("se-32-s1"), res.get("sm-32-s1"))
+    seeds = "\n\nSecond seed at 1/32 (seed 1, and shuffle table seed 1 for SE): " + (
+        f"SE {s1[0]['test_ppl']:.2f} (seed 0: {s0[0]['test_ppl']:.2f}), "
+        f"SM {s1[1]['test_ppl']:.2f} (seed 0: {s0[1]['test_ppl']:.2f})."
+        if all(s0) and all(s1) else "not run yet.")
+    return head + table + seeds
 
 
 def fig2(res: dict) -> str:
@@ -205,8 +211,10 @@ def main() -> None:
     learned = read_results(HERE / "results" / "learned-ptb.jsonl")
     doc = fill(doc, "learned", learned_table(sw, learned))
     done = len(sw) + len(res) + len(learned)
-    doc = fill(doc, "status", f"Runs finished: {len(sw)} of 21 in the sweeps plan, {len(res)} of 5 "
-                              f"in Table 2's, {len(learned)} of 4 in the learned-assignment plan."
+    n = {name: len(load_plan(HERE / f"{name}.toml").runs) for name in ("sweeps-ptb", "table2-ptb", "learned-ptb")}
+    doc = fill(doc, "status", f"Runs finished: {len(sw)} of {n['sweeps-ptb']} in the sweeps plan, "
+                              f"{len(res)} of {n['table2-ptb']} in Table 2's, {len(learned)} of "
+                              f"{n['learned-ptb']} in the learned-assignment plan."
                               + in_progress())
     DOC.write_text(doc, encoding="utf-8")
     written = figures(sweeps)
