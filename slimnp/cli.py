@@ -496,7 +496,8 @@ def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent,
         report["valid_ppl_before"] = evaluate_ids(dense, valid, vocab.eos_id, batch_size=10).perplexity
     slim, rep = compress_model(dense, counts, input_k=input_k, input_ratio=input_ratio,
                                output_k=output_k, output_ratio=output_ratio, frequent=frequent,
-                               seed=seed, source_sha256=file_sha256(model), log=log, iters=iters)
+                               seed=seed, source_sha256=file_sha256(model), log=log, iters=iters,
+                               progress=not as_json)
     report.update(rep)
     if valid is not None:
         report["valid_ppl_after"] = evaluate_ids(slim, valid, vocab.eos_id, batch_size=10).perplexity

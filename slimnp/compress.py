@@ -32,6 +32,7 @@ work is one GEMM per list over the points that probe it -- about
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -216,7 +217,7 @@ def _repair(X, C, counts, d2):
 
 def kmeans(X, k: int, *, seed: int = 0, iters: int | None = None, tol: float = 1e-4,
            sample: int | None = None, pp_budget: float = 2e9, exact_budget: float = 2e11,
-           nprobe: int = 8) -> KMeansResult:
+           nprobe: int = 8, on_iteration=None) -> KMeansResult:
     """Cluster the rows of ``X (n, d)`` into ``k`` centroids.
 
     Parameters
@@ -237,6 +238,8 @@ def kmeans(X, k: int, *, seed: int = 0, iters: int | None = None, tol: float = 1
         above this every pass searches an inverted file instead
         (:func:`nearest_ivf`, rebuilt each iteration) probing ``nprobe``
         of its ``~sqrt(k)`` lists
+    on_iteration : called as ``on_iteration(iteration, iters, inertia)``
+        after each Lloyd iteration (a progress line)
 
     Returns
     -------
@@ -274,6 +277,8 @@ def kmeans(X, k: int, *, seed: int = 0, iters: int | None = None, tol: float = 1
         labels, d2 = assign(S, C) if exact or labels is None else assign(S, C, labels)
         inertia = float(d2.sum())
         history.append(inertia)
+        if on_iteration is not None:
+            on_iteration(it, iters, inertia)
         C, counts = _update(S, labels, k, C)
         _repair(S, C, counts, d2)
         if math.isfinite(prev) and prev - inertia <= tol * prev and not (counts == 0).any():
@@ -294,7 +299,7 @@ def _frequent_ids(counts, N: int):
     return np.sort(order[:N])
 
 
-def output_tables(W, K: int, Mk: int, frequent, seed: int, **kw):
+def output_tables(W, K: int, Mk: int, frequent, seed: int, progress=None, **kw):
     """Product quantization of ``W (V, H)``: pools ``A (K, Mk + F, d)`` and the
     table ``idx (V, K)``.  The ``F = len(frequent)`` frequent words get
     private entries ``Mk .. Mk + F - 1`` of every pool holding their exact
@@ -308,7 +313,9 @@ def output_tables(W, K: int, Mk: int, frequent, seed: int, **kw):
     stats = []
     for k in range(K):
         sl = W[:, k * d : (k + 1) * d]
-        r = kmeans(sl[rest], min(Mk, len(rest)), seed=seed * 1000 + k, **kw)
+        tick = None if progress is None else \
+            (lambda i, n, inertia, k=k: progress(k + i / n, f"pool {k + 1}/{K}, iteration {i}"))
+        r = kmeans(sl[rest], min(Mk, len(rest)), seed=seed * 1000 + k, on_iteration=tick, **kw)
         A[k, : r.centroids.shape[0]] = r.centroids
         A[k, r.centroids.shape[0] : Mk] = 0  # when fewer words than entries
         A[k, Mk:] = sl[frequent]
@@ -318,7 +325,7 @@ def output_tables(W, K: int, Mk: int, frequent, seed: int, **kw):
     return A, idx, stats
 
 
-def input_tables(E, K: int, M: int, frequent, seed: int, **kw):
+def input_tables(E, K: int, M: int, frequent, seed: int, progress=None, **kw):
     """One pool for all positions: ``A (M + F*K, d)`` and ``idx (V, K)``; the
     frequent words' K slices each get a private row."""
     V, H = E.shape
@@ -326,7 +333,8 @@ def input_tables(E, K: int, M: int, frequent, seed: int, **kw):
     F = len(frequent)
     rest = np.setdiff1d(np.arange(V), frequent)
     slices = E[rest].reshape(len(rest) * K, d)  # row w*K + k: word w's k-th slice
-    r = kmeans(slices, min(M, slices.shape[0]), seed=seed, **kw)
+    tick = None if progress is None else (lambda i, n, inertia: progress(i / n, f"iteration {i}"))
+    r = kmeans(slices, min(M, slices.shape[0]), seed=seed, on_iteration=tick, **kw)
     A = np.zeros((M + F * K, d), E.dtype)
     A[: r.centroids.shape[0]] = r.centroids
     A[M:] = E[frequent].reshape(F * K, d)
@@ -338,14 +346,16 @@ def input_tables(E, K: int, M: int, frequent, seed: int, **kw):
 
 def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=None,
                    output_ratio=None, frequent: int = 0, seed: int = 0, source_sha256=None,
-                   log=lambda m: None, **kmeans_kw):
+                   log=lambda m: None, progress: bool = False, **kmeans_kw):
     """A slim :class:`~slimnp.model.LanguageModel` made from a dense one.
 
     ``input_k``/``input_ratio`` (and the output pair): K and the pool size as
     a share of the dense table, as ``slimnp train`` takes them (``M =
     ratio*K*V`` in, ``M/K = ratio*V`` out), before the ``frequent`` words'
     private entries (which add ``frequent*K`` to M on either side).  A side
-    whose K is None stays as it is.  Returns ``(slim model, report dict)``.
+    whose K is None stays as it is.  ``progress``: a progress line per
+    layer on stderr (pools and Lloyd iterations done, ETA).  Returns
+    ``(slim model, report dict)``.
     """
     from .model import LanguageModel
 
@@ -377,7 +387,8 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
             raise ValueError(f"--output-ratio {output_ratio:g} gives {Mk} entries per pool, fewer than "
                              f"the {F} private ones --frequent {F} adds: the frequent words would "
                              "outweigh the compressed pool; raise the ratio or lower --frequent")
-        A, idx, stats = output_tables(params["output/W"], K, Mk, freq, seed, **kmeans_kw)
+        with _progress(progress, K, "output k-means") as tick:
+            A, idx, stats = output_tables(params["output/W"], K, Mk, freq, seed, progress=tick, **kmeans_kw)
         new["output/A"] = A
         tables["output/idx"] = idx
         new["output/b"] = params["output/b"]
@@ -396,7 +407,9 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
             raise ValueError(f"--input-ratio {input_ratio:g} gives a pool of {M}, fewer than the "
                              f"{F * K} private entries --frequent {F} adds (K = {K} each); raise the "
                              "ratio or lower --frequent")
-        A, idx, stats = input_tables(params["embedding/W"], K, M, freq, seed + 1, **kmeans_kw)
+        with _progress(progress, 1, "input k-means") as tick:
+            A, idx, stats = input_tables(params["embedding/W"], K, M, freq, seed + 1, progress=tick,
+                                         **kmeans_kw)
         new["embedding/A"] = A
         tables["input/idx"] = idx
         report["input"] = {"K": K, "M": M + F * K, "clustered_M": M, "private_entries": F * K,
@@ -422,6 +435,21 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
     slim.load_params(new)
     report["parameters"] = {"before": model.num_parameters, "after": slim.num_parameters}
     return slim, report
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, label: str):
+    """A :class:`~slimnp.progress.Progress` line fed ``(done, info)``, or None."""
+    if not enabled:
+        yield None
+        return
+    from .progress import Progress
+
+    bar = Progress(total, label)
+    try:
+        yield lambda done, info: bar.update(done, info)
+    finally:
+        bar.close()
 
 
 def _distortion(W, A, idx, pools: bool) -> float:

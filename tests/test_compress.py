@@ -135,6 +135,17 @@ def test_compress_at_full_size_is_lossless():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_compress_shows_progress_per_pool(capsys):
+    m = _dense_model()
+    compress_model(m, np.ones(40), input_k=2, input_ratio=0.5, output_k=2, output_ratio=0.5,
+                   progress=True)
+    err = capsys.readouterr().err
+    assert "output k-means [" in err and "pool 1/2, iteration 1" in err, err
+    assert "input k-means [" in err and "iteration 1" in err, err
+    compress_model(m, np.ones(40), output_k=2, output_ratio=0.5)  # the library default: silent
+    assert capsys.readouterr().err == ""
+
+
 def test_frequent_words_keep_exact_vectors():
     m = _dense_model()
     counts = np.arange(40)[::-1] + 1  # word 0 the most frequent
