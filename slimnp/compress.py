@@ -419,7 +419,8 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
         log(f"input: K={K}, {M} clustered + {F * K} private entries, "
             f"relative distortion {report['input']['distortion']:.4f}")
     report["seconds"] = time.perf_counter() - t0
-    info = {"kind": "learned", "method": "k-means", **report["kmeans"], "frequent": F}
+    info = {"kind": "learned", "method": "k-means", **report["kmeans"], "frequent": F,
+            **{f"{side}_search": report[side]["search"] for side in ("output", "input") if side in report}}
     if source_sha256:
         info["source_sha256"] = source_sha256
     fields = {"mapping": "learned", "mapping_seed": seed, "mapping_info": json.dumps(info, sort_keys=True)}

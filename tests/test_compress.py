@@ -188,6 +188,7 @@ def test_compress_cli_then_fine_tune(tmp_path):
     assert len(ck.mapping_attrs["source_sha256"]) == 64
     ins = run(main, ["inspect", str(s)])
     assert "learned" in ins.output and "source_sha256" in ins.output
+    assert ck.mapping_attrs["output_search"] == "exact" and "output_search" in ins.output
     valid_ids = vocab.encode_file(files["valid"]).ids
     before = evaluate_ids(model, valid_ids, vocab.eos_id, batch_size=10).perplexity
     assert before == pytest.approx(rep["valid_ppl_after"], rel=1e-6)
