@@ -73,10 +73,7 @@ def nearest(X, C, block: int = 4096):
         s = scores[: j - i]
         np.matmul(X[i:j], C.T, out=s)
         kernels.nearest_centroid(s, c_sq, labels[i:j], d2[i:j])
-    x_sq = np.einsum("ij,ij->i", X, X, dtype=np.float64)
-    d2 += x_sq
-    np.maximum(d2, 0.0, out=d2)  # rounding can make |x - c|^2 slightly negative
-    return labels, d2
+    return labels, _add_row_norms(d2, X)
 
 
 class CoarseIndex:
@@ -135,6 +132,11 @@ def nearest_ivf(X, C, *, nprobe: int = 8, index: CoarseIndex | None = None, seed
     by_list = np.argsort(flat, kind="stable")
     rows_of = (by_list // nprobe).astype(np.int64)
     bounds = np.searchsorted(flat[by_list], np.arange(index.lists + 1))
+    # scratch reused by every list (no allocation per block of rows)
+    widest = int(np.diff(index.start).max())
+    xbuf = np.empty((block, X.shape[1]), X.dtype)
+    sbuf = np.empty(block * widest, X.dtype)
+    lab, d2 = np.empty(block, np.int32), np.empty(block, np.float64)
     for j in range(index.lists):
         rows = rows_of[bounds[j]:bounds[j + 1]]
         cents = index.order[index.start[j]:index.start[j + 1]]
@@ -143,15 +145,23 @@ def nearest_ivf(X, C, *, nprobe: int = 8, index: CoarseIndex | None = None, seed
         Cj, cj_sq = C[cents], c_sq[cents]
         for i in range(0, rows.size, block):
             r = rows[i:i + block]
-            s = X[r] @ Cj.T
-            lab, d2 = np.empty(r.size, np.int32), np.empty(r.size, np.float64)
-            kernels.nearest_centroid(s, cj_sq, lab, d2)
-            better = d2 < best[r]
-            best[r[better]] = d2[better]
-            labels[r[better]] = cents[lab[better]]
-    best += np.einsum("ij,ij->i", X, X, dtype=np.float64)
-    np.maximum(best, 0.0, out=best)
-    return labels, best
+            m = r.size
+            np.take(X, r, axis=0, out=xbuf[:m])
+            s = np.matmul(xbuf[:m], Cj.T, out=sbuf[: m * cents.size].reshape(m, cents.size))
+            kernels.nearest_centroid(s, cj_sq, lab[:m], d2[:m])
+            better = d2[:m] < best[r]
+            best[r[better]] = d2[:m][better]
+            labels[r[better]] = cents[lab[:m][better]]
+    return labels, _add_row_norms(best, X)
+
+
+def _add_row_norms(d2, X):
+    """``d2 + |x|^2`` per row, floored at 0 (rounding can make a squared
+    distance slightly negative): the squared distances from the argmin
+    kernel's ``c_sq - 2 x.c``."""
+    d2 += np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    np.maximum(d2, 0.0, out=d2)
+    return d2
 
 
 def _top_lists(X, Q, nprobe: int, block: int):
