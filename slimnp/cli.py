@@ -471,7 +471,7 @@ def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent,
     from .compress import compress_model
     from .evaluate import evaluate_ids
     from .modelfile import load_model, mapping_fields
-    from .trainer import file_sha256
+    from .trainer import check_output, file_sha256
 
     if threads:
         from .threads import set_threads
@@ -483,10 +483,9 @@ def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent,
         if bool(k) != (r is not None):
             raise click.UsageError(f"--{side}-k and --{side}-ratio go together")
     out = Path(out)
+    check_output(out)  # before the k-means: a folder that cannot be written costs seconds
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to overwrite it")
-    if not out.parent.is_dir():
-        raise click.ClickException(f"{out}: folder {out.parent} does not exist")
     log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     dense, vocab, ck = load_model(model)
     counts = vocab.counts if vocab.counts is not None else np.ones(len(vocab), np.int64)

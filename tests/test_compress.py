@@ -325,6 +325,13 @@ def test_compress_cli_errors_are_one_line(tmp_path):
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
         assert r.exit_code == 1 and len(lines) == 1 and words in lines[0], r.output
     assert not (tmp_path / "s.h5").exists()
+    # an --out folder that does not exist: said before any k-means, as train says it
+    bad = tmp_path / "nope" / "s.h5"
+    r = CliRunner().invoke(main, ["compress", str(path), "--out", str(bad), "--output-k", "2",
+                                  "--output-ratio", "0.5"])
+    assert r.exit_code == 1 and r.output.strip() == (
+        f"Error: cannot write {bad} (--out): folder {bad.parent} does not exist; "
+        "create it first (nothing was done)"), r.output
 
 
 def test_learned_model_trains_on_the_gpu_kernels_like_the_cpu(monkeypatch):
