@@ -119,12 +119,20 @@ def main(argv=None):
     flops_slim = 2 * N * K * Mk * d
     bytes_slim = A.nbytes + idx_kv.nbytes + 2 * zT.nbytes  # pools + tables + z written and read
     floor = max(flops_slim / (gflops * 1e9), bytes_slim / (gbs * 1e9))
+    # the gather-sum alone: V*K rows of N partials read, z written, the table read
+    gathered = V * K
+    bytes_gather = gathered * N * 4 + zT.nbytes + idx_kv.nbytes
+    gather_floor = bytes_gather / (gbs * 1e9)
     res = {"rows": N, "hidden": H, "vocab": V, "K": K, "pool_per_position": Mk,
            "gemm_gflops": gflops, "copy_gb_s": gbs, "slim_floor_s": floor,
            "times_s": {k: {"median": v[0], "min": v[1], "max": v[2]} for k, v in rows.items()}}
     if "uncompressed" in rows:
         res["speedup"] = rows["uncompressed"][0] / rows["slim"][0]
     res["slim_over_floor"] = rows["slim"][0] / floor
+    res["partials_mb"] = PT.nbytes / 1e6
+    res["gather_ns_per_row"] = rows["slim: gather-sum"][0] / gathered * 1e9
+    res["gather_floor_s"] = gather_floor
+    res["gather_over_floor"] = rows["slim: gather-sum"][0] / gather_floor
     machine = machine_info(threads=0, torch_ok=False)
     res["machine"] = machine
     if a.json:
@@ -137,6 +145,9 @@ def main(argv=None):
     print(f"{'step':<20}{'median ms':>12}{'min-max ms':>20}")
     for k, (med, lo, hi) in rows.items():
         print(f"{k:<20}{med * 1e3:12.1f}{f'{lo * 1e3:.1f}-{hi * 1e3:.1f}':>20}")
+    print(f"gather-sum: {V * K:,} rows of {N * 4} bytes from {res['partials_mb']:,.0f} MB of partial products, "
+          f"{res['gather_ns_per_row']:.1f} ns per row; its streaming floor {gather_floor * 1e3:.1f} ms "
+          f"({bytes_gather / 1e6:,.0f} MB at the copy rate): {res['gather_over_floor']:.1f}x")
     if "speedup" in res:
         print(f"slim vs uncompressed: {res['speedup']:.1f}x faster; slim / floor: {res['slim_over_floor']:.1f}x")
 

@@ -10,6 +10,7 @@ and at its peak.  Each model runs in its own process (its own peak RSS).
 
     python bench/score_throughput.py
     python bench/score_throughput.py --model big.h5 --text test.txt --limit 200
+    python bench/score_throughput.py --large --limit 200 --batch-sizes 64
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 PTB_TEST = os.path.join(REPO, "..", "shared", "data", "ptb", "ptb.test.txt")
+LARGE_V = 793_471  # the paper's largest vocabulary (its Table 7)
 
 
 def _rss():
@@ -38,17 +40,23 @@ def _rss():
 
 
 def _make_model(path, variant, V=10_000):
-    """A PTB-sized model file with random weights."""
+    """A model file with random weights: PTB-sized (2x200, V = 10K; slim is
+    K = 10 at 1/10 in and out), or ``large``: the 793K-word slim model of
+    ``large_vocab.py`` (2x1024; input K = 8 at 1/32, output K = 8 at 1/8)."""
     import numpy as np
 
     from slimnp import io as sio
     from slimnp.model import LanguageModel, ModelConfig
     from slimnp.modelfile import mapping_fields
 
-    kw = {}
+    kw, H = {}, 200
     if variant == "slim":
         kw = dict(input="slim", input_k=10, input_m=V, output="slim", output_k=10, output_m=10 * (V // 10))
-    cfg = ModelConfig(vocab_size=V, hidden=200, layers=2, **kw)
+    elif variant == "large":
+        V, H, K = LARGE_V, 1024, 8
+        kw = dict(input="slim", input_k=K, input_m=int(round(V * K / 32)),
+                  output="slim", output_k=K, output_m=K * int(round(V / 8)))
+    cfg = ModelConfig(vocab_size=V, hidden=H, layers=2, **kw)
     model = LanguageModel(cfg)
     model.init_params(np.random.default_rng(0))
     words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(V - 2)]
@@ -101,6 +109,9 @@ def main():
     ap.add_argument("--text", default=PTB_TEST, help="Sentences, one per line [default: PTB test if present].")
     ap.add_argument("--limit", type=int, default=0, help="Score only the first N sentences.")
     ap.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64, 256])
+    ap.add_argument("--large", action="store_true",
+                    help=f"Score with a {LARGE_V:,}-word slim model (2x1024, random weights) instead of the PTB-sized "
+                         "ones; the text's words are all <unk> to it, which does not change the work per token.")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -109,8 +120,8 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     models = a.model or []
     if not models:
-        for v in ("dense", "slim"):
-            path = os.path.join(tmp.name, f"ptb-{v}.h5")
+        for v in ("large",) if a.large else ("dense", "slim"):
+            path = os.path.join(tmp.name, "slim-793k.h5" if v == "large" else f"ptb-{v}.h5")
             _make_model(path, v)
             models.append(path)
     results = []
