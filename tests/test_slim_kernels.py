@@ -238,3 +238,42 @@ def test_gather_sum_word_major_layout(backend, dtype, K, Mk, N, V, bias):
             np.testing.assert_allclose(zT.T, z, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
     with pytest.raises(ValueError):
         kernels.slim_gather_sum_t(PT, idx, b, np.empty((N, V), dtype) if N != V else np.empty((V, N + 1), dtype))
+
+
+# Word-major kernels prefetch the rows of the word (or entry) a few steps
+# ahead: the prefetch distance must stop at the last word, rows shorter than a
+# cache line and longer than the prefetched lines must both come out exact,
+# and the last pool entry (the row ending the array) must be reachable.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,N,Mk,V", [(2, 1, 3, 5), (3, 200, 7, 50), (4, 5, 2, cpu._PREFETCH_WORDS),
+                                      (2, 17, 9, cpu._PREFETCH_WORDS + 1), (1, 3, 1, 1)])
+def test_word_major_prefetching_kernels_exact(dtype, K, N, Mk, V, rng):
+    idx_kv = rng.integers(0, Mk, (K, V)).astype(np.int32)
+    idx_kv[:, -1] = Mk - 1
+    PT = rng.standard_normal((K, Mk, N)).astype(dtype)
+    b = rng.standard_normal(V).astype(dtype)
+    want = np.full((V, N), np.nan, dtype)
+    reference.slim_gather_sum_t(PT, idx_kv, b, want)
+    u = cpu._unsigned(idx_kv)
+    for kernel in (cpu._slim_gather_sum_t_serial, cpu._slim_gather_sum_t_parallel):
+        zT = np.full((V, N), np.nan, dtype)
+        kernel(PT, u, b, True, zT)
+        np.testing.assert_array_equal(zT, want)  # same order of additions: bit-exact
+    dzT = rng.standard_normal((V, N)).astype(dtype)
+    want_g = np.full((K, Mk, N), np.nan, dtype)
+    want_db = np.full(V, np.nan, dtype)
+    reference.slim_segment_sum_t(dzT, idx_kv, want_g, None, want_db)
+    GT, db = np.full((K, Mk, N), np.nan, dtype), np.full(V, np.nan, dtype)
+    cpu.slim_segment_sum_t(dzT, idx_kv, GT, None, db)  # scatter form (any table)
+    np.testing.assert_allclose(GT, want_g, **SEG_TOL[dtype])
+    np.testing.assert_allclose(db, want_db, **SEG_TOL[dtype])
+    if V % Mk == 0:  # uniform fan-out: the inverse-table form, exact
+        from slimnp.mapping import inverse_table
+
+        idx_u = np.stack([rng.permutation(np.arange(V) % Mk) for _ in range(K)]).astype(np.int32)
+        inv = inverse_table(idx_u, Mk)
+        want_u = np.full((K, Mk, N), np.nan, dtype)
+        reference.slim_segment_sum_t(dzT, idx_u, want_u)
+        GT = np.full((K, Mk, N), np.nan, dtype)
+        cpu.slim_segment_sum_t(dzT, idx_u, GT, inv, None)
+        np.testing.assert_array_equal(GT, want_u)
