@@ -233,10 +233,9 @@ def test_gather_sum_word_major_layout(backend, dtype, K, Mk, N, V, bias):
     np.testing.assert_allclose(backend.get(zT).T, z, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
     if backend.name == "cpu":  # both compiled variants, whichever the size picks
         for fn in (cpu._slim_gather_sum_t_serial, cpu._slim_gather_sum_t_parallel):
-            for prefetch in (True, False):
-                zT = np.empty((V, N), dtype)
-                fn(PT, idx.view(np.uint32), b if bias else np.empty(0, dtype), bias, zT, prefetch)
-                np.testing.assert_allclose(zT.T, z, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+            zT = np.empty((V, N), dtype)
+            fn(PT, idx, b if bias else np.empty(0, dtype), bias, zT)
+            np.testing.assert_allclose(zT.T, z, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
     with pytest.raises(ValueError):
         kernels.slim_gather_sum_t(PT, idx, b, np.empty((N, V), dtype) if N != V else np.empty((V, N + 1), dtype))
 
@@ -245,12 +244,10 @@ def test_gather_sum_word_major_layout(backend, dtype, K, Mk, N, V, bias):
 # ahead: the prefetch distance must stop at the last word, rows shorter than a
 # cache line and longer than the prefetched lines must both come out exact,
 # and the last pool entry (the row ending the array) must be reachable.
-@pytest.mark.parametrize("max_row", [0, 1 << 20])  # rows never / always prefetched
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("K,N,Mk,V", [(2, 1, 3, 5), (3, 200, 7, 50), (4, 5, 2, cpu._PREFETCH_WORDS),
                                       (2, 17, 9, cpu._PREFETCH_WORDS + 1), (1, 3, 1, 1)])
-def test_word_major_prefetching_kernels_exact(dtype, K, N, Mk, V, max_row, rng, monkeypatch):
-    monkeypatch.setattr(cpu, "_PREFETCH_MAX_ROW", max_row)
+def test_word_major_prefetching_kernels_exact(dtype, K, N, Mk, V, rng):
     idx_kv = rng.integers(0, Mk, (K, V)).astype(np.int32)
     idx_kv[:, -1] = Mk - 1
     PT = rng.standard_normal((K, Mk, N)).astype(dtype)
@@ -260,7 +257,7 @@ def test_word_major_prefetching_kernels_exact(dtype, K, N, Mk, V, max_row, rng, 
     u = cpu._unsigned(idx_kv)
     for kernel in (cpu._slim_gather_sum_t_serial, cpu._slim_gather_sum_t_parallel):
         zT = np.full((V, N), np.nan, dtype)
-        kernel(PT, u, b, True, zT, cpu._prefetching(PT))
+        kernel(PT, u, b, True, zT)
         np.testing.assert_array_equal(zT, want)  # same order of additions: bit-exact
     dzT = rng.standard_normal((V, N)).astype(dtype)
     want_g = np.full((K, Mk, N), np.nan, dtype)

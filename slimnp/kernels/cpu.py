@@ -554,10 +554,6 @@ def nce_xent(zt, logq_t, ZS, logq_s, scale, compute_grad=True):
 _WTILE = 512  # words per tile of the row-layout gather: the z tile stays in L1
 _PREFETCH_WORDS = 8  # word-major gather: prefetch distance in words (K rows each)
 _PREFETCH_ITEMS = 2  # inverse-table segment sum: prefetch distance in entries (F rows each)
-# Rows longer than this (bytes) are not prefetched: the hardware prefetcher
-# streams them once their first lines arrive, and the extra instructions cost
-# more than they save (gather at N = 256, 1 kB rows: 725 -> 787 ms with them).
-_PREFETCH_MAX_ROW = 512
 
 
 def _slim_gather_sum_impl(P, idx_kv, b, has_bias, z):
@@ -639,7 +635,7 @@ def slim_segment_sum(dz, idx_kv, G):
     kernel(dz, idx_kv, G)
 
 
-def _slim_gather_sum_t_impl(PT, idx_kv, b, has_bias, zT, prefetch):
+def _slim_gather_sum_t_impl(PT, idx_kv, b, has_bias, zT):
     # Word-major layout (training, evaluation, scoring): PT (K, Mk, N),
     # zT (V, N).  For each word and pool, the N partials PT[k, j, :] are
     # contiguous (one or two cache lines), so a V*K walk touches V*K lines
@@ -653,7 +649,7 @@ def _slim_gather_sum_t_impl(PT, idx_kv, b, has_bias, zT, prefetch):
     V = idx_kv.shape[1]
     for w in nb.prange(V):
         wp = w + _PREFETCH_WORDS
-        if prefetch and wp < V:
+        if wp < V:
             for k in range(K):
                 _prefetch_row(PT[k], idx_kv[k, wp])
         zw = zT[w]  # (N,)
@@ -672,11 +668,6 @@ def _slim_gather_sum_t_impl(PT, idx_kv, b, has_bias, zT, prefetch):
 _slim_gather_sum_t_serial, _slim_gather_sum_t_parallel = _serial_and_parallel(_slim_gather_sum_t_impl)
 
 
-def _prefetching(a):
-    """Whether the word-major kernels prefetch the rows of ``a`` (its last axis)."""
-    return a.shape[-1] * a.itemsize <= _PREFETCH_MAX_ROW
-
-
 def slim_gather_sum_t(PT, idx_kv, b, zT):
     idx_kv = _unsigned(idx_kv)
     K, _, N = PT.shape
@@ -685,7 +676,7 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
     if not has_bias:
         b = np.empty(0, PT.dtype)
     kernel = _slim_gather_sum_t_parallel if N * V * K > PARALLEL_MIN_GATHER else _slim_gather_sum_t_serial
-    kernel(PT, idx_kv, b, has_bias, zT, _prefetching(PT))
+    kernel(PT, idx_kv, b, has_bias, zT)
 
 
 # ---------------------------------------------------------------------------
@@ -833,7 +824,7 @@ def log_softmax_t(zT, bias=None):
     return lse
 
 
-def _slim_segment_sum_t_inv_impl(dzT, inv, GT, db, want_db, prefetch):
+def _slim_segment_sum_t_inv_impl(dzT, inv, GT, db, want_db):
     # GT[k, j, :] = sum of the rows dzT[w, :] of entry j's words (inv), in
     # ascending w: the reference's order.  Items (k, j) write disjoint rows of
     # GT, so prange over them is race-free; with want_db, the items of pool
@@ -843,7 +834,7 @@ def _slim_segment_sum_t_inv_impl(dzT, inv, GT, db, want_db, prefetch):
     N = dzT.shape[1]
     for item in nb.prange(K * Mk):
         ip = item + _PREFETCH_ITEMS  # its F random rows of dzT, requested early
-        if prefetch and ip < K * Mk:
+        if ip < K * Mk:
             for r in range(F):
                 _prefetch_row(dzT, inv[ip // Mk, r, ip % Mk])
         k = item // Mk
@@ -866,7 +857,7 @@ def _slim_segment_sum_t_inv_impl(dzT, inv, GT, db, want_db, prefetch):
                 db[w] = sb
 
 
-def _slim_segment_sum_t_scatter_impl(dzT, idx_kv, GT, db, want_db, prefetch):
+def _slim_segment_sum_t_scatter_impl(dzT, idx_kv, GT, db, want_db):
     # Any table: pool k's rows GT[k] are written only by iteration k of the
     # prange (race-free); words ascending, as in the reference.
     K, Mk, N = GT.shape
@@ -878,7 +869,7 @@ def _slim_segment_sum_t_scatter_impl(dzT, idx_kv, GT, db, want_db, prefetch):
                 Gk[j, n] = 0
         ik = idx_kv[k]
         for w in range(V):
-            if prefetch and w + _PREFETCH_WORDS < V:
+            if w + _PREFETCH_WORDS < V:
                 _prefetch_row(Gk, ik[w + _PREFETCH_WORDS])
             g = Gk[ik[w]]
             rw = dzT[w]
@@ -901,9 +892,9 @@ def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
     want_db = db is not None
     dbv = db if want_db else np.empty(0, dzT.dtype)
     if inv is not None:
-        _slim_segment_sum_t_inv(dzT, _unsigned(inv), GT, dbv, want_db, _prefetching(dzT))
+        _slim_segment_sum_t_inv(dzT, _unsigned(inv), GT, dbv, want_db)
     else:
-        _slim_segment_sum_t_scatter(dzT, _unsigned(idx_kv), GT, dbv, want_db, _prefetching(GT))
+        _slim_segment_sum_t_scatter(dzT, _unsigned(idx_kv), GT, dbv, want_db)
 
 
 # ---------------------------------------------------------------------------
