@@ -52,6 +52,33 @@ def test_nearest_lists_kernel_matches_reference(backend, dtype, b, L, n):
     np.testing.assert_array_equal(backend.get(out), np.argsort(t, axis=1, kind="stable")[:, :n])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,d,k", [(1, 3, 1), (50, 4, 7), (3000, 33, 40)])
+def test_cluster_sums_kernel_matches_reference(dtype, n, d, k):
+    """Each cluster's rows summed in float64 in ascending row order: exactly
+    np.add.at's sums, both compiled variants; an empty cluster sums to 0."""
+    from slimnp.kernels import cpu, reference
+
+    rng = np.random.default_rng(n + k)
+    X = rng.standard_normal((n, d)).astype(dtype)
+    labels = rng.integers(0, max(1, k - 1), n).astype(np.int32)  # cluster k - 1 left empty
+    want = np.full((k, d), np.nan)
+    reference.cluster_sums(X, labels, want)
+    got = np.full((k, d), np.nan)
+    kernels.cluster_sums(X, labels, got)
+    np.testing.assert_array_equal(got, want)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(k + 1)).astype(np.int64)
+    for fn in (cpu._cluster_sums_serial, cpu._cluster_sums_parallel):
+        got = np.full((k, d), np.nan)
+        fn(X, order, bounds, got)
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(IndexError):
+        kernels.cluster_sums(X, np.full(n, k, np.int32), np.empty((k, d)))
+    with pytest.raises(ValueError, match="float64"):
+        kernels.cluster_sums(X, labels, np.empty((k, d), np.float32))
+
+
 def test_nearest_lists_rejects_bad_arguments():
     s = np.zeros((3, 4), np.float32)
     with pytest.raises(ValueError, match="1 <= n <= 4"):

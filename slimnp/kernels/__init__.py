@@ -427,6 +427,20 @@ def nearest_centroid(scores, c_sq, labels, d2):
     (reference if impl is _gpu else impl).nearest_centroid(scores, c_sq, labels, d2)
 
 
+def cluster_sums(X, labels, sums):
+    """k-means' update: ``sums[c]`` (k, d) float64 = the sum of the rows of
+    ``X (n, d)`` labelled c, in ascending row order (see
+    :func:`reference.cluster_sums`).  labels (n,) int in ``[0, k)``."""
+    _check_float("X", X)
+    _check_ndim("X", X, 2, "(n, d)")
+    n, d = X.shape
+    if sums.dtype != np.float64 or sums.ndim != 2 or sums.shape[1] != d:
+        raise ValueError(f"sums must be float64 (k, {d}), got {sums.dtype} {tuple(sums.shape)}")
+    _check_ids("labels", labels, n, sums.shape[0])
+    impl = _impl(X, labels, sums)
+    (reference if impl is _gpu else impl).cluster_sums(X, labels, sums)
+
+
 def nearest_lists(scores, q_sq, out):
     """The ``n = out.shape[1]`` nearest coarse centres of each row of a block,
     nearest first (see :func:`reference.nearest_lists`).  scores (b, L) and

@@ -1047,6 +1047,33 @@ def nearest_centroid(scores, c_sq, labels, d2):
     fn(scores, c_sq, labels, d2)
 
 
+def _cluster_sums_impl(X, order, bounds, sums):
+    # order: the rows sorted by label (stable: ascending within a cluster),
+    # cluster c's rows are order[bounds[c]:bounds[c + 1]].  Iteration c
+    # writes only sums[c]: prange over clusters is race-free, and each sum is
+    # one float64 run in ascending row order, the reference's.
+    k, d = sums.shape
+    for c in nb.prange(k):
+        s = sums[c]
+        for j in range(d):
+            s[j] = 0.0
+        for r in range(bounds[c], bounds[c + 1]):
+            x = X[order[r]]
+            for j in range(d):
+                s[j] += x[j]
+
+
+_cluster_sums_serial, _cluster_sums_parallel = _serial_and_parallel(_cluster_sums_impl)
+
+
+def cluster_sums(X, labels, sums):
+    k = sums.shape[0]
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(k + 1)).astype(np.int64)
+    fn = _cluster_sums_parallel if X.size >= 1 << 16 else _cluster_sums_serial
+    fn(X, order, bounds, sums)
+
+
 def _nearest_lists_impl(scores, q_sq, out):
     b, L = scores.shape
     n = out.shape[1]

@@ -384,6 +384,15 @@ def nearest_centroid(scores, c_sq, labels, d2):
     d2[...] = t[xp.arange(t.shape[0]), labels]
 
 
+def cluster_sums(X, labels, sums):
+    """k-means' update step: ``sums[c] = sum of the rows X[i] with labels[i]
+    == c`` (k, d) float64, overwritten, each cluster's rows added in
+    ascending i (np.add.at's order)."""
+    xp = array_module(X)
+    sums[...] = 0
+    xp.add.at(sums, labels, X.astype(xp.float64))
+
+
 def nearest_lists(scores, q_sq, out):
     """Given ``scores[i, j] = x_i . q_j`` (b, L) and ``q_sq[j] = |q_j|^2``,
     write ``out[i]`` (b, n) int32: the n indices j with the smallest
