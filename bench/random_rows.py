@@ -1,0 +1,68 @@
+"""What a random row costs on this machine, by the size of the array it comes from.
+
+The slim output layer's gather-sum reads one row of N partial products per
+(word, pool) at a random entry: its speed is set by how the memory system
+serves random rows once the partial products leave the caches.  This sums
+``--rows`` rows of ``--row-bytes`` bytes drawn at random from arrays of
+growing size (one thread, a compiled loop) and prints ns per row: flat while
+the array fits a cache level, rising to a DRAM round trip beyond.
+
+    python bench/random_rows.py [--row-bytes 80] [--sizes-mb 0.25,1,4,8,16,64,256]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from common import format_machine, machine_info  # noqa: E402  (puts the checkout on sys.path)
+
+
+def _gather_kernel():
+    import numba as nb
+
+    @nb.njit(nogil=True, error_model="numpy", boundscheck=False)
+    def gather(P, idx, out):
+        N = P.shape[1]
+        for i in range(idx.shape[0]):
+            p = P[idx[i]]
+            for n in range(N):
+                out[n] += p[n]
+
+    return gather
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--row-bytes", type=int, default=80, help="bytes per row (80: N = 20 float32, Table 7)")
+    p.add_argument("--sizes-mb", default="0.25,1,4,8,16,64,256")
+    p.add_argument("--rows", type=int, default=4_000_000, help="random rows read per size")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    gather = _gather_kernel()
+    width = max(1, a.row_bytes // 4)
+    rng = np.random.default_rng(0)
+    out = []
+    for mb in (float(x) for x in a.sizes_mb.split(",")):
+        n = max(1, int(mb * 2**20 / (4 * width)))
+        P = np.ones((n, width), np.float32)
+        idx = rng.integers(0, n, a.rows).astype(np.uint32)
+        acc = np.zeros(width, np.float32)
+        gather(P, idx[:1000], acc)  # compile, touch
+        t0 = time.perf_counter()
+        gather(P, idx, acc)
+        out.append({"array_mb": mb, "ns_per_row": (time.perf_counter() - t0) / a.rows * 1e9})
+    if a.json:
+        print(json.dumps({"row_bytes": 4 * width, "results": out, "machine": machine_info(threads=1, torch_ok=False)}))
+        return 0
+    print(format_machine(machine_info(threads=1, torch_ok=False), short=True))
+    print(f"random rows of {4 * width} bytes, one thread:")
+    for r in out:
+        print(f"  array {r['array_mb']:8.2f} MB   {r['ns_per_row']:7.1f} ns per row")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
