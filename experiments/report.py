@@ -100,7 +100,11 @@ def fig2(res: dict) -> str:
         r = res.get(f"se-input-{c}")
         rel = (f"{(r['test_ppl'] / base['test_ppl'] - 1) * 100:+.1f}%" if r and base else "-")
         rows.append([f"1/{c}", _f(r and r["test_ppl"]), rel, f"{r['parameters']:,}" if r else "-"])
-    return _table(["input compression", "SE test PPL", "vs uncompressed", "parameters"], rows)
+    s0, s1 = res.get("se-input-32"), res.get("se-input-32-s1")
+    seed = "\n\nSecond seed at 1/32 (seed 1, shuffle table seed 1): " + (
+        f"{s1['test_ppl']:.2f}, {(s1['test_ppl'] / base['test_ppl'] - 1) * 100:+.1f}% "
+        f"(seed 0: {s0['test_ppl']:.2f})." if s0 and s1 and base else "not run yet.")
+    return _table(["input compression", "SE test PPL", "vs uncompressed", "parameters"], rows) + seed
 
 
 def fig5(res: dict) -> str:
