@@ -42,3 +42,21 @@ def test_run_training_example_runs(tmp_path, monkeypatch):
     printed = []
     exec(compile(code, "README.rst", "exec"), {"print": printed.append})
     assert (tmp_path / "model.h5").exists() and 1 < printed[0] < float("inf")
+
+
+DOCS = ["README.rst", "BENCHMARKS.rst", "REPRODUCTION.rst", "bench/README.rst"]
+
+
+def test_documents_are_valid_restructuredtext():
+    """Every hand-written (and report.py-generated) page parses without a
+    warning: a malformed table or section is shown as raw text otherwise."""
+    import io
+
+    import docutils.core
+
+    for name in DOCS:
+        err = io.StringIO()
+        docutils.core.publish_doctree((ROOT / name).read_text(), source_path=name,
+                                      settings_overrides={"warning_stream": err, "report_level": 2,
+                                                          "halt_level": 5})
+        assert not err.getvalue(), f"{name}:\n{err.getvalue()}"
