@@ -32,7 +32,6 @@ work is one GEMM per list over the points that probe it -- about
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -202,7 +201,7 @@ def _update(X, labels, k, C_old):
     counts = np.bincount(labels, minlength=k)
     sums = np.empty((k, X.shape[1]), np.float64)
     kernels.cluster_sums(X, labels, sums)  # np.add.at's order, in a fraction of its time
-    C = C_old.astype(np.float64).copy()
+    C = C_old.astype(np.float64)  # a copy
     nz = counts > 0
     C[nz] = sums[nz] / counts[nz, None]
     return C.astype(X.dtype), counts
@@ -361,6 +360,7 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
     ``(slim model, report dict)``.
     """
     from .model import LanguageModel
+    from .progress import Progress
 
     c = model.config
     if c.input != "dense" or c.output != "full" or c.tie:
@@ -390,8 +390,9 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
             raise ValueError(f"--output-ratio {output_ratio:g} gives {Mk} entries per pool, fewer than "
                              f"the {F} private ones --frequent {F} adds: the frequent words would "
                              "outweigh the compressed pool; raise the ratio or lower --frequent")
-        with _progress(progress, K, "output k-means") as tick:
-            A, idx, stats = output_tables(params["output/W"], K, Mk, freq, seed, progress=tick, **kmeans_kw)
+        with Progress(K, "output k-means", enabled=progress) as bar:
+            A, idx, stats = output_tables(params["output/W"], K, Mk, freq, seed, progress=bar.update,
+                                          **kmeans_kw)
         new["output/A"] = A
         tables["output/idx"] = idx
         new["output/b"] = params["output/b"]
@@ -410,8 +411,8 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
             raise ValueError(f"--input-ratio {input_ratio:g} gives a pool of {M}, fewer than the "
                              f"{F * K} private entries --frequent {F} adds (K = {K} each); raise the "
                              "ratio or lower --frequent")
-        with _progress(progress, 1, "input k-means") as tick:
-            A, idx, stats = input_tables(params["embedding/W"], K, M, freq, seed + 1, progress=tick,
+        with Progress(1, "input k-means", enabled=progress) as bar:
+            A, idx, stats = input_tables(params["embedding/W"], K, M, freq, seed + 1, progress=bar.update,
                                          **kmeans_kw)
         new["embedding/A"] = A
         tables["input/idx"] = idx
@@ -439,21 +440,6 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
     slim.load_params(new)
     report["parameters"] = {"before": model.num_parameters, "after": slim.num_parameters}
     return slim, report
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, label: str):
-    """A :class:`~slimnp.progress.Progress` line fed ``(done, info)``, or None."""
-    if not enabled:
-        yield None
-        return
-    from .progress import Progress
-
-    bar = Progress(total, label)
-    try:
-        yield lambda done, info: bar.update(done, info)
-    finally:
-        bar.close()
 
 
 def _distortion(W, A, idx, pools: bool) -> float:

@@ -57,6 +57,12 @@ class Progress:
         self.stream.flush()
         self._drawn = True
 
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.enabled and self.tty and self._drawn:
             self.stream.write("\n")

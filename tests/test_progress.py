@@ -15,3 +15,25 @@ def test_eta_from_the_rate_after_the_first_update(monkeypatch):
     lines = out.getvalue().splitlines()
     assert lines[0].endswith("ETA --:--")
     assert lines[1].endswith("ETA 0:08") and lines[2].endswith("ETA 0:07")
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_with_block_ends_the_line_even_on_an_error():
+    """A drawn terminal line is ended by the ``with`` block, also when the
+    work inside raises (the error message then starts on a line of its own)."""
+    out = _Tty()
+    try:
+        with progress.Progress(4, "k-means", stream=out, interval=0.0) as bar:
+            bar.update(1, "pool 1/4")
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert out.getvalue().startswith("\rk-means [") and out.getvalue().endswith("\n")
+    quiet = _Tty()
+    with progress.Progress(4, "k-means", stream=quiet, enabled=False) as bar:
+        bar.update(2)
+    assert quiet.getvalue() == ""
