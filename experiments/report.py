@@ -85,12 +85,20 @@ def fig4(res: dict) -> str:
             f"valid {base['valid_ppl']:.2f}.\n\n" if base else "Uncompressed: not run yet.\n\n")
     table = _table(["compression", "SE", "SM", "PM", "SM - SE", "PM - SE", "SE parameters",
                     "SM hidden", "PM E"], rows)
-    s0, s1 = (res.get("se-32"), res.get("sm-32")), (res.get("se-32-s1"), res.get("sm-32-s1"))
-    seeds = "\n\nSecond seed at 1/32 (seed 1, and shuffle table seed 1 for SE): " + (
-        f"SE {s1[0]['test_ppl']:.2f} (seed 0: {s0[0]['test_ppl']:.2f}), "
-        f"SM {s1[1]['test_ppl']:.2f} (seed 0: {s0[1]['test_ppl']:.2f})."
-        if all(s0) and all(s1) else "not run yet.")
-    return head + table + seeds
+    return head + table + _second_seed("seed 1, and shuffle table seed 1 for SE", res,
+                                       [("SE ", "se-32"), ("SM ", "sm-32")])
+
+
+def _second_seed(how: str, res: dict, runs, extra=None) -> str:
+    """The line under a table comparing runs ``name`` (seed 0) with their
+    ``name-s1`` twins: ``runs`` is ``[(label, name), ...]``; ``extra(r)`` adds
+    text after a seed-1 number."""
+    pairs = [(label, res.get(name), res.get(f"{name}-s1")) for label, name in runs]
+    if not all(r0 and r1 for _, r0, r1 in pairs):
+        return f"\n\nSecond seed at 1/32 ({how}): not run yet."
+    return f"\n\nSecond seed at 1/32 ({how}): " + ", ".join(
+        f"{label}{r1['test_ppl']:.2f}{extra(r1) if extra else ''} (seed 0: {r0['test_ppl']:.2f})"
+        for label, r0, r1 in pairs) + "."
 
 
 def fig2(res: dict) -> str:
@@ -100,11 +108,9 @@ def fig2(res: dict) -> str:
         r = res.get(f"se-input-{c}")
         rel = (f"{(r['test_ppl'] / base['test_ppl'] - 1) * 100:+.1f}%" if r and base else "-")
         rows.append([f"1/{c}", _f(r and r["test_ppl"]), rel, f"{r['parameters']:,}" if r else "-"])
-    s0, s1 = res.get("se-input-32"), res.get("se-input-32-s1")
-    seed = "\n\nSecond seed at 1/32 (seed 1, shuffle table seed 1): " + (
-        f"{s1['test_ppl']:.2f}, {(s1['test_ppl'] / base['test_ppl'] - 1) * 100:+.1f}% "
-        f"(seed 0: {s0['test_ppl']:.2f})." if s0 and s1 and base else "not run yet.")
-    return _table(["input compression", "SE test PPL", "vs uncompressed", "parameters"], rows) + seed
+    vs = (lambda r: f", {(r['test_ppl'] / base['test_ppl'] - 1) * 100:+.1f}%") if base else None
+    return (_table(["input compression", "SE test PPL", "vs uncompressed", "parameters"], rows)
+            + _second_seed("seed 1, shuffle table seed 1", res, [("", "se-input-32")], vs))
 
 
 def fig5(res: dict) -> str:
