@@ -115,6 +115,8 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.large and a.model:
+        ap.error("--large builds its own model; leave out --model")
     if a.child:
         return child(a)
     tmp = tempfile.TemporaryDirectory()
