@@ -277,3 +277,139 @@ def test_word_major_prefetching_kernels_exact(dtype, K, N, Mk, V, rng):
         GT = np.full((K, Mk, N), np.nan, dtype)
         cpu.slim_segment_sum_t(dzT, idx_u, GT, inv, None)
         np.testing.assert_array_equal(GT, want_u)
+
+
+# ---------------------------------------------------------------------------
+# slim_softmax_xent_t: gather-sum + column softmax + segment sum in one call;
+# on the CPU, one column block at a time where the blocks fit the cache.
+# ---------------------------------------------------------------------------
+def _xent_case(rng, dtype, K, Mk, N, V, uniform=False):
+    if uniform:  # every entry shared by V / Mk words: the inverse table exists
+        idx_kv = np.stack([rng.permutation(np.arange(V) % Mk) for _ in range(K)]).astype(np.int32)
+    else:
+        idx_kv = rng.integers(0, Mk, (K, V)).astype(np.int32)
+        idx_kv[:, -1] = Mk - 1
+    PT = rng.standard_normal((K, Mk, N)).astype(dtype)
+    b = rng.standard_normal(V).astype(dtype)
+    targets = rng.integers(0, V, N)
+    targets[0] = V - 1
+    return PT, idx_kv, b, targets
+
+
+def _three_passes(PT, idx_kv, b, targets, scale, compute_grad, inv=None):
+    """The fused step's specification, on the CPU kernels: (nll, gradient over PT, db)."""
+    V, N = idx_kv.shape[1], PT.shape[2]
+    PT = PT.copy()
+    zT = np.empty((V, N), PT.dtype)
+    cpu.slim_gather_sum_t(PT, idx_kv, None, zT)
+    nll = cpu.softmax_xent_t(zT, targets, scale, compute_grad, b)
+    db = np.full(V, np.nan, PT.dtype)
+    if compute_grad:
+        cpu.slim_segment_sum_t(zT, idx_kv, PT, inv, db)
+    return nll, PT, db
+
+
+# (K, Mk, N, V): one block; blocks of FUSED_MAX_WIDTH with a ragged last one;
+# N below the minimum width; one word per entry; more workers than blocks
+XENT_CASES = [(3, 5, 7, 40), (2, 4, 150, 24), (4, 3, 5, 12), (1, 6, 33, 6), (8, 10, 2, 80)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("K,Mk,N,V", XENT_CASES)
+@pytest.mark.parametrize("compute_grad", [True, False])
+def test_fused_slim_softmax_equals_three_passes(dtype, K, Mk, N, V, compute_grad, rng, monkeypatch):
+    """Bit-exact nll and partial-product gradient; the bias gradient to rounding."""
+    PT, idx_kv, b, targets = _xent_case(rng, dtype, K, Mk, N, V)
+    want_nll, want_g, want_db = _three_passes(PT, idx_kv, b, targets, 0.3, compute_grad)
+    for threads in (1, 2):
+        # parallel variant even for these small sizes, and workers > blocks
+        monkeypatch.setattr(cpu, "PARALLEL_MIN_GATHER", 0 if threads > 1 else 1 << 60)
+        cpu.set_threads(threads)
+        try:
+            got = PT.copy()
+            db = np.full(V, np.nan, dtype)
+            nll = cpu.slim_softmax_xent_fused(got, idx_kv, targets, 0.3, compute_grad, b, db)
+        finally:
+            cpu.set_threads(2)
+        assert nll is not None  # small enough to fuse
+        np.testing.assert_array_equal(nll, want_nll)
+        if compute_grad:
+            np.testing.assert_array_equal(got, want_g)
+            np.testing.assert_allclose(db, want_db, **SEG_TOL[dtype])
+        else:
+            np.testing.assert_array_equal(got, PT)  # untouched
+            assert np.isnan(db).all()
+
+
+def test_fused_slim_softmax_without_bias_and_nan(rng):
+    PT, idx_kv, _, targets = _xent_case(rng, np.float32, 3, 4, 40, 20)
+    want = _three_passes(PT, idx_kv, None, targets, 1.0, True)
+    got = PT.copy()
+    nll = cpu.slim_softmax_xent_fused(got, idx_kv, targets, 1.0, True, None, None)
+    np.testing.assert_array_equal(nll, want[0])
+    np.testing.assert_array_equal(got, want[1])
+    PT[1, idx_kv[1, 3], 5] = np.inf  # a diverged model: NaN loss in that column only
+    nll = cpu.slim_softmax_xent_fused(PT.copy(), idx_kv, targets, 1.0, False, None, None)
+    assert np.isnan(nll[5]) and np.isfinite(np.delete(nll, 5)).all()
+
+
+def test_fused_width_rule(monkeypatch):
+    f32 = 4
+    # config B (10K words, K = 10, Mk = 1,000, N = 700), 2 threads: 12 even blocks
+    assert cpu.fused_width(10, 1000, 10_000, 700, f32, 2) == 59
+    assert cpu.fused_width(10, 1000, 10_000, 700, f32, 1) == 64
+    assert cpu.fused_width(8, 1250, 10_000, 20, f32, 2) == 10  # N below the widths: one block each
+    # too large for the budget: config D (100K words) and WikiText-2 at 1/8
+    assert cpu.fused_width(8, 10_000, 100_000, 400, f32, 2) == 0
+    assert cpu.fused_width(8, 4160, 33_278, 400, f32, 1) == 0
+    assert cpu.fused_width(10, 1000, 10_000, 700, 8, 1) == 39  # float64: half the width
+    assert cpu.fused_width(10, 2000, 20_000, 700, 8, 1) == 0  # 19 columns would fit: below 32
+    monkeypatch.setattr(cpu, "FUSED_BLOCK_BYTES", 1 << 30)
+    assert cpu.fused_width(8, 10_000, 100_000, 400, f32, 2) == 50
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_slim_softmax_xent_t_dispatch(backend, uniform, rng, monkeypatch):
+    """Every backend against the reference's three passes, fused or not."""
+    from slimnp.mapping import inverse_table
+
+    dtype = np.float64
+    K, Mk, N, V = 3, 4, 70, 24
+    PT, idx_kv, b, targets = _xent_case(rng, dtype, K, Mk, N, V, uniform)
+    inv = inverse_table(idx_kv, Mk) if uniform else None
+    zT = np.empty((V, N), dtype)
+    reference.slim_gather_sum_t(PT, idx_kv, None, zT)
+    want_nll = reference.softmax_xent_t(zT, targets, 0.5, True, b)
+    want_g = np.empty_like(PT)
+    want_db = np.empty(V, dtype)
+    reference.slim_segment_sum_t(zT, idx_kv, want_g, None, want_db)
+    for budget in (cpu.FUSED_BLOCK_BYTES, 0):  # fused on the CPU, then the three passes
+        monkeypatch.setattr(cpu, "FUSED_BLOCK_BYTES", budget)
+        got, db = backend.put(PT.copy()), backend.put(np.empty(V, dtype))
+        nll = kernels.slim_softmax_xent_t(got, backend.put(idx_kv), backend.put(targets), 0.5, True,
+                                          backend.put(b), None if inv is None else backend.put(inv),
+                                          db)
+        np.testing.assert_allclose(backend.get(nll), want_nll, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(backend.get(got), want_g, rtol=1e-11, atol=1e-12)
+        np.testing.assert_allclose(backend.get(db), want_db, rtol=1e-11, atol=1e-12)
+        calls = []
+        nll = kernels.slim_softmax_xent_t(backend.put(PT.copy()), backend.put(idx_kv),
+                                          backend.put(targets), 0.5, False, backend.put(b),
+                                          zT=lambda: calls.append(1) or backend.put(np.empty((V, N), dtype)))
+        np.testing.assert_allclose(backend.get(nll), want_nll, rtol=1e-12, atol=1e-12)
+        # the logits buffer is asked for only where they are formed
+        assert len(calls) == (0 if backend.name == "cpu" and budget else 1)
+
+
+def test_slim_softmax_xent_t_validates(rng):
+    PT, idx_kv, b, targets = _xent_case(rng, np.float32, 2, 3, 5, 9)
+    with pytest.raises(IndexError, match="targets"):
+        kernels.slim_softmax_xent_t(PT, idx_kv, np.full(5, 9), 1.0)
+    with pytest.raises(ValueError, match="idx_kv"):
+        kernels.slim_softmax_xent_t(PT, idx_kv[:1], targets, 1.0)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.slim_softmax_xent_t(PT, idx_kv, targets, 1.0, bias=b[:-1])
+    with pytest.raises(TypeError, match="db"):
+        kernels.slim_softmax_xent_t(PT, idx_kv, targets, 1.0, db=np.empty(9, np.float64))
+    with pytest.raises(ValueError, match="zT"):
+        kernels.slim_softmax_xent_t(PT, idx_kv, targets, 1.0, zT=np.empty((5, 9), np.float32))

@@ -898,6 +898,173 @@ def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
 
 
 # ---------------------------------------------------------------------------
+# The slim softmax step fused per column block: the gather-sum, the column
+# softmax cross-entropy and the segment sum of slim_gather_sum_t +
+# softmax_xent_t + slim_segment_sum_t, on a few columns at a time.
+# ---------------------------------------------------------------------------
+# The three passes each walk K x V random rows of the whole (K, Mk, N)
+# partial products (27 MB at config B, 10K words, N = 700): on a machine whose
+# caches hold a few MB, every pass comes from DRAM.  A block of cw columns
+# copies its partial products into a per-thread buffer of K x Mk x cw floats
+# and keeps its V x cw logits beside them; the random rows then come from that
+# buffer.  Used where both fit FUSED_BLOCK_BYTES per thread (measured on a
+# 2-core EPYC, 32 MB L3, quiet, bench/fused_output.py: config B 86-109 ->
+# 50-57 ms, the PTB sweeps' 1/8 point 38-43 -> 27-30 ms; at WikiText-2's
+# 33K words the buffers leave the cache and the fused step was slower,
+# 150-209 vs 183-240 ms, so it is not used there).
+FUSED_BLOCK_BYTES = 6 << 20  # per thread: (K * Mk + V) * cw * itemsize
+FUSED_MIN_WIDTH = 32  # narrower blocks cost more in loop overhead than they save
+FUSED_MAX_WIDTH = 64
+
+
+def fused_width(K: int, Mk: int, V: int, N: int, itemsize: int, workers: int) -> int:
+    """Columns per block of the fused slim softmax step, or 0 where it does not pay.
+
+    The widest block up to FUSED_MAX_WIDTH whose buffers fit
+    FUSED_BLOCK_BYTES, then narrowed so that every worker gets the same
+    number of blocks (config B at 2 threads: 12 blocks of 59 columns, not 11
+    of 64)."""
+    cap = min(FUSED_MAX_WIDTH, FUSED_BLOCK_BYTES // ((K * Mk + V) * itemsize))
+    if cap < min(FUSED_MIN_WIDTH, N):
+        return 0
+    per_worker = -(-N // (workers * cap))  # blocks per worker
+    return -(-N // (workers * per_worker))
+
+
+def _slim_softmax_fused_impl(PT, idx_kv, b, has_bias, targets, scale, compute_grad, cw,
+                             workers, nll, dbp):
+    # Worker t takes column blocks t, t + workers, ...: blocks write disjoint
+    # columns of PT, nll and rows of dbp, so prange over workers is race-free.
+    # Per block: the same operations in the same order as the three word-major
+    # kernels, so nll and the gradient written over PT are bit-identical to
+    # theirs; the bias gradient is summed per block (dbp (nblk, V)).  The
+    # gradient overwrites PT's block after the block's partial products were
+    # copied out: PT is the gradient buffer too, as in the layer.
+    K, Mk, N = PT.shape
+    V = idx_kv.shape[1]
+    nblk = (N + cw - 1) // cw
+    dt = PT.dtype.type
+    tiny = np.finfo(PT.dtype).tiny
+    for t in nb.prange(workers):
+        Pc = np.empty((K, Mk, cw), PT.dtype)  # the block's partials, then their gradient
+        z = np.empty((V, cw), PT.dtype)  # the block's logits, then their gradient
+        m = np.empty(cw, PT.dtype)
+        tot = np.empty(cw, PT.dtype)
+        zt = np.empty(cw, np.float64)
+        s = np.empty(cw, np.float64)
+        part = np.empty(cw, PT.dtype)
+        kk = np.empty(cw, PT.dtype)
+        for blk in range(t, nblk, workers):
+            n0 = blk * cw
+            nn = min(cw, N - n0)
+            for k in range(K):
+                for j in range(Mk):
+                    src, dst = PT[k, j, n0 : n0 + nn], Pc[k, j]
+                    for c in range(nn):
+                        dst[c] = src[c]
+            for c in range(nn):
+                m[c] = -np.inf
+                tot[c] = 0
+                s[c] = 0
+            for w in range(V):  # gather-sum (slim_gather_sum_t), then bias and max
+                zw = z[w]
+                for c in range(nn):
+                    zw[c] = 0
+                for k in range(K):
+                    p = Pc[k, idx_kv[k, w]]
+                    for c in range(nn):
+                        zw[c] += p[c]
+                if has_bias:
+                    bw = b[w]
+                    for c in range(nn):
+                        zw[c] += bw
+                for c in range(nn):
+                    x = zw[c]
+                    m[c] = x if x > m[c] else m[c]
+                    tot[c] += x
+            for c in range(nn):
+                zt[c] = z[targets[n0 + c], c]
+            for w0 in range(0, V, _BLOCK):  # exp and sum (softmax_xent_t)
+                for c in range(nn):
+                    part[c] = 0
+                for w in range(w0, min(V, w0 + _BLOCK)):
+                    row = z[w]
+                    if compute_grad:
+                        for c in range(nn):
+                            e = _exp(row[c] - m[c])
+                            row[c] = e
+                            part[c] += e
+                    else:
+                        for c in range(nn):
+                            part[c] += _exp(row[c] - m[c])
+                for c in range(nn):
+                    s[c] += part[c]
+            for c in range(nn):
+                ok = _finite(tot[c]) and _finite(m[c])
+                nll[n0 + c] = math.log(s[c]) + m[c] - zt[c] if ok else np.nan
+            if not compute_grad:
+                continue
+            for c in range(nn):
+                kk[c] = dt(scale / s[c])
+            for w in range(V):
+                row = z[w]
+                for c in range(nn):
+                    r = row[c] * kk[c]
+                    row[c] = r if r >= tiny else dt(0)
+            for c in range(nn):
+                z[targets[n0 + c], c] -= dt(scale)
+            for k in range(K):  # segment sum (slim_segment_sum_t), words ascending
+                for j in range(Mk):
+                    g = Pc[k, j]
+                    for c in range(nn):
+                        g[c] = 0
+                ik = idx_kv[k]
+                for w in range(V):
+                    g, rw = Pc[k, ik[w]], z[w]
+                    for c in range(nn):
+                        g[c] += rw[c]
+                for j in range(Mk):
+                    src, dst = Pc[k, j], PT[k, j, n0 : n0 + nn]
+                    for c in range(nn):
+                        dst[c] = src[c]
+            for w in range(V):
+                rw = z[w]
+                sb = dt(0)
+                for c in range(nn):
+                    sb += rw[c]
+                dbp[blk, w] = sb
+
+
+_slim_softmax_fused_serial, _slim_softmax_fused_parallel = _serial_and_parallel(
+    _slim_softmax_fused_impl, _JIT_REDUCE)
+
+
+def slim_softmax_xent_fused(PT, idx_kv, targets, scale, compute_grad, bias, db):
+    """The fused step where it pays (see :func:`fused_width`), else None.
+
+    The contract of the dispatcher's ``slim_softmax_xent_t``: returns nll
+    ``(N,)``; with ``compute_grad`` PT becomes the gradient w.r.t. the
+    partial products and ``db`` (if given) the bias gradient."""
+    K, Mk, N = PT.shape
+    V = idx_kv.shape[1]
+    parallel = N * V * K > PARALLEL_MIN_GATHER
+    workers = nb.get_num_threads() if parallel else 1
+    cw = fused_width(K, Mk, V, N, PT.dtype.itemsize, workers)
+    if not cw:
+        return None
+    nll = np.empty(N, np.float64)
+    has_bias = bias is not None
+    b = bias if has_bias else np.empty(0, PT.dtype)
+    dbp = np.empty(((N + cw - 1) // cw if compute_grad else 0, V), PT.dtype)
+    kernel = _slim_softmax_fused_parallel if workers > 1 else _slim_softmax_fused_serial
+    kernel(PT, _unsigned(idx_kv), b, has_bias, targets, float(scale), bool(compute_grad), cw,
+           workers, nll, dbp)
+    if compute_grad and db is not None:
+        dbp.sum(axis=0, out=db)
+    return nll
+
+
+# ---------------------------------------------------------------------------
 # Optimizer passes over the flat buffers: memory-bound, so each is one
 # parallel pass (numpy's "grad *= c; params += grad" is three).
 # ---------------------------------------------------------------------------
