@@ -494,15 +494,14 @@ def slim_softmax_loss_t(h, A, b, idx_kv, targets, scale, compute_grad=True, inv=
     xp = array_module(h)
     K, Mk, d = A.shape
     N, V = h.shape[0], idx_kv.shape[1]
-    ws = ws or Workspace(xp)
+    zT, PT = slim_logits_t(h, A, idx_kv, None, ws=ws)
     h3 = h.reshape(N, K, d)
-    PT = xp.matmul(A, h3.transpose(1, 2, 0), out=ws.get("PT", (K, Mk, N), h.dtype))
-    db = xp.empty(V, dtype=h.dtype) if compute_grad else None
-    nll = kernels.slim_softmax_xent_t(PT, idx_kv, targets, scale, compute_grad, b, inv, db,
-                                      zT=lambda: ws.get("zT", (V, N), h.dtype))
+    nll = kernels.softmax_xent_t(zT, targets, scale, compute_grad, bias=b)
     if not compute_grad:
         return nll, None
-    dPT = PT  # overwritten with the gradient w.r.t. the partial products
+    dPT = PT  # the partial products are spent: reuse their buffer
+    db = xp.empty(V, dtype=h.dtype)
+    kernels.slim_segment_sum_t(zT, idx_kv, dPT, inv, db)
     dh3 = xp.empty((N, K, d), dtype=h.dtype)
     xp.matmul(dPT.transpose(0, 2, 1), A, out=dh3.transpose(1, 0, 2))  # (K, N, d) view
     return nll, (dh3.reshape(N, K * d), dPT, h3.transpose(1, 0, 2), db)

@@ -339,60 +339,6 @@ def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
     _impl(*arrays).slim_segment_sum_t(dzT, idx_kv, GT, inv, db)
 
 
-def slim_softmax_xent_t(PT, idx_kv, targets, scale=1.0, compute_grad=True, bias=None,
-                        inv=None, db=None, zT=None):
-    """The slim output layer's cross-entropy from its partial products.
-
-    What :func:`slim_gather_sum_t`, :func:`softmax_xent_t` and (with
-    ``compute_grad``) :func:`slim_segment_sum_t` do in turn, and the
-    specification: ``zT[w, n] = bias[w] + sum_k PT[k, idx_kv[k, w], n]``, the
-    nll of each column's target (returned, ``(N,)`` float64), and with
-    ``compute_grad`` ``PT (K, Mk, N)`` overwritten with the gradient w.r.t.
-    the partial products of ``scale * sum(nll)`` and ``db (V,)`` (optional)
-    with the bias gradient; without it PT is left as it was.  ``inv`` as in
-    :func:`slim_segment_sum_t`; ``zT`` an optional ``(V, N)`` buffer for the
-    logits, or a function of no arguments returning one (called only where
-    the logits are formed).  The CPU kernels run the three steps one column block at a time
-    where the blocks fit the cache (``cpu.fused_width``) and never form the
-    logits there; the result is the same but for the bias gradient's order of
-    summation.
-    """
-    _check_float("PT", PT)
-    _check_ndim("PT", PT, 3, "(K, Mk, N)")
-    K, Mk, N = PT.shape
-    _check_index_table("idx_kv", idx_kv, K, Mk)
-    V = idx_kv.shape[1]
-    _check_ids("targets", targets, N, V)
-    arrays = (PT, idx_kv, targets)
-    for name, a in (("bias", bias), ("db", db)):
-        if a is not None:
-            _check_float(name, a, PT.dtype)
-            _check_shape(name, a, (V,))
-            arrays += (a,)
-    if inv is not None:
-        _check_inv(inv, K, V, Mk)
-        arrays += (inv,)
-    if zT is not None and not callable(zT):
-        _check_float("zT", zT, PT.dtype)
-        _check_shape("zT", zT, (V, N))
-    impl = _impl(*arrays)
-    if impl is _cpu:
-        nll = impl.slim_softmax_xent_fused(PT, idx_kv, targets, scale, compute_grad, bias, db)
-        if nll is not None:
-            return nll
-    if zT is None:
-        zT = array_module(PT).empty((V, N), dtype=PT.dtype)
-    elif callable(zT):
-        zT = zT()
-        _check_shape("zT", zT, (V, N))
-    impl = _impl(*arrays, zT)
-    impl.slim_gather_sum_t(PT, idx_kv, None, zT)
-    nll = impl.softmax_xent_t(zT, targets, scale, compute_grad, bias)
-    if compute_grad:
-        impl.slim_segment_sum_t(zT, idx_kv, PT, inv, db)
-    return nll
-
-
 def _check_pair(y, x):
     _check_float("y", y)
     _check_float("x", x, y.dtype)
