@@ -164,7 +164,7 @@ def learned_table(sweeps: dict, learned: dict) -> str:
 def figures(sweeps: Path) -> list:
     """The sweep figures (needs matplotlib); returns the paths written."""
     try:
-        from slimnp.plot import NothingToPlot, load_rows, plot_k, plot_ratio
+        from slimnp.plot import NothingToPlot, load_rows, load_series, plot_curves, plot_k, plot_ratio
     except ImportError:
         return []
     learned = HERE / "results" / "learned-ptb.jsonl"
@@ -183,6 +183,10 @@ def figures(sweeps: Path) -> list:
             out += draw()
         except NothingToPlot:
             pass
+    table2 = HERE / "results" / "table2-ptb.jsonl"
+    if table2.exists():  # validation perplexity per epoch of Table 2's finished rows
+        out += plot_curves(load_series([table2]), FIGURES / "table2-ptb-curves.png",
+                           title="Table 2 on PTB: validation perplexity per epoch")
     return out
 
 
