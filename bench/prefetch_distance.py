@@ -3,9 +3,9 @@
 
 ``kernels/cpu.py`` prefetches the pool rows of the word ``_PREFETCH_WORDS``
 ahead (the first ``_PREFETCH_LINES`` + 1 cache lines of each).  This compiles
-the same loop at each ``--distances`` value (0: no prefetch; a value + 100:
-every line of the row, not just the first ones) and times them alternately
-in one process, on the Table 7 shape (V = 793,471, K = 8, 1/8) with ``--rows``
+that kernel again at each ``--distances`` value (0: no prefetch; a value +
+100: every line of the row, not just the first ones) and times them
+alternately in one process, on the Table 7 shape (V = 793,471, K = 8, 1/8) with ``--rows``
 columns: N = 20 gives 80-byte rows, N = 100 400-byte ones.
 
     python bench/prefetch_distance.py --rows 100
@@ -22,28 +22,30 @@ from common import format_machine, machine_info  # noqa: E402  (puts the checkou
 
 
 def _gather(distance: int, whole_rows: bool):
+    """slimnp's own word-major gather-sum (``cpu._slim_gather_sum_t_impl``),
+    compiled again with another prefetch distance (0: none) and, with
+    ``whole_rows``, every line of each row prefetched."""
+    import types
+
     import numba as nb
 
-    from slimnp.kernels.cpu import _prefetch_row
+    from slimnp.kernels import cpu
 
-    @nb.njit(parallel=True, nogil=True, error_model="numpy")
+    impl = cpu._slim_gather_sum_t_impl
+    # a distance past the last word switches the prefetch off
+    env = {**impl.__globals__, "_PREFETCH_WORDS": distance or 1 << 62}
+    fn = types.FunctionType(impl.__code__, env, f"gather_{distance}_{int(whole_rows)}")
+    kernel = nb.njit(parallel=True, nogil=True, error_model="numpy")(fn)
+
     def gather(PT, idx_kv, zT):
-        K, _, N = PT.shape
-        V = idx_kv.shape[1]
-        for w in nb.prange(V):
-            if distance > 0 and w + distance < V:
-                for k in range(K):
-                    _prefetch_row(PT[k], idx_kv[k, w + distance])
-                    if whole_rows and N > 64:  # the lines past the first five
-                        _prefetch_row(PT[k][:, 64:], idx_kv[k, w + distance])
-            zw = zT[w]
-            for n in range(N):
-                zw[n] = 0.0
-            for k in range(K):
-                p = PT[k, idx_kv[k, w]]
-                for n in range(N):
-                    zw[n] += p[n]
+        kernel(PT, idx_kv, np.empty(0, PT.dtype), False, zT)
 
+    lines = cpu._PREFETCH_LINES
+    cpu._PREFETCH_LINES = 1 << 10 if whole_rows else lines  # read when the intrinsic is compiled
+    try:
+        gather(np.zeros((1, 1, 1), np.float32), np.zeros((1, 1), np.uint32), np.empty((1, 1), np.float32))
+    finally:
+        cpu._PREFETCH_LINES = lines
     return gather
 
 
