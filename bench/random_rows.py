@@ -7,6 +7,12 @@ serves random rows once the partial products leave the caches.  This sums
 growing size (one thread, a compiled loop) and prints ns per row: flat while
 the array fits a cache level, rising to a DRAM round trip beyond.
 
+It also times the same rows read as a chain (each row holds the index of the
+next, so one load waits for the previous): the latency of one row.  Latency
+over the independent loop's ns per row is how many rows the core keeps in
+flight -- the memory-level parallelism that bounds a random gather once it
+misses the caches.
+
     python bench/random_rows.py [--row-bytes 80] [--sizes-mb 0.25,1,4,8,16,64,256]
 """
 from __future__ import annotations
@@ -34,6 +40,33 @@ def _gather_kernel():
     return gather
 
 
+def _chase_kernel():
+    import numba as nb
+
+    @nb.njit(nogil=True, error_model="numpy", boundscheck=False)
+    def chase(P, steps, out):
+        # P is uint32; column 0 of row i holds the row read after it (one
+        # random cycle through all rows), so each load waits for the last.
+        N = P.shape[1]
+        i = 0
+        for _ in range(steps):
+            p = P[i]
+            for n in range(1, N):
+                out[n] += p[n]
+            i = p[0]
+        return i
+
+    return chase
+
+
+def _cycle(n: int, rng) -> np.ndarray:
+    """next[i] for a single random cycle through all n rows."""
+    order = rng.permutation(n)
+    nxt = np.empty(n, np.uint32)
+    nxt[order] = np.roll(order, -1)
+    return nxt
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--row-bytes", type=int, default=80, help="bytes per row (80: N = 20 float32, Table 7)")
@@ -42,6 +75,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     gather = _gather_kernel()
+    chase = _chase_kernel()
     width = max(1, a.row_bytes // 4)
     rng = np.random.default_rng(0)
     out = []
@@ -53,14 +87,24 @@ def main(argv=None) -> int:
         gather(P, idx[:1000], acc)  # compile, touch
         t0 = time.perf_counter()
         gather(P, idx, acc)
-        out.append({"array_mb": mb, "ns_per_row": (time.perf_counter() - t0) / a.rows * 1e9})
+        ns = (time.perf_counter() - t0) / a.rows * 1e9
+        C = np.ones((n, width), np.uint32)
+        C[:, 0] = _cycle(n, rng)
+        steps = min(a.rows, max(n, 100_000))
+        cacc = np.zeros(width, np.uint32)
+        chase(C, 1000, cacc)  # compile
+        t0 = time.perf_counter()
+        chase(C, steps, cacc)
+        latency = (time.perf_counter() - t0) / steps * 1e9
+        out.append({"array_mb": mb, "ns_per_row": ns, "latency_ns": latency, "rows_in_flight": latency / ns})
     if a.json:
         print(json.dumps({"row_bytes": 4 * width, "results": out, "machine": machine_info(threads=1, torch_ok=False)}))
         return 0
     print(format_machine(machine_info(threads=1, torch_ok=False), short=True))
-    print(f"random rows of {4 * width} bytes, one thread:")
+    print(f"random rows of {4 * width} bytes, one thread: independent loads, a dependent chain, their ratio")
     for r in out:
-        print(f"  array {r['array_mb']:8.2f} MB   {r['ns_per_row']:7.1f} ns per row")
+        print(f"  array {r['array_mb']:8.2f} MB   {r['ns_per_row']:7.1f} ns per row   "
+              f"latency {r['latency_ns']:7.1f} ns   rows in flight {r['rows_in_flight']:5.1f}")
     return 0
 
 
