@@ -13,12 +13,18 @@ over the independent loop's ns per row is how many rows the core keeps in
 flight -- the memory-level parallelism that bounds a random gather once it
 misses the caches.
 
-    python bench/random_rows.py [--row-bytes 80] [--sizes-mb 0.25,1,4,8,16,64,256]
+With ``--threads T`` the independent loop also runs on T threads at once
+(each on its own share of the rows): ns per row for the whole machine and
+the bytes per second random rows arrive at, the rate a parallel gather-sum
+cannot beat.
+
+    python bench/random_rows.py [--row-bytes 80] [--sizes-mb 0.25,1,4,8,16,64,256] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 
 import numpy as np
@@ -67,11 +73,25 @@ def _cycle(n: int, rng) -> np.ndarray:
     return nxt
 
 
+def _parallel_ns(gather, P, idx, threads: int) -> float:
+    """ns per row, machine-wide, with ``threads`` threads each gathering its share of ``idx``."""
+    shares = np.array_split(idx, threads)
+    accs = [np.zeros(P.shape[1], np.float32) for _ in shares]
+    workers = [threading.Thread(target=gather, args=(P, s, acc)) for s, acc in zip(shares, accs)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return (time.perf_counter() - t0) / idx.shape[0] * 1e9
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--row-bytes", type=int, default=80, help="bytes per row (80: N = 20 float32, Table 7)")
     p.add_argument("--sizes-mb", default="0.25,1,4,8,16,64,256")
     p.add_argument("--rows", type=int, default=4_000_000, help="random rows read per size")
+    p.add_argument("--threads", type=int, default=1, help="also run the independent loop on this many threads at once")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     gather = _gather_kernel()
@@ -96,7 +116,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         chase(C, steps, cacc)
         latency = (time.perf_counter() - t0) / steps * 1e9
-        out.append({"array_mb": mb, "ns_per_row": ns, "latency_ns": latency, "rows_in_flight": latency / ns})
+        r = {"array_mb": mb, "ns_per_row": ns, "latency_ns": latency, "rows_in_flight": latency / ns}
+        if a.threads > 1:
+            r["threads"] = a.threads
+            r["ns_per_row_all_threads"] = _parallel_ns(gather, P, idx, a.threads)
+            r["gb_per_s_all_threads"] = 4 * width / r["ns_per_row_all_threads"]
+        out.append(r)
     if a.json:
         print(json.dumps({"row_bytes": 4 * width, "results": out, "machine": machine_info(threads=1, torch_ok=False)}))
         return 0
@@ -104,7 +129,9 @@ def main(argv=None) -> int:
     print(f"random rows of {4 * width} bytes, one thread: independent loads, a dependent chain, their ratio")
     for r in out:
         print(f"  array {r['array_mb']:8.2f} MB   {r['ns_per_row']:7.1f} ns per row   "
-              f"latency {r['latency_ns']:7.1f} ns   rows in flight {r['rows_in_flight']:5.1f}")
+              f"latency {r['latency_ns']:7.1f} ns   rows in flight {r['rows_in_flight']:5.1f}"
+              + (f"   {r['threads']} threads: {r['ns_per_row_all_threads']:6.1f} ns per row, "
+                 f"{r['gb_per_s_all_threads']:5.2f} GB/s" if "threads" in r else ""))
     return 0
 
 
