@@ -789,18 +789,18 @@ class Runner:
         logf = plan.runs_dir / f"{run.name}.log"
         spec = plan.runs_dir / f"{run.name}.spec.json"
         summary_path = plan.runs_dir / f"{run.name}.summary.json"
-        summary_path.unlink(missing_ok=True)
-        spec.write_text(json.dumps({"argv": run.argv, "out": str(ckpt), "summary": str(summary_path),
-                                    "threads": self.threads, "device": self.device,
-                                    "learned": learned_spec(run)}))
         lock_path = plan.runs_dir / f"{run.name}.lock"
         lock = _try_lock(lock_path)
-        if lock is None:
+        if lock is None:  # another runner's worker reads this run's spec and writes its summary
             who = lock_path.read_text().split()
             self.log(f"[{run.name}] skipped: another process (pid {who[-1] if who else '?'}) "
                      "is training it now")
             self.failed.append(run.name)
             return
+        summary_path.unlink(missing_ok=True)
+        spec.write_text(json.dumps({"argv": run.argv, "out": str(ckpt), "summary": str(summary_path),
+                                    "threads": self.threads, "device": self.device,
+                                    "learned": learned_spec(run)}))
         try:
             self._launch(run, ckpt, logf, spec, summary_path, lock)
         finally:

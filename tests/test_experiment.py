@@ -370,3 +370,27 @@ def test_learned_fine_tuning_continues_the_epoch_schedule(tmp_path, corpus, w, d
         return out
 
     assert lrs(lr, start, 7 - w) == lrs(1.0, ds, 7)[w:]
+
+
+def test_run_held_by_another_runner_is_skipped_untouched(tmp_path, corpus):
+    """A run whose lock another runner holds is skipped, and its files --
+    the spec that runner's worker reads, the summary it writes -- are left
+    as they are."""
+    from slimnp.experiment import _try_lock
+
+    text = PLAN.split("[[grid]]")[0].replace("epochs = {epochs}", "epochs = 1")
+    plan = load_plan(_plan(tmp_path, corpus, text=text))
+    plan.runs_dir.mkdir(parents=True, exist_ok=True)
+    spec, summary = plan.runs_dir / "dense.spec.json", plan.runs_dir / "dense.summary.json"
+    spec.write_text("the other runner's spec")
+    summary.write_text("the other runner's summary")
+    held = _try_lock(plan.runs_dir / "dense.lock")
+    assert held is not None
+    try:
+        res = _run(["run", str(plan.path)])
+    finally:
+        os.close(held)
+    assert "[dense] skipped: another process" in res.stderr
+    assert spec.read_text() == "the other runner's spec"
+    assert summary.read_text() == "the other runner's summary"
+    assert not (tmp_path / "results" / "plan.jsonl").exists()
