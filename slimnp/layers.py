@@ -507,26 +507,67 @@ def slim_softmax_loss_t(h, A, b, idx_kv, targets, scale, compute_grad=True, inv=
     return nll, (dh3.reshape(N, K * d), dPT, h3.transpose(1, 0, 2), db)
 
 
+# Sub-vectors of at most this many numbers make the dynamic programming cost
+# more than the matrix it avoids (``bench/output_strategy.py``, one thread,
+# V = 10K, H = 200, N = 400, 1/8: the DP over the rebuilt matrix took 0.46x,
+# 0.70x, 0.67x the time at d = 50, 25, 20 and 2.1x, 3.6x, 12x at d = 10, 5,
+# 1; at V = 33K: 0.92x at d = 25, 1.7x at 10, 3.2x at 5).  With d = H/K
+# numbers per sub-vector, the DP's gather-sum and segment sum each move K*V
+# rows of N partial products (K*V*N numbers, H/d times as many as the logits)
+# at memory speed, while rebuilding the V x H matrix from the pools costs one
+# gather of V*H numbers and leaves the logits to GEMMs.  HashNet (K = H,
+# d = 1) is the extreme case.  Below DENSE_MIN_ELEMENTS both take
+# microseconds and the paper's method is kept; above DENSE_MAX_ELEMENTS the
+# rebuilt matrix would cost the memory the slim layer saves.
+DENSE_MAX_SUBVECTOR = 10
+DENSE_MIN_ELEMENTS = 1 << 16
+DENSE_MAX_ELEMENTS = 1 << 26  # 256 MB of float32
+
+
+def slim_output_strategy(V: int, H: int, K: int) -> str:
+    """``"dense"`` (rebuild the ``V x H`` matrix, then a full softmax) or
+    ``"dp"`` (the paper's dynamic programming) for a slim output layer."""
+    short = H // K <= DENSE_MAX_SUBVECTOR
+    return "dense" if short and DENSE_MIN_ELEMENTS <= V * H <= DENSE_MAX_ELEMENTS else "dp"
+
+
 class SlimSoftmax:
     """Output layer: word w's vector is ``[A[0, idx[w,0]], ..., A[K-1, idx[w,K-1]]]``.
 
     ``A: (K, M/K, H/K)`` (K disjoint pools), ``b: (V,)``; ``idx: (V, K)`` local
     to each pool.  Parameters ``M*H/K + V``.
+
+    ``strategy`` chooses how the full softmax is computed (the same function,
+    up to float32 rounding): ``"dp"`` by the paper's dynamic programming,
+    ``"dense"`` by rebuilding the ``V x H`` word vectors from the pools each
+    call (one gather), a full softmax, and a scatter-add of the matrix's
+    gradient back into the pools -- cheaper when sub-vectors are a few
+    numbers long (HashNet's K = H).  ``"auto"``: :func:`slim_output_strategy`.
     """
 
-    def __init__(self, store: ParamStore, name: str, V: int, H: int, K: int, M: int, idx):
+    def __init__(self, store: ParamStore, name: str, V: int, H: int, K: int, M: int, idx,
+                 strategy: str = "auto"):
         self.store, self.name, self.V, self.H, self.K, self.M = store, name, V, H, K, M
         self.Mk, self.d = M // K, H // K
+        if strategy == "auto":
+            strategy = slim_output_strategy(V, H, K)
+        if strategy not in ("dp", "dense"):
+            raise ValueError(f"strategy must be 'auto', 'dp' or 'dense', not {strategy!r}")
+        self.strategy = strategy
         idx_kv = np.ascontiguousarray(np.asarray(idx).T)  # (K, V): row k read contiguously
         inv = inverse_table(idx_kv, self.Mk)  # None unless uniform fan-out
         # on the parameters' device (a no-op for NumPy)
         self.idx_kv = store.xp.asarray(idx_kv)
         self.inv = None if inv is None else store.xp.asarray(inv)
+        # dense: each word's K rows of the pools seen as one (M, d) array, word-major
+        self._all_rows = None if strategy == "dp" else self._rows(store.xp.arange(V)).reshape(-1)
         self.ws = Workspace(store.xp)
         store.add(f"{name}/A", (K, self.Mk, self.d))
         store.add(f"{name}/b", (V,))
 
     def loss(self, h, targets, scale=1.0, compute_grad=True, chunk=None):
+        if self.strategy == "dense":
+            return self._dense_loss(h, targets, scale, compute_grad, chunk)
         p = self.store.params
         A, b = p[f"{self.name}/A"], p[f"{self.name}/b"]
         xp, N = self.store.xp, h.shape[0]
@@ -540,6 +581,34 @@ class SlimSoftmax:
                                                      self.inv, self.ws)
         self.store.accumulate(f"{self.name}/A", dPT, hk)  # dA = dPT @ hk, one batched GEMM
         self.store.accumulate(f"{self.name}/b", db)
+        return nll, dh
+
+    def _weights(self):
+        """The ``(V, H)`` word vectors, gathered from the pools into the workspace."""
+        xp = self.store.xp
+        A = self.store.params[f"{self.name}/A"].reshape(self.K * self.Mk, self.d)
+        W = self.ws.get("W", (self.V, self.H), A.dtype)
+        xp.take(A, self._all_rows, axis=0, out=W.reshape(self.V * self.K, self.d))
+        return W
+
+    def _dense_loss(self, h, targets, scale, compute_grad, chunk):
+        """:meth:`loss` with the ``V x H`` matrix rebuilt: the full softmax's
+        arithmetic, then ``dW`` scattered back into the pool rows it came from."""
+        store, xp, N = self.store, self.store.xp, h.shape[0]
+        W, b = self._weights(), store.params[f"{self.name}/b"]
+        if not compute_grad:
+            nll = xp.empty(N, dtype=np.float64)
+            for i, j in (spans := _eval_chunks(N, self.V, chunk)):
+                buf = self.ws.get("logits", (spans[0][1], self.V), h.dtype)[: j - i]
+                nll[i:j] = softmax_loss(h[i:j], W, b, targets[i:j], 1.0, False, buf)[0]
+            return nll, None
+        buf = self.ws.get("logits", (N, self.V), h.dtype)
+        nll, dlogits = softmax_loss(h, W, b, targets, scale, True, buf)
+        dh = xp.matmul(dlogits, W, out=self.ws.get("dh", (N, self.H), h.dtype))
+        dW = xp.matmul(dlogits.T, h, out=W)  # the rebuilt matrix is spent: reuse its buffer
+        g = store.grad_view(f"{self.name}/A").reshape(self.K * self.Mk, self.d)
+        kernels.embedding_scatter_add(g, self._all_rows, dW.reshape(self.V * self.K, self.d))
+        store.accumulate(f"{self.name}/b", column_sums(dlogits))
         return nll, dh
 
     # -- sampled objectives (slimnp.sampled_losses) ---------------------------------

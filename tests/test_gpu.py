@@ -136,12 +136,16 @@ MODELS = {
     "pm": dict(embedding_size=4),
     # Tables 2-3: dropout on the embedding -> LSTM connection alone differs
     "input-dropout": dict(input_dropout=0.5),
+    # HashNet (K = H, hash tables), its output layer on the dense strategy
+    # (the V x H matrix rebuilt from the pools; forced: this model is tiny)
+    "hashnet": dict(input="slim", input_k=8, input_m=12, output="slim", output_k=8, output_m=40,
+                    mapping="hash"),
 }
 # (model, loss, optimizer)
 STEPS = [("dense", "softmax", "sgd"), ("slim", "softmax", "sgd"), ("slim-hash", "softmax", "adagrad"),
          ("dense", "is", "adagrad"), ("slim", "is", "sgd"), ("slim", "nce", "adagrad"),
          ("tied-slim", "softmax", "adagrad"), ("pm", "softmax", "sgd"), ("pm", "nce", "adagrad"),
-         ("input-dropout", "is", "sgd")]
+         ("input-dropout", "is", "sgd"), ("hashnet", "softmax", "sgd")]
 
 
 def _train_steps(model, loss, optimizer, steps=2, seed=3):
@@ -183,6 +187,9 @@ def test_training_step_parity(dev, dtype, name, loss, optimizer, monkeypatch):
     from slimnp.model import LanguageModel, ModelConfig
 
     monkeypatch.setenv("SLIMNP_PIPELINE", "0")  # the emulator is single-threaded
+    if name == "hashnet":
+        from slimnp import layers
+        monkeypatch.setattr(layers, "DENSE_MIN_ELEMENTS", 0)
     cfg = ModelConfig(vocab_size=25, hidden=8, layers=2, dropout=0.2, dtype=dtype, **MODELS[name])
     if dev.name == "emu-rev":
         pytest.skip("the kernels' own tests cover the reversed order")

@@ -9,8 +9,9 @@ from click.testing import CliRunner
 from slimnp import io as sio
 from slimnp.backend import make_rng
 from slimnp.cli import main
+from slimnp import layers
 from slimnp.layers import (SlimSoftmax, Softmax, slim_embedding_backward, slim_embedding_forward,
-                           slim_logits)
+                           slim_logits, slim_output_strategy)
 from slimnp.mapping import hash_assignment, shuffle_assignment, shuffle_assignment_pools
 from slimnp.model import LanguageModel, ModelConfig
 from slimnp.modelfile import load_model, mapping_fields
@@ -74,10 +75,11 @@ def test_dp_logits_equal_materialised_matrix(rng):
     np.testing.assert_allclose(z, h @ _dense_from_pools(A, idx).T + b, rtol=1e-12, atol=1e-12)
 
 
-def _slim_and_full(rng, V, H, K, Mk, idx):
+def _slim_and_full(rng, V, H, K, Mk, idx, strategy="dp"):
     """A slim output layer with tables ``idx (V, K)`` and the full softmax
     holding the same word vectors (``W[w] = concat_k A[k, idx[w, k]]``)."""
-    slim_store, slim = layer(rng, lambda st: SlimSoftmax(st, "out", V, H, K, K * Mk, idx), 1.0)
+    slim_store, slim = layer(rng, lambda st: SlimSoftmax(st, "out", V, H, K, K * Mk, idx, strategy), 1.0)
+    assert slim.strategy == strategy
     full_store, full = layer(rng, lambda st: Softmax(st, "out", V, H), 1.0)
     A = slim_store.params["out/A"]
     full_store.params["out/W"][...] = np.concatenate([A[k][idx[:, k]] for k in range(K)], axis=1)
@@ -85,9 +87,9 @@ def _slim_and_full(rng, V, H, K, Mk, idx):
     return (slim_store, slim), (full_store, full)
 
 
-def _assert_same_softmax(rng, V, H, K, Mk, idx, N=5, scale=0.5):
+def _assert_same_softmax(rng, V, H, K, Mk, idx, N=5, scale=0.5, strategy="dp"):
     """The slim layer's loss and gradients equal the full softmax's on the same vectors."""
-    (ss, slim), (fs, full) = _slim_and_full(rng, V, H, K, Mk, idx)
+    (ss, slim), (fs, full) = _slim_and_full(rng, V, H, K, Mk, idx, strategy)
     h = rng.standard_normal((N, H))
     t = rng.integers(0, V, N).astype(np.int32)
     t[:2] = [0, V - 1]
@@ -108,24 +110,67 @@ def _assert_same_softmax(rng, V, H, K, Mk, idx, N=5, scale=0.5):
     np.testing.assert_allclose(slim.loss(h, t, compute_grad=False)[0], nll_f, rtol=1e-13)
 
 
-def test_slim_softmax_without_sharing_is_the_full_softmax(rng):
+@pytest.mark.parametrize("strategy", ["dp", "dense"])
+def test_slim_softmax_without_sharing_is_the_full_softmax(rng, strategy):
     """K=1, one pool entry per word: exactly a full softmax (loss and gradients)."""
     V, H = 30, 8
     perm = rng.permutation(V).astype(np.int32)[:, None]  # (V, 1)
-    _assert_same_softmax(rng, V, H, 1, V, perm)
+    _assert_same_softmax(rng, V, H, 1, V, perm, strategy=strategy)
 
 
-def test_slim_softmax_with_sharing_is_the_full_softmax_of_its_vectors(rng):
-    """Shared pool entries (V = 40 words on 7 entries per pool): the loss of
-    the materialised vectors, and the pool gradients summed over the words."""
-    V, K, Mk = 40, 4, 7
-    _assert_same_softmax(rng, V, 12, K, Mk, shuffle_assignment_pools(V, K, Mk, 3))
+@pytest.mark.parametrize("strategy", ["dp", "dense"])
+@pytest.mark.parametrize("K,Mk,H", [(4, 7, 12), (12, 5, 12)])
+def test_slim_softmax_with_sharing_is_the_full_softmax_of_its_vectors(rng, strategy, K, Mk, H):
+    """Shared pool entries (V = 40 words on 7 or 5 entries per pool; K = H is
+    HashNet's shape): the loss of the materialised vectors, and the pool
+    gradients summed over the words -- by the DP and by the rebuilt matrix."""
+    V = 40
+    _assert_same_softmax(rng, V, H, K, Mk, shuffle_assignment_pools(V, K, Mk, 3), strategy=strategy)
 
 
-def test_slim_softmax_gradient(rng):
+def test_slim_softmax_strategies_agree_on_hash_tables(rng):
+    """Uneven fan-out (hash tables, a pool row shared by 0 to many words): the
+    dense strategy's loss, dh and pool gradients equal the DP's."""
+    N, V, K, Mk, H = 9, 60, 6, 11, 6
+    idx = hash_assignment(V, K, Mk, seed=2, salt=0)
+    (s1, dp), _ = _slim_and_full(np.random.default_rng(5), V, H, K, Mk, idx, "dp")
+    (s2, dense), _ = _slim_and_full(np.random.default_rng(5), V, H, K, Mk, idx, "dense")
+    np.testing.assert_array_equal(s1.data, s2.data)
+    h = rng.standard_normal((N, H))
+    t = rng.integers(0, V, N).astype(np.int32)
+    s1.zero_grad()
+    s2.zero_grad()
+    nll1, dh1 = dp.loss(h, t, 0.25)
+    nll2, dh2 = dense.loss(h, t, 0.25)
+    np.testing.assert_allclose(nll2, nll1, rtol=1e-13)
+    np.testing.assert_allclose(dh2, dh1, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(s2.grad, s1.grad, rtol=1e-12, atol=1e-14)
+    # evaluation in row chunks (2 rows each) gives the same losses
+    np.testing.assert_allclose(dense.loss(h, t, compute_grad=False, chunk=2)[0], nll1, rtol=1e-13)
+
+
+def test_slim_output_strategy_rule():
+    """The rebuilt matrix where sub-vectors are a few numbers long (HashNet,
+    K = 40 at H = 200), the DP elsewhere: the paper's shapes, tiny layers and
+    vocabularies whose V x H matrix would cost the memory the layer saves."""
+    assert slim_output_strategy(10_000, 200, 200) == "dense"  # HashNet on PTB
+    assert slim_output_strategy(10_000, 200, 40) == "dense"  # d = 5
+    assert slim_output_strategy(10_000, 200, 8) == "dp"  # the sweeps' K = 8, d = 25
+    assert slim_output_strategy(10_000, 200, 20) == "dense"  # d = 10
+    assert slim_output_strategy(10_000, 200, 10) == "dp"  # d = 20
+    assert slim_output_strategy(793_471, 2048, 8) == "dp"  # Table 7
+    assert slim_output_strategy(793_471, 512, 512) == "dp"  # 406M numbers: the memory bound
+    assert slim_output_strategy(25, 8, 8) == "dp"  # tiny: nothing to gain
+    with pytest.raises(ValueError, match="strategy"):
+        SlimSoftmax(layers.ParamStore(), "out", 10, 4, 2, 4, np.zeros((10, 2), np.int32), "fast")
+
+
+@pytest.mark.parametrize("strategy", ["dp", "dense"])
+def test_slim_softmax_gradient(rng, strategy):
     N, V, K, Mk, d = 4, 17, 3, 5, 2
     store, out = layer(rng, lambda st: SlimSoftmax(st, "out", V, K * d, K, K * Mk,
-                                                   shuffle_assignment_pools(V, K, Mk, 1)), 1.0)
+                                                   shuffle_assignment_pools(V, K, Mk, 1), strategy), 1.0)
+    assert out.strategy == strategy
     h = rng.standard_normal((N, K * d))
     t = np.array([0, V - 1, 3, 3], np.int32)
 
@@ -161,11 +206,20 @@ SLIM = dict(input="slim", input_k=2, input_m=12, output="slim", output_k=3, outp
 
 @pytest.mark.parametrize("extra", [SLIM, dict(SLIM, mapping="hash"),
                                    dict(output="slim", output_k=2, output_m=10, input="slim", tie=True),
-                                   dict(tie=True)])
-def test_model_gradients_slim(extra, rng):
+                                   dict(tie=True), "hashnet-dense", "tied-dense"])
+def test_model_gradients_slim(extra, rng, monkeypatch):
     V, H, L, T, B = 13, 6, 2, 3, 2
+    if isinstance(extra, str):  # the output layer on the dense strategy (forced: the model is tiny)
+        monkeypatch.setattr(layers, "DENSE_MIN_ELEMENTS", 0)
+        extra = {"hashnet-dense": dict(SLIM, mapping="hash", output_k=6, output_m=18),
+                 "tied-dense": dict(output="slim", output_k=3, output_m=15, input="slim", tie=True)}[extra]
+        dense = True
+    else:
+        dense = False
     m = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=L, init_scale=0.4,
                                   dtype="float64", **extra))
+    if extra.get("output") == "slim":
+        assert m.output.strategy == ("dense" if dense else "dp")
     m.init_params(np.random.default_rng(0))
     x = rng.integers(0, V, (T, B)).astype(np.int32)
     y = rng.integers(0, V, (T, B)).astype(np.int32)

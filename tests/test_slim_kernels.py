@@ -205,6 +205,7 @@ def test_embedding_scatter_add_parallel(dtype, V, D, N, rng):
 def test_embedding_scatter_add_dispatch_parallel(monkeypatch, rng):
     """Slim input layer shape: N*K sub-ids into a pool of M rows of size d, forced parallel."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN_SCATTER", 0)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_SCATTER_ROW", 0)
     M, d, NK = 40, 5, 600
     ids = rng.integers(0, M, NK).astype(np.int32)
     dX = rng.standard_normal((NK, d))
