@@ -797,11 +797,14 @@ class Runner:
                      "is training it now")
             self.failed.append(run.name)
             return
-        summary_path.unlink(missing_ok=True)
-        spec.write_text(json.dumps({"argv": run.argv, "out": str(ckpt), "summary": str(summary_path),
-                                    "threads": self.threads, "device": self.device,
-                                    "learned": learned_spec(run)}))
         try:
+            if run.name in read_results(plan.results):  # another runner finished it meanwhile
+                self.log(f"[{run.name}] skipped: another process finished it after this plan started")
+                return
+            summary_path.unlink(missing_ok=True)
+            spec.write_text(json.dumps({"argv": run.argv, "out": str(ckpt), "summary": str(summary_path),
+                                        "threads": self.threads, "device": self.device,
+                                        "learned": learned_spec(run)}))
             self._launch(run, ckpt, logf, spec, summary_path, lock)
         finally:
             os.close(lock)

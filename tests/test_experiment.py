@@ -394,3 +394,22 @@ def test_run_held_by_another_runner_is_skipped_untouched(tmp_path, corpus):
     assert spec.read_text() == "the other runner's spec"
     assert summary.read_text() == "the other runner's summary"
     assert not (tmp_path / "results" / "plan.jsonl").exists()
+
+
+def test_run_finished_by_another_runner_meanwhile_is_not_run_again(tmp_path, corpus):
+    """A runner's queue is made when it starts; a run another runner finished
+    since then is skipped when its turn comes, not trained and recorded twice."""
+    from slimnp.experiment import Runner
+
+    text = PLAN.split("[[grid]]")[0].replace("epochs = {epochs}", "epochs = 1")
+    plan = load_plan(_plan(tmp_path, corpus, text=text))
+    lines = []
+    runner = Runner(plan, log=lines.append)
+    (run,) = runner.pending()
+    plan.results.parent.mkdir(parents=True, exist_ok=True)
+    plan.results.write_text(json.dumps({"run": "dense", "test_ppl": 1.0}) + "\n")  # the other runner's line
+    plan.runs_dir.mkdir(parents=True, exist_ok=True)
+    runner._one(run)
+    assert any("[dense] skipped: another process finished it" in ln for ln in lines), lines
+    assert not (plan.runs_dir / "dense.h5").exists()
+    assert len(plan.results.read_text().splitlines()) == 1
