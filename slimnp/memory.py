@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import human_bytes
+from .layers import slim_output_strategy
 from .model import ModelConfig, param_shapes
 
 #: RSS the Numba kernels add to a process: loaded from Numba's on-disk cache,
@@ -102,6 +103,8 @@ def _output_buffers(mc: ModelConfig, rows: int, s: int) -> int:
     V, E = mc.vocab_size, mc.word_size
     if mc.output == "slim":
         K = mc.output_k
+        if slim_output_strategy(V, E, K) == "dense":  # the V x E matrix rebuilt, then a full softmax
+            return s * (V * E + rows * V + rows * E)  # W (and dW in it), logits, dh
         return s * (V * rows + K * (mc.output_m // K) * rows + V + rows * E)  # zT, PT, db, dh
     return s * (rows * V + rows * E)  # logits, dh
 
