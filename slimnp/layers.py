@@ -635,4 +635,6 @@ class SlimSoftmax:
 
     def logits(self, h):
         p = self.store.params
+        if self.strategy == "dense":
+            return h @ self._weights().T + p[f"{self.name}/b"]
         return slim_logits(h, p[f"{self.name}/A"], self.idx_kv, p[f"{self.name}/b"])[0]

@@ -147,6 +147,8 @@ def test_slim_softmax_strategies_agree_on_hash_tables(rng):
     np.testing.assert_allclose(s2.grad, s1.grad, rtol=1e-12, atol=1e-14)
     # evaluation in row chunks (2 rows each) gives the same losses
     np.testing.assert_allclose(dense.loss(h, t, compute_grad=False, chunk=2)[0], nll1, rtol=1e-13)
+    # and the row-major logits generation samples from
+    np.testing.assert_allclose(dense.logits(h), dp.logits(h), rtol=1e-12, atol=1e-13)
 
 
 def test_slim_output_strategy_rule():
