@@ -311,6 +311,29 @@ def _eval_chunks(N, V, chunk=None):
     return [(i, min(i + chunk, N)) for i in range(0, N, chunk)]
 
 
+def full_softmax_step(ws, h, W, b, targets, scale, compute_grad, chunk=None):
+    """The full softmax of ``h W^T + b`` with a layer's workspace ``ws``.
+
+    Evaluation (``compute_grad=False``) runs in row chunks so a large
+    vocabulary never needs an ``(N, V)`` buffer: returns ``(nll, None,
+    None)``.  Training returns ``nll``, ``dlogits (N, V)`` and ``dh (N, H)``
+    (both in ``ws``, valid until the next call); ``W``'s gradient is the
+    caller's (``dlogits^T h``).
+    """
+    xp, N, V = array_module(h), h.shape[0], W.shape[0]
+    if not compute_grad:
+        nll = xp.empty(N, dtype=np.float64)
+        for i, j in (spans := _eval_chunks(N, V, chunk)):
+            # one buffer of the first (largest) span's rows, sliced for the last
+            buf = ws.get("logits", (spans[0][1], V), h.dtype)[: j - i]
+            nll[i:j] = softmax_loss(h[i:j], W, b, targets[i:j], 1.0, False, buf)[0]
+        return nll, None, None
+    buf = ws.get("logits", (N, V), h.dtype)
+    nll, dlogits = softmax_loss(h, W, b, targets, scale, True, buf)
+    dh = xp.matmul(dlogits, W, out=ws.get("dh", (N, W.shape[1]), h.dtype))
+    return nll, dlogits, dh
+
+
 class Softmax:
     """Full softmax output layer ``W: (V, H)``, ``b: (V,)``."""
 
@@ -329,19 +352,10 @@ class Softmax:
         """
         store = self.store
         W, b = store.params[f"{self.name}/W"], store.params[f"{self.name}/b"]
-        xp, N = store.xp, h.shape[0]
-        if not compute_grad:
-            nll = xp.empty(N, dtype=np.float64)
-            for i, j in (spans := _eval_chunks(N, self.V, chunk)):
-                # one buffer of the first (largest) span's rows, sliced for the last
-                buf = self.ws.get("logits", (spans[0][1], self.V), h.dtype)[: j - i]
-                nll[i:j] = softmax_loss(h[i:j], W, b, targets[i:j], 1.0, False, buf)[0]
-            return nll, None
-        buf = self.ws.get("logits", (N, self.V), h.dtype)
-        nll, dlogits = softmax_loss(h, W, b, targets, scale, True, buf)
-        dh = xp.matmul(dlogits, W, out=self.ws.get("dh", (N, self.H), h.dtype))
-        store.accumulate(f"{self.name}/W", dlogits.T, h)
-        store.accumulate(f"{self.name}/b", column_sums(dlogits))
+        nll, dlogits, dh = full_softmax_step(self.ws, h, W, b, targets, scale, compute_grad, chunk)
+        if compute_grad:
+            store.accumulate(f"{self.name}/W", dlogits.T, h)
+            store.accumulate(f"{self.name}/b", column_sums(dlogits))
         return nll, dh
 
     # -- sampled objectives (slimnp.sampled_losses) ---------------------------------
@@ -594,17 +608,11 @@ class SlimSoftmax:
     def _dense_loss(self, h, targets, scale, compute_grad, chunk):
         """:meth:`loss` with the ``V x H`` matrix rebuilt: the full softmax's
         arithmetic, then ``dW`` scattered back into the pool rows it came from."""
-        store, xp, N = self.store, self.store.xp, h.shape[0]
+        store, xp = self.store, self.store.xp
         W, b = self._weights(), store.params[f"{self.name}/b"]
+        nll, dlogits, dh = full_softmax_step(self.ws, h, W, b, targets, scale, compute_grad, chunk)
         if not compute_grad:
-            nll = xp.empty(N, dtype=np.float64)
-            for i, j in (spans := _eval_chunks(N, self.V, chunk)):
-                buf = self.ws.get("logits", (spans[0][1], self.V), h.dtype)[: j - i]
-                nll[i:j] = softmax_loss(h[i:j], W, b, targets[i:j], 1.0, False, buf)[0]
             return nll, None
-        buf = self.ws.get("logits", (N, self.V), h.dtype)
-        nll, dlogits = softmax_loss(h, W, b, targets, scale, True, buf)
-        dh = xp.matmul(dlogits, W, out=self.ws.get("dh", (N, self.H), h.dtype))
         dW = xp.matmul(dlogits.T, h, out=W)  # the rebuilt matrix is spent: reuse its buffer
         g = store.grad_view(f"{self.name}/A").reshape(self.K * self.Mk, self.d)
         kernels.embedding_scatter_add(g, self._all_rows, dW.reshape(self.V * self.K, self.d))
