@@ -753,7 +753,13 @@ class Runner:
             self.log(f"{len(self.failed)} run(s) failed: {', '.join(self.failed)} "
                      f"(logs in {plan.runs_dir}); {left} left")
             return 1
-        self.log(f"all {len(plan.runs)} runs done; results: {plan.results}")
+        done = read_results(plan.results)
+        rest = sum(r.name not in done for r in plan.runs)
+        if rest:  # --only chose a part of the plan
+            self.log(f"the {len(self.only)} run(s) chosen by --only are done; {rest} of the plan's "
+                     f"{len(plan.runs)} left; results: {plan.results}")
+        else:
+            self.log(f"all {len(plan.runs)} runs done; results: {plan.results}")
         return 0
 
     def _stop(self, signum, frame):

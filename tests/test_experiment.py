@@ -413,3 +413,16 @@ def test_run_finished_by_another_runner_meanwhile_is_not_run_again(tmp_path, cor
     assert any("[dense] skipped: another process finished it" in ln for ln in lines), lines
     assert not (plan.runs_dir / "dense.h5").exists()
     assert len(plan.results.read_text().splitlines()) == 1
+
+
+def test_only_says_what_is_left_of_the_plan(tmp_path, corpus):
+    """``--only`` finishing its runs does not report the whole plan done."""
+    text = PLAN.split("[[grid]]")[0].replace("epochs = {epochs}", "epochs = 1")
+    text += '\n[[run]]\nname = "small"\nmethod = "SM"\nhidden = 6\n'
+    plan = _plan(tmp_path, corpus, text=text)
+    res = _run(["run", str(plan), "--only", "small"])
+    assert res.returncode == 0, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("the 1 run(s) chosen by --only are done; 1 of the plan's 2 left"), last
+    res = _run(["run", str(plan)])
+    assert res.returncode == 0 and res.stderr.strip().splitlines()[-1].startswith("all 2 runs done"), res.stderr
