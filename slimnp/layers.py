@@ -569,12 +569,15 @@ class SlimSoftmax:
             raise ValueError(f"strategy must be 'auto', 'dp' or 'dense', not {strategy!r}")
         self.strategy = strategy
         idx_kv = np.ascontiguousarray(np.asarray(idx).T)  # (K, V): row k read contiguously
-        inv = inverse_table(idx_kv, self.Mk)  # None unless uniform fan-out
+        # the DP's backward reads the inverse table (None unless uniform fan-out)
+        inv = inverse_table(idx_kv, self.Mk) if strategy == "dp" else None
         # on the parameters' device (a no-op for NumPy)
         self.idx_kv = store.xp.asarray(idx_kv)
         self.inv = None if inv is None else store.xp.asarray(inv)
-        # dense: each word's K rows of the pools seen as one (M, d) array, word-major
-        self._all_rows = None if strategy == "dp" else self._rows(store.xp.arange(V)).reshape(-1)
+        # dense: each word's K rows of the pools seen as one (M, d) array,
+        # word-major (int32: M < 2**31; half the int64 table's V*K*8 bytes)
+        self._all_rows = (None if strategy == "dp"
+                          else self._rows(store.xp.arange(V)).reshape(-1).astype(np.int32))
         self.ws = Workspace(store.xp)
         store.add(f"{name}/A", (K, self.Mk, self.d))
         store.add(f"{name}/b", (V,))

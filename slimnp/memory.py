@@ -104,7 +104,7 @@ def _output_buffers(mc: ModelConfig, rows: int, s: int) -> int:
     if mc.output == "slim":
         K = mc.output_k
         if slim_output_strategy(V, E, K) == "dense":  # the V x E matrix rebuilt, then a full softmax
-            return s * (V * E + rows * V + rows * E)  # W (and dW in it), logits, dh
+            return s * (V * E + rows * V + rows * E) + 4 * V * K  # W (and dW in it), logits, dh; rows
         return s * (V * rows + K * (mc.output_m // K) * rows + V + rows * E)  # zT, PT, db, dh
     return s * (rows * V + rows * E)  # logits, dh
 

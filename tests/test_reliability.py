@@ -343,7 +343,7 @@ def test_estimate_counts_projections_and_slim_pools():
     # HashNet's shape (K = H): its output layer rebuilds the V x H matrix
     # (the dense strategy) instead of K x M/K x rows partial products
     hashnet = ModelConfig(vocab_size=V, hidden=H, layers=2, output="slim", output_k=H, output_m=H * 625)
-    assert memory._output_buffers(hashnet, 100, 4) == 4 * (V * H + 100 * V + 100 * H)
+    assert memory._output_buffers(hashnet, 100, 4) == 4 * (V * H + 100 * V + 100 * H) + 4 * V * H
     dp = ModelConfig(vocab_size=V, hidden=H, layers=2, output="slim", output_k=4, output_m=4 * 250)
     assert memory._output_buffers(dp, 100, 4) == 4 * (V * 100 + 4 * 250 * 100 + V + 100 * H)
 
