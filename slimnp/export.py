@@ -1,0 +1,409 @@
+"""Ship a model: one ONNX step graph that ONNX Runtime (or any ONNX engine) runs.
+
+:func:`export_onnx` writes the model's *step* -- one token per stream in,
+the next token's distribution and the new state out -- with the slim layers
+kept as they are in the model file (Li, Kang and Zhang, AAAI 2018):
+
+* input, slim: ``Gather`` of each word's K pool rows by the stored table,
+  then a ``Reshape`` that concatenates them -- the ``(V, H)`` matrix is
+  never formed;
+* output, slim: the paper's dynamic programming (Algorithm 1) -- one batched
+  ``MatMul`` gives the K pools' partial products ``P[k] = A[k] h_k^T``, a
+  ``Gather`` by the word -> pool-row table and a ``ReduceSum`` over K give
+  the logits, then ``+ b`` and ``LogSoftmax``.
+
+The graph, for ``L`` layers, hidden size ``H``, word-vector size ``E``
+(``E < H``: the PM baseline's projections) and a dynamic batch ``B``::
+
+    inputs   ids        (B,)           int64   the current token of each stream
+             state      (L, 2, B, H)   float   state[l, 0] = h, state[l, 1] = c
+                                               of layer l (zeros to start)
+    outputs  log_probs  (B, V)         float   log p(next word | history)
+             logits     (B, V)         float   only with ``logits=True``
+             new_state  (L, 2, B, H)   float   to feed back as ``state``
+
+    ids -> embedding (B, E) [-> @ proj_in/W (E, H)] -> L LSTM steps
+        [-> @ proj_out/W (H, E)] -> output layer -> logits (B, V) -> LogSoftmax
+
+Each LSTM step is ``G = [x, h] @ [[Wx], [Wh]] + b`` (one ``Gemm``), gates
+``[i f o g]`` in slimnp's order (:mod:`slimnp.kernels.reference`),
+``c' = f c + i g``, ``h' = o tanh(c')``.  Dropout is the identity at
+inference and is not in the graph.  Scoring a sentence as ``slimnp score``
+does: start from zeros and the ``<eos>`` id, feed each word in turn, read the
+next word's entry of ``log_probs`` (tests/test_export.py checks exactly that).
+
+Initializers keep slimnp's parameter names (``output/A`` ``(K, M/K, d)``,
+``embedding/A`` ``(M, d)``, ...); the two exceptions are ``lstm{l}/W``
+(``Wx`` and ``Wh`` stacked, ``(D+H, 4H)``) and the integer tables:
+``embedding/idx (V, K)`` as stored, and ``output/rows (K, V)``, the output
+table turned into rows of the K pools seen as one ``(M, d)`` array
+(``idx_out[w, k] + k M/K``), which the DP's ``Gather`` reads.  Tables are
+int32 (``Gather`` takes int32 or int64 indices): ``4 V K`` bytes per slim
+side.  A ``hash`` mapping, which the model file stores as a seed only,
+costs those bytes here too: the tables are written out expanded.
+
+The vocabulary and where the model came from travel in the file's
+``metadata_props`` (:data:`META_VOCAB` ... below).
+
+The ``onnx`` package is needed only here and only when exporting (``pip
+install 'slimnp[onnx]'``); nothing else in slimnp imports it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._version import __version__
+
+__all__ = ["export_onnx", "ExportError", "OnnxUnavailable", "DEFAULT_OPSET", "MIN_OPSET",
+           "META_FORMAT", "META_VOCAB", "META_CONFIG", "META_SHA256"]
+
+#: The default ONNX opset: ONNX Runtime 1.12 and later run it.
+DEFAULT_OPSET = 17
+#: The oldest opset with ``Split``/``ReduceSum`` taking their sizes/axes as inputs.
+MIN_OPSET = 13
+
+# metadata_props keys
+META_FORMAT = "slimnp.format"  # "slimnp-onnx-step 1": what the graph computes, its version
+META_VOCAB = "slimnp.vocab"  # JSON list of the V words in id order
+META_EOS = "slimnp.eos_id"
+META_UNK = "slimnp.unk_id"
+META_CONFIG = "slimnp.config"  # JSON: the model config (ModelConfig.to_dict)
+META_SHA256 = "slimnp.source_sha256"  # sha256 of the model file exported (absent for an in-memory model)
+META_SOURCE = "slimnp.source"  # the model file's name (no folder: the file travels)
+META_STATE = "slimnp.state"  # the state's layout in words
+FORMAT = "slimnp-onnx-step 1"
+
+# protobuf's limit on one serialized message (what onnx.save_model writes)
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+class ExportError(ValueError):
+    """A model that cannot be exported, or an export setting that is wrong;
+    ``str()`` is one line.  A ``ValueError``, so the command line shows it
+    as one line like every other library error."""
+
+
+class OnnxUnavailable(ExportError):
+    """The ``onnx`` package (the optional ``[onnx]`` extra) is missing."""
+
+
+def _import_onnx():
+    try:
+        import onnx  # noqa: F401  (optional extra: pip install 'slimnp[onnx]')
+        from onnx import helper, numpy_helper  # noqa: F401
+    except ImportError as exc:
+        raise OnnxUnavailable(f"ONNX export needs the onnx package ({exc}): "
+                              "pip install 'slimnp[onnx]'") from None
+    return onnx
+
+
+# ----------------------------------------------------------------------------
+# the graph
+# ----------------------------------------------------------------------------
+class _Graph:
+    """Nodes and initializers of one graph, with unique value names."""
+
+    def __init__(self, onnx):
+        self.onnx, self.h, self.nh = onnx, onnx.helper, onnx.numpy_helper
+        self.nodes, self.inits, self._n = [], {}, 0
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        """An initializer (a stored array); returns its name."""
+        if name in self.inits:
+            raise AssertionError(f"initializer {name} declared twice")
+        self.inits[name] = self.nh.from_array(np.asarray(arr, order="C"), name)
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        """A small constant (shapes, axes, indices) as an initializer."""
+        self._n += 1
+        return self.init(f"const/{self._n}", np.asarray(values, dtype=dtype))
+
+    def op(self, op_type: str, inputs, n_out: int = 1, out=None, **attrs):
+        """Add a node; returns its output name (or names, ``n_out > 1``)."""
+        self._n += 1
+        outs = out or [f"{op_type.lower()}_{self._n}" + (f"_{i}" if n_out > 1 else "")
+                       for i in range(n_out)]
+        if isinstance(outs, str):
+            outs = [outs]
+        self.nodes.append(self.h.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self._n}",
+                                           **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _tables(model) -> dict:
+    """The model's slim tables as host int32 arrays ``(V, K)``."""
+    return {k: np.ascontiguousarray(np.asarray(v), dtype=np.int32) for k, v in model.mapping.items()}
+
+
+def _global_rows(idx_vk: np.ndarray, Mk: int) -> np.ndarray:
+    """``rows (K, V)``: word w's k-th output sub-vector as a row of the K
+    pools seen as one ``(M, d)`` array, ``idx_out[w, k] + k M/K``."""
+    K = idx_vk.shape[1]
+    return np.ascontiguousarray((idx_vk + (np.arange(K, dtype=np.int32) * Mk)[None, :]).T)
+
+
+def _input_layer(g: _Graph, c, p: dict, tables: dict, ids: str) -> tuple[str, dict]:
+    """Word vectors ``(B, E)`` of ``ids``; and what the layer is."""
+    V, E = c.vocab_size, c.word_size
+    if c.input == "dense":
+        W = "output/W" if c.tie else g.init("embedding/W", p["embedding/W"])  # (V, E)
+        return g.op("Gather", [W, ids], axis=0), {"kind": "dense", "shape": [V, E], "tied": c.tie,
+                                                  "table_bytes": 0}
+    if not c.tie:
+        K, M = c.input_k, c.input_m
+        d = E // K
+        idx = g.init("embedding/idx", tables["input/idx"])  # (V, K) rows of the pool
+        A = g.init("embedding/A", p["embedding/A"].reshape(M, d))  # (M, d)
+        sub = g.op("Gather", [idx, ids], axis=0)  # (B, K)
+        X = g.op("Gather", [A, sub], axis=0)  # (B, K, d)
+        info = {"kind": "slim", "K": K, "M": M, "pool": [M, d], "table": [V, K], "tied": False,
+                "table_bytes": V * K * 4}
+        return g.op("Reshape", [X, g.const([0, E])]), info  # (B, K*d): the K parts side by side
+    # tied: the rows of the K output pools A (K, M/K, d).  GatherND picks
+    # A[k, idx_out[w, k]] straight from the (K, M/K, d) initializer the DP
+    # multiplies (ONNX Runtime folds a Reshape of an initializer into a
+    # second, reshaped initializer: two copies of the pools in memory).
+    K, Mk = c.output_k, c.output_m // c.output_k
+    rows = g.op("Gather", ["output/rows", ids], axis=1)  # (K, B) int32, global rows
+    local = g.op("Sub", [g.op("Cast", [rows], to=g.onnx.TensorProto.INT64),
+                         g.const(np.arange(K)[:, None] * Mk)])  # (K, B) rows within pool k
+    kk = g.op("Expand", [g.const(np.arange(K)[:, None]), g.op("Shape", [local])])  # (K, B): k
+    ind = g.op("Concat", [g.op("Unsqueeze", [kk, g.const([2])]),
+                          g.op("Unsqueeze", [local, g.const([2])])], axis=2)  # (K, B, 2)
+    X = g.op("Transpose", [g.op("GatherND", ["output/A", ind])], perm=[1, 0, 2])  # (B, K, d)
+    info = {"kind": "slim", "K": K, "M": c.output_m, "pool": "output/A", "table": "output/rows",
+            "tied": True, "table_bytes": 0}
+    return g.op("Reshape", [X, g.const([0, E])]), info
+
+
+def _lstm_step(g: _Graph, l: int, x: str, state: str, p: dict, H: int) -> tuple[str, str]:
+    """One layer, one time step: ``(h', c')``, each ``(B, H)``."""
+    Wx, Wh, b = p[f"lstm{l}/Wx"], p[f"lstm{l}/Wh"], p[f"lstm{l}/b"]
+    W = g.init(f"lstm{l}/W", np.concatenate([Wx, Wh], axis=0))  # (D+H, 4H): [Wx; Wh]
+    bias = g.init(f"lstm{l}/b", b)  # (4H,)
+    s = g.op("Gather", [state, g.const(l)], axis=0)  # (2, B, H)
+    h = g.op("Gather", [s, g.const(0)], axis=0)  # (B, H)
+    c = g.op("Gather", [s, g.const(1)], axis=0)
+    G = g.op("Gemm", [g.op("Concat", [x, h], axis=1), W, bias])  # (B, 4H): x Wx + h Wh + b
+    gi, gf, go, gg = g.op("Split", [G, g.const([H] * 4)], n_out=4, axis=1)  # [i f o g]
+    i, f, o = (g.op("Sigmoid", [a]) for a in (gi, gf, go))
+    cand = g.op("Tanh", [gg])
+    c_new = g.op("Add", [g.op("Mul", [f, c]), g.op("Mul", [i, cand])])  # c' = f c + i g
+    h_new = g.op("Mul", [o, g.op("Tanh", [c_new])])  # h' = o tanh(c')
+    return h_new, c_new
+
+
+def _output_layer(g: _Graph, c, p: dict, tables: dict, top: str) -> tuple[str, dict]:
+    """Logits ``(B, V)`` of the top hidden states ``(B, E)``."""
+    V, E = c.vocab_size, c.word_size
+    if c.output == "full":
+        W = g.init("output/W", p["output/W"])  # (V, E)
+        b = g.init("output/b", p["output/b"])  # (V,)
+        return g.op("Gemm", [top, W, b], transB=1), {"kind": "dense", "shape": [V, E], "table_bytes": 0}
+    K, M = c.output_k, c.output_m
+    Mk, d = M // K, E // K
+    A = g.init("output/A", p["output/A"])  # (K, Mk, d): K disjoint pools
+    rows = g.init("output/rows", _global_rows(tables["output/idx"], Mk))  # (K, V)
+    b = g.init("output/b", p["output/b"])
+    # (1) the K GEMMs as one batched MatMul: PT[k] = A[k] h_k^T, every
+    #     distinct partial product, word-major as slimnp computes it
+    hT = g.op("Transpose", [g.op("Reshape", [top, g.const([0, K, d])])], perm=[1, 2, 0])  # (K, d, B)
+    PT = g.op("Reshape", [g.op("MatMul", [A, hT]), g.const([M, -1])])  # (K*Mk, B)
+    # (2) the K-term gather-sum per word: z[w] = sum_k PT[rows[k, w]]
+    Z = g.op("Gather", [PT, rows], axis=0)  # (K, V, B)
+    zT = g.op("ReduceSum", [Z, g.const([0])], keepdims=0)  # (V, B)
+    info = {"kind": "slim", "K": K, "M": M, "pools": [K, Mk, d], "table": [K, V],
+            "table_bytes": V * K * 4}
+    return g.op("Add", [g.op("Transpose", [zT], perm=[1, 0]), b]), info
+
+
+def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET):
+    """The step graph of ``model`` as an ``onnx.ModelProto`` (no metadata);
+    and a description of its layers."""
+    c = model.config
+    if c.input not in ("dense", "slim") or c.output not in ("full", "slim"):
+        raise ExportError(f"ONNX export knows dense and slim layers (input dense or slim, output "
+                          f"full or slim); this model has input {c.input!r}, output {c.output!r}")
+    helper, TP = onnx.helper, onnx.TensorProto
+    ftype = TP.DOUBLE if np.dtype(c.dtype) == np.float64 else TP.FLOAT  # the model's dtype
+    p = model.params_numpy()
+    tables = _tables(model)
+    L, H, V = c.layers, c.hidden, c.vocab_size
+    g = _Graph(onnx)
+    # a tied slim input layer reads the output layer's initializers by name
+    x, in_info = _input_layer(g, c, p, tables, "ids")  # (B, E)
+    if c.embedding_size and c.embedding_size != H:
+        x = g.op("MatMul", [x, g.init("proj_in/W", p["proj_in/W"])])  # (B, H)
+    news = []
+    for l in range(L):
+        h, cc = _lstm_step(g, l, x, "state", p, H)
+        news.append(g.op("Concat", [g.op("Unsqueeze", [h, g.const([0, 1])]),
+                                    g.op("Unsqueeze", [cc, g.const([0, 1])])], axis=1))  # (1, 2, B, H)
+        x = h
+    g.op("Concat", news, out="new_state", axis=0)  # (L, 2, B, H)
+    if c.embedding_size and c.embedding_size != H:
+        x = g.op("MatMul", [x, g.init("proj_out/W", p["proj_out/W"])])  # (B, E)
+    z, out_info = _output_layer(g, c, p, tables, x)  # (B, V)
+    outputs = [helper.make_tensor_value_info("log_probs", ftype, ["B", V])]
+    if logits:
+        g.op("Identity", [z], out="logits")
+        outputs.append(helper.make_tensor_value_info("logits", ftype, ["B", V]))
+    g.op("LogSoftmax", [z], out="log_probs", axis=1)
+    outputs.append(helper.make_tensor_value_info("new_state", ftype, [L, 2, "B", H]))
+    inputs = [helper.make_tensor_value_info("ids", TP.INT64, ["B"]),
+              helper.make_tensor_value_info("state", ftype, [L, 2, "B", H])]
+    graph = helper.make_graph(g.nodes, "slimnp_step", inputs, outputs, list(g.inits.values()),
+                              doc_string="slimnp LSTM language model, one step: ids (B,), state "
+                                         "(L, 2, B, H) -> log_probs (B, V), new_state")
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="slimnp", producer_version=__version__)
+    # the IR version the opset came with, not the newest this onnx knows:
+    # older runtimes refuse a newer IR version even when they know the ops
+    proto.ir_version = _ir_version(onnx, opset)
+    return proto, {"input": in_info, "output": out_info}
+
+
+def _ir_version(onnx, opset: int) -> int:
+    try:
+        return onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", opset)])
+    except Exception:  # an onnx without the table: its own IR version
+        return onnx.IR_VERSION
+
+
+def _array_bytes(proto) -> tuple[int, int]:
+    """``(float bytes, integer bytes)`` of the initializers, constants apart."""
+    fl = it = 0
+    for t in proto.graph.initializer:
+        if t.name.startswith("const/"):
+            continue
+        n = len(t.raw_data)
+        if t.data_type in (1, 11):  # FLOAT, DOUBLE
+            fl += n
+        else:
+            it += n
+    return fl, it
+
+
+# ----------------------------------------------------------------------------
+# the public function
+# ----------------------------------------------------------------------------
+def _resolve(source, vocab):
+    """``(model, vocab, model file or None)`` of what :func:`export_onnx` was given."""
+    from .inference import LM
+    from .model import LanguageModel
+    from .modelfile import load_model
+
+    if isinstance(source, LM):
+        return source.model, vocab or source.vocab, source.path
+    if isinstance(source, LanguageModel):
+        return source, vocab, None
+    if isinstance(source, (str, os.PathLike)):
+        model, file_vocab, _ = load_model(source)  # FormatError: one line naming the file
+        return model, vocab or file_vocab, str(source)
+    raise TypeError(f"expected a model file path, an slimnp.LM or a LanguageModel, "
+                    f"got {type(source).__name__}")
+
+
+def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: int = DEFAULT_OPSET,
+                vocab=None) -> dict:
+    """Write a model's step graph as an ONNX file, slim layers kept compressed.
+
+    Parameters
+    ----------
+    model_path_or_model : path of a slimnp model file, an :class:`slimnp.LM`
+        (``slimnp.load(...)``) or a :class:`~slimnp.model.LanguageModel`
+    out_path : the ``.onnx`` file to write (replaced atomically)
+    logits : also output the unnormalised scores ``logits (B, V)``
+    opset : the ONNX opset to target, ``MIN_OPSET`` (13) or newer
+    vocab : a :class:`~slimnp.data.Vocabulary` for a bare ``LanguageModel``
+        (or to override the file's); None: the model file's
+
+    The graph (module docstring): ``ids (B,) int64``, ``state (L, 2, B, H)``
+    in; ``log_probs (B, V)`` (``logits (B, V)``), ``new_state (L, 2, B,
+    H)`` out, ``B`` dynamic.  A slim input layer is a ``Gather`` from its
+    pool; a slim output layer the K-pool dynamic programming of Li et al.
+    (2018), Algorithm 1, so no ``V x H`` matrix is stored or computed.  The
+    file's ``metadata_props`` hold the vocabulary (``slimnp.vocab``, a JSON
+    list), ``slimnp.eos_id``, ``slimnp.unk_id``, the model config
+    (``slimnp.config``, JSON) and the model file's sha256
+    (``slimnp.source_sha256``).
+
+    Returns
+    -------
+    dict : ``path``, ``bytes`` (the file), ``opset``, ``inputs`` and
+        ``outputs`` (name -> shape, ``"B"`` dynamic), ``layers`` (input and
+        output: kind, K, M, table shapes and bytes), ``compressed`` (the
+        layers that stayed slim), ``parameter_bytes`` (float initializers),
+        ``table_bytes`` (integer tables), ``metadata_bytes``,
+        ``source_sha256``.
+
+    Raises
+    ------
+    OnnxUnavailable (an ExportError)
+        the ``onnx`` package is missing: ``pip install 'slimnp[onnx]'``
+    ExportError (a ValueError)
+        a layer ONNX export does not know (the adaptive softmax), a bad ``opset``,
+        no vocabulary, or a model over protobuf's 2 GB limit
+    slimnp.io.FormatError (a ValueError)
+        the model file is missing, not a slimnp model, or damaged
+    slimnp.errors.WriteError (an OSError)
+        ``out_path`` cannot be written (checked before anything is built)
+    """
+    onnx = _import_onnx()
+    from ._atomic import atomic_path
+    from .trainer import check_output, file_sha256
+
+    newest = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise ExportError(f"opset must be an integer in [{MIN_OPSET}, {newest}] (this onnx "
+                          f"{onnx.__version__}), got {opset!r}")
+    out_path = Path(out_path)
+    check_output(out_path)  # a folder that cannot be written fails before the model loads
+    model, vocab, source = _resolve(model_path_or_model, vocab)
+    c = model.config
+    if vocab is None:
+        raise ExportError("no vocabulary: pass vocab= with a bare LanguageModel (the ONNX file "
+                          "carries the words)")
+    if len(vocab) != c.vocab_size:
+        raise ExportError(f"vocabulary has {len(vocab)} words, the model {c.vocab_size}")
+
+    proto, layers = build_graph(onnx, model, logits=logits, opset=opset)
+    sha = file_sha256(source) if source else None
+    meta = {META_FORMAT: FORMAT, META_VOCAB: json.dumps(list(vocab.words), ensure_ascii=False),
+            META_EOS: str(vocab.eos_id), META_UNK: str(vocab.unk_id),
+            META_CONFIG: json.dumps(c.to_dict(), sort_keys=True),
+            META_STATE: f"state (L, 2, B, H) = ({c.layers}, 2, B, {c.hidden}): state[l, 0] = h, "
+                        f"state[l, 1] = c of layer l; zeros at the start of a stream, whose "
+                        f"first input is eos_id"}
+    if sha:
+        meta[META_SHA256] = sha
+        meta[META_SOURCE] = Path(source).name
+    onnx.helper.set_model_props(proto, meta)
+    fl, it = _array_bytes(proto)
+    if fl + it > _PROTOBUF_LIMIT - (64 << 20):
+        raise ExportError(f"the model's {fl + it:,} bytes of arrays exceed the 2 GB a single ONNX "
+                          "(protobuf) file holds; export a slim model (slimnp compress)")
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    with atomic_path(out_path, needed=len(data)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    def shapes(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in values}
+
+    return {"path": str(out_path), "bytes": len(data), "opset": opset,
+            "inputs": shapes(proto.graph.input), "outputs": shapes(proto.graph.output),
+            "layers": layers,
+            "compressed": [side for side in ("input", "output") if layers[side]["kind"] == "slim"],
+            "parameter_bytes": fl, "table_bytes": it,
+            "metadata_bytes": sum(len(k.encode()) + len(v.encode()) for k, v in meta.items()),
+            "mapping": c.mapping if layers["input"]["kind"] == "slim" or
+            layers["output"]["kind"] == "slim" else None,
+            "source_sha256": sha}
