@@ -11,7 +11,8 @@ training settings alone (nothing is allocated)::
                     mask, and the backward's gate gradients
     logits          the largest per-step output buffers: (T b, V) logits of
                     the full softmax, (V, T b) + (K, M/K, T b) of the slim
-                    one, (T b, S + 1) of a sampled loss, and validation's
+                    one, the head's and at worst the widest cluster's of
+                    the adaptive one, (T b, S + 1) of a sampled loss, and validation's
                     (rows, V) chunk, which stays allocated beside the latter
     tables          slim mapping tables (V, K) int32, the noise sampler
     runtime         this process now (interpreter, libraries, vocabulary,
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .adaptive import buffer_elements as adaptive_buffer_elements
 from .errors import human_bytes
 from .layers import slim_output_strategy
 from .model import ModelConfig, param_shapes
@@ -101,6 +103,8 @@ class Available:
 def _output_buffers(mc: ModelConfig, rows: int, s: int) -> int:
     """Bytes of the exact output layer's per-call buffers for ``rows`` hidden states."""
     V, E = mc.vocab_size, mc.word_size
+    if mc.output == "adaptive":
+        return s * adaptive_buffer_elements(rows, V, E, mc.cutoffs, mc.div_value)
     if mc.output == "slim":
         K = mc.output_k
         if slim_output_strategy(V, E, K) == "dense":  # the V x E matrix rebuilt, then a full softmax

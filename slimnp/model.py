@@ -12,6 +12,12 @@ V x E softmax::
 
     ids -> embedding (T, B, E) -> @ proj_in/W (E, H) -> [mask 0] -> LSTMs
         -> [mask L] (T, B, H) -> @ proj_out/W (H, E) -> softmax over V
+
+The output layer is the full softmax, the slim one (K pools, logits by
+dynamic programming) or the adaptive softmax (:mod:`slimnp.adaptive`: a head
+over the ``cutoffs[0]`` most frequent words and clusters of rarer ones).  All
+three act on the E-sized vectors, after the PM projection; the adaptive
+softmax has no ``V x E`` matrix, so it cannot be tied to the input.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ import numpy as np
 
 from . import threaded_lstm
 from .backend import get_xp, to_numpy
+from .adaptive import DEFAULT_CUTOFFS, DEFAULT_DIV_VALUE, AdaptiveSoftmax
+from .adaptive import config_problems as adaptive_problems
 from .buffers import ParamStore
 from .layers import LSTM, Embedding, Projection, SlimEmbedding, SlimSoftmax, Softmax, dropout_mask
 from .mapping import input_table, output_table
@@ -39,7 +47,9 @@ class ModelConfig:
     input: str = "dense"  # 'dense': a (V, H) table; 'slim': K parts from one pool of M
     input_k: int = 1  # K on the input side (must divide hidden)
     input_m: int = 0  # M: pool size on the input side (<= K*V)
-    output: str = "full"  # 'full' softmax or 'slim' (K disjoint pools, DP logits)
+    # 'full' softmax, 'slim' (K disjoint pools, DP logits) or 'adaptive'
+    # (Grave et al. 2017, as torch.nn.AdaptiveLogSoftmaxWithLoss; slimnp.adaptive)
+    output: str = "full"
     output_k: int = 1  # K on the output side (must divide hidden)
     output_m: int = 0  # M: total of the K output pools (a multiple of K, M/K <= V)
     # 'shuffle' (the paper; tables stored), 'hash' (seed only) or 'learned'
@@ -56,6 +66,19 @@ class ModelConfig:
     # how learned tables were made (JSON: k-means settings, source model's
     # sha256); empty for shuffle and hash
     mapping_info: str = ""
+    # adaptive softmax (output='adaptive' only): word ids < cutoffs[0] form the
+    # head, [cutoffs[i], cutoffs[i+1]) tail cluster i (the last ends at V);
+    # cluster i's vectors have size E // div_value**(i+1); head_bias: a bias
+    # on the head's logits (PyTorch's head_bias, default off there too)
+    cutoffs: tuple = DEFAULT_CUTOFFS
+    div_value: float = DEFAULT_DIV_VALUE
+    head_bias: bool = False
+
+    def __post_init__(self):
+        # a JSON list (a stored config) or any sequence becomes a tuple: the
+        # config stays hashable and equal to the one it was made from
+        if isinstance(self.cutoffs, (list, range)):
+            object.__setattr__(self, "cutoffs", tuple(self.cutoffs))
 
     @property
     def word_size(self) -> int:
@@ -73,8 +96,8 @@ class ModelConfig:
         size = f"hidden={H}" if H == self.hidden else f"the word-vector size embedding_size={H}"
         if self.input not in ("dense", "slim"):
             problems.append(f"input must be 'dense' or 'slim', got {self.input!r}")
-        if self.output not in ("full", "slim"):
-            problems.append(f"output must be 'full' or 'slim', got {self.output!r}")
+        if self.output not in ("full", "slim", "adaptive"):
+            problems.append(f"output must be 'full', 'slim' or 'adaptive', got {self.output!r}")
         if self.mapping not in ("shuffle", "hash", "learned"):
             problems.append(f"mapping must be 'shuffle', 'hash' or 'learned', got {self.mapping!r}")
         if self.input == "slim" and not self.tie:
@@ -91,7 +114,12 @@ class ModelConfig:
                 problems.append(f"output M={M} must be a positive multiple of K={K}")
             elif M // K > V:
                 problems.append(f"output M/K={M // K} must be <= V={V} (each pool entry needs a word)")
-        if self.tie and (self.input == "slim") != (self.output == "slim"):
+        if self.output == "adaptive":
+            problems += adaptive_problems(V, H, self.cutoffs, self.div_value)
+            if self.tie:
+                problems.append("tie needs a V x E output matrix to share; the adaptive softmax "
+                                "has none (drop tie, or use output 'full')")
+        elif self.tie and (self.input == "slim") != (self.output == "slim"):
             problems.append("tie needs the same kind on both sides (dense+full or slim+slim)")
         if self.vocab_size < 2:
             problems.append(f"vocab_size must be >= 2, got {self.vocab_size}")
@@ -114,7 +142,10 @@ class ModelConfig:
             raise ValueError("invalid model config: " + "; ".join(problems))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if isinstance(self.cutoffs, tuple):
+            d["cutoffs"] = list(self.cutoffs)  # as JSON gives it back
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -146,6 +177,9 @@ def _declare(store: ParamStore, config: ModelConfig, mapping: dict | None):
     if config.output == "slim":
         K, M = config.output_k, config.output_m
         output = SlimSoftmax(store, "output", V, H, K, M, mapping["output/idx"])
+    elif config.output == "adaptive":
+        output = AdaptiveSoftmax(store, "output", V, H, config.cutoffs, config.div_value,
+                                 config.head_bias)
     else:
         output = Softmax(store, "output", V, H)
     if config.input == "slim" and config.tie:
