@@ -200,3 +200,23 @@ def test_bad_input_gives_one_line_errors(models, tmp_path, monkeypatch):
     with pytest.raises(OnnxUnavailable, match=r"pip install 'slimnp\[onnx\]'") as e:
         export_onnx(paths["dense"], tmp_path / "m.onnx")
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+
+
+def test_command_without_click(models, tmp_path, capsys):
+    """``python -m slimnp.export`` (what ``slimnp export`` wraps): a summary
+    line or JSON, ``--force`` to overwrite, one-line errors and status 1."""
+    from slimnp.export import main
+
+    paths, _ = models
+    out = tmp_path / "m.onnx"
+    assert main([str(paths["shuffle"]), "--out", str(out)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"wrote {out}:") and "output slim (K-pool DP, K=4" in line
+    assert main([str(paths["shuffle"]), "--out", str(out)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err
+    assert main([str(paths["shuffle"]), "--out", str(out), "--force", "--json", "--logits"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["compressed"] == ["input", "output"] and "logits" in info["outputs"]
+    assert main([str(tmp_path / "none.h5"), "--out", str(tmp_path / "x.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "none.h5" in err
