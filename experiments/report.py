@@ -4,9 +4,12 @@
 
 Every number between the ``.. BEGIN name`` / ``.. END name`` markers of
 REPRODUCTION.rst and every figure under experiments/figures/ comes from the
-results files in experiments/results/ (written by ``slimnp experiment run``);
-the paper's numbers are those printed in Li et al. (2018), Table 2.  Runs not
-finished yet show as "-" so the tables say what is missing.
+results files in experiments/results/ (written by ``slimnp experiment run``
+and experiments/compress-ptb.sh, read by slimnp.results); the paper's numbers
+are those printed in Li et al. (2018), Table 2.  Runs not finished yet show as
+"-" so the tables say what is missing.  The page holds results only: where an
+unfinished run stands is the business of the machine that runs it (``slimnp
+experiment status PLAN`` there).
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from slimnp.experiment import load_plan, read_results, status  # noqa: E402
+from slimnp import results  # noqa: E402
+from slimnp.experiment import load_plan  # noqa: E402
 
 DOC = ROOT / "REPRODUCTION.rst"
 FIGURES = HERE / "figures"
@@ -123,18 +127,14 @@ def fig5(res: dict) -> str:
 
 
 def compress_table(path: Path) -> str:
-    """Issue 18's compression target from experiments/compress-ptb.sh's lines."""
-    import json
-
-    if not path.exists():
+    """Issue 18's compression target from experiments/compress-ptb.sh's lines
+    (one per command; the last of each)."""
+    steps = results.read(path)
+    if not steps:
         return "Not run yet."
-    steps = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        steps[rec["step"]] = rec  # the last of each step
-    dense = steps.get("dense-test", {}).get("output", {}).get("perplexity")
-    comp = steps.get("compressed-test", {}).get("output", {}).get("perplexity")
-    tuned = steps.get("fine-tune", {}).get("output", {}).get("test_ppl")
+    dense = steps.get("dense-test", {}).get("test_ppl")
+    comp = steps.get("compressed-test", {}).get("test_ppl")
+    tuned = steps.get("fine-tune", {}).get("test_ppl")
     rep = steps.get("compress", {}).get("output", {})
     rows = [["dense (uncompressed run of the sweeps)", _f(dense), "1", "-",
              f"{rep['parameters']['before']:,}" if rep else "-"],
@@ -190,21 +190,6 @@ def figures(sweeps: Path) -> list:
     return out
 
 
-def in_progress() -> str:
-    """Runs with a checkpoint but no result yet (their state, no numbers),
-    as ``slimnp experiment status`` shows them on this machine."""
-    lines = []
-    for plan_file in ("table2-ptb.toml", "sweeps-ptb.toml", "learned-ptb.toml"):
-        plan = load_plan(HERE / plan_file)
-        for run, state, rec in status(plan):
-            if rec is None and state != "new":
-                lines.append(f"``{run.name}`` ({plan_file}): {state}")
-    if not lines:
-        return ""
-    return ("\n\nIn progress when this page was generated (checkpoints on the machine that ran them; "
-            "the plan resumes them):\n\n" + "\n".join(f"* {l}" for l in lines))
-
-
 def fill(doc: str, name: str, body: str) -> str:
     pat = re.compile(rf"(\.\. BEGIN {name}\n)(.*?)(\n\.\. END {name})", re.S)
     if not pat.search(doc):
@@ -214,22 +199,21 @@ def fill(doc: str, name: str, body: str) -> str:
 
 def main() -> None:
     sweeps = HERE / "results" / "sweeps-ptb.jsonl"
-    res = {**read_results(HERE / "results" / "table2-ptb.jsonl")}
-    sw = read_results(sweeps)
+    res = results.read(HERE / "results" / "table2-ptb.jsonl")
+    sw = results.read(sweeps)
     doc = DOC.read_text(encoding="utf-8")
     doc = fill(doc, "table2", table2(res))
     doc = fill(doc, "fig4", fig4(sw))
     doc = fill(doc, "fig2", fig2(sw))
     doc = fill(doc, "fig5", fig5(sw))
     doc = fill(doc, "compress", compress_table(HERE / "results" / "compress-ptb.jsonl"))
-    learned = read_results(HERE / "results" / "learned-ptb.jsonl")
+    learned = results.read(HERE / "results" / "learned-ptb.jsonl")
     doc = fill(doc, "learned", learned_table(sw, learned))
     done = len(sw) + len(res) + len(learned)
     n = {name: len(load_plan(HERE / f"{name}.toml").runs) for name in ("sweeps-ptb", "table2-ptb", "learned-ptb")}
     doc = fill(doc, "status", f"Runs finished: {len(sw)} of {n['sweeps-ptb']} in the sweeps plan, "
                               f"{len(res)} of {n['table2-ptb']} in Table 2's, {len(learned)} of "
-                              f"{n['learned-ptb']} in the learned-assignment plan."
-                              + in_progress())
+                              f"{n['learned-ptb']} in the learned-assignment plan.")
     DOC.write_text(doc, encoding="utf-8")
     written = figures(sweeps)
     print(f"{DOC}: {done} results; figures: {', '.join(str(p.relative_to(ROOT)) for p in written) or 'none'}")

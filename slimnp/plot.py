@@ -26,7 +26,6 @@ Examples
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import click
 
+from . import results
 from ._atomic import atomic_path
 
 KINDS = ("ratio", "k", "curves", "auto")
@@ -82,7 +82,8 @@ class Series:
 # reading
 # ---------------------------------------------------------------------------
 def read_records(path) -> list:
-    """The JSON objects of a JSON-lines file, one per non-blank line.
+    """The JSON objects of a JSON-lines file, one per non-blank line
+    (:func:`slimnp.results.read_lines`).
 
     Parameters
     ----------
@@ -99,27 +100,10 @@ def read_records(path) -> list:
         The file is missing or unreadable, or a line is not a JSON object
         (the message gives ``file:line``).
     """
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlotError(f"{path}: no such file") from None
-    except UnicodeDecodeError:
-        raise PlotError(f"{path}: not a text file (expected JSON lines)") from None
-    except OSError as exc:
-        raise PlotError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    records = []
-    for no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise PlotError(f"{path}:{no}: not a JSON line") from None
-        if not isinstance(rec, dict):
-            raise PlotError(f"{path}:{no}: not a JSON object")
-        records.append(rec)
-    return records
+        return results.read_lines(path)
+    except results.ResultsError as exc:
+        raise PlotError(str(exc)) from None
 
 
 def is_metrics(records) -> bool:
@@ -128,12 +112,12 @@ def is_metrics(records) -> bool:
 
 
 def _rows_of(path, records) -> list:
-    """The results rows of one file; a run listed twice keeps its last line,
-    as ``slimnp experiment`` reads it (a run redone after a fix)."""
-    rows = {}
-    for rec in records:
-        if isinstance(rec.get("run"), str):
-            rows[rec["run"]] = rec
+    """The results rows of one file (:func:`slimnp.results.by_run`): a run
+    listed twice keeps its last line, as ``slimnp experiment`` reads it."""
+    try:
+        rows = results.by_run(records, path)
+    except results.ResultsError as exc:
+        raise PlotError(str(exc)) from None
     if not rows:
         hint = " (a training metrics file? use --kind curves)" if is_metrics(records) else ""
         raise PlotError(f"{path}: no results rows (JSON lines with a \"run\" name){hint}")
