@@ -109,3 +109,25 @@ def evaluate_ids(model, ids, eos_id: int, batch_size: int = 1, bptt: int = 100,
     n = int(np.asarray(ids).shape[0])
     return EvalResult(nll=pieces_nll(model, ids, eos_id, batch_size, bptt, progress=progress),
                       tokens=n)
+
+
+def evaluate_file(model_path, text_path, *, batch_size: int = 1, device: str = "cpu",
+                  progress: bool = True) -> dict:
+    """``slimnp evaluate``: the exact perplexity of a model file on a text
+    file, with the OOV rate and the speed (a dict, as ``--json`` prints it)."""
+    import time
+
+    from .modelfile import load_model
+    from .progress import Progress
+
+    m, vocab, _ = load_model(model_path, device=device)
+    t0 = time.perf_counter()
+    enc = vocab.encode_file(text_path)
+    prog = Progress(enc.n_tokens, "evaluate", enabled=progress)
+    res = evaluate_ids(m, enc.ids, vocab.eos_id, batch_size=batch_size,
+                       progress=lambda done: prog.update(done, f"{done:,} tokens"))
+    prog.close()
+    secs = time.perf_counter() - t0
+    return {"model": str(model_path), "file": str(text_path), "perplexity": res.perplexity,
+            "loss": res.loss, "tokens": res.tokens, "oov": enc.n_oov, "oov_rate": enc.oov_rate,
+            "batch_size": batch_size, "seconds": secs, "tokens_per_s": res.tokens / max(secs, 1e-9)}

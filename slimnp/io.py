@@ -91,7 +91,6 @@ __all__ = [
     "load",
     "read_config",
     "describe",
-    "format_describe_text",
 ]
 
 FORMAT = "slimnp"
@@ -883,63 +882,3 @@ def describe(path: PathLike) -> dict:
         except _READ_ERRORS as exc:
             raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
     return info
-
-
-def _fmt_value(value: Any) -> str:
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def format_describe_text(info: dict) -> str:
-    """Render :func:`describe` output as human-readable text for the CLI.
-
-    Parameters
-    ----------
-    info : dict
-        Result of :func:`describe`.
-
-    Returns
-    -------
-    str
-        Multi-line text (no trailing newline).
-    """
-    mb = info.get("file_size_bytes", 0) / 1e6
-    lines = [
-        f"file:        {info.get('file')}",
-        f"size:        {mb:,.2f} MB ({info.get('file_size_bytes', 0):,} bytes)",
-        f"format:      slimnp v{info.get('format_version')}, written by slimnp {info.get('slimnp_version')}"
-        f" at {info.get('created')}",
-        f"vocabulary:  {info.get('vocab_size', 0):,} words",
-        "",
-        "config:",
-    ]
-    config = info.get("config", {})
-    width = max((len(k) for k in config), default=0)
-    lines += [f"  {k:<{width}}  {_fmt_value(v)}" for k, v in config.items()] or ["  (empty)"]
-
-    rows = [(d["name"], "(" + ", ".join(str(n) for n in d["shape"]) + ("," if len(d["shape"]) == 1 else "") + ")",
-             d["dtype"], f"{d['size']:,}") for d in info.get("datasets", [])]
-    header = ("dataset", "shape", "dtype", "elements")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
-    lines += ["", "datasets:"]
-    for r in [header] + rows:
-        lines.append(f"  {r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:>{widths[3]}}")
-
-    lines += ["", f"parameters:  {info.get('parameters', 0):,}"]
-    layers = info.get("layers", {})
-    lw = max((len(k) for k in layers), default=0)
-    nw = max((len(f"{n:,}") for n in layers.values()), default=0)
-    lines += [f"  {k:<{lw}}  {n:>{nw},}" for k, n in layers.items()]
-    mapping_bytes = info.get("mapping_bytes", 0)
-    lines.append(f"mapping:     {mapping_bytes:,} bytes ({mapping_bytes / 1e6:,.2f} MB)")
-    for title, key in (("mapping settings", "mapping_attrs"), ("training state", "train_state"),
-                       ("optimizer", "optimizer")):
-        values = info.get(key) or {}
-        if values:
-            lines += ["", f"{title}:"]
-            kw = max(len(k) for k in values)
-            lines += [f"  {k:<{kw}}  {_fmt_value(v)}" for k, v in values.items()]
-    return "\n".join(lines)

@@ -418,3 +418,34 @@ def write_corpus(out_dir, spec: HMMSpec = DEFAULT_SPEC, train_tokens: int = DEFA
     _write_atomic(out_dir / "vocab.txt", [("\n".join(words) + "\n").encode("utf-8")])
     _write_atomic(out_dir / "corpus.json", [(json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")])
     return info
+
+
+# ---------------------------------------------------------------------------
+# the built-in corpus: `slimnp train` with no data
+# ---------------------------------------------------------------------------
+def builtin_corpus_dir():
+    """Where the built-in corpus lives: ``$SLIMNP_CACHE`` (default
+    ``~/.cache/slimnp``), in a folder named by the spec and the sizes, so a
+    retuned spec never reuses a stale corpus."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("SLIMNP_CACHE", Path.home() / ".cache" / "slimnp"))
+    blob = json.dumps([asdict(DEFAULT_SPEC), list(DEFAULT_TOKENS)], sort_keys=True)
+    return root / f"builtin-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def builtin_corpus(log=print):
+    """``(folder, corpus.json)`` of the built-in synthetic corpus, generated
+    once into :func:`builtin_corpus_dir`."""
+    d = builtin_corpus_dir()
+    meta = d / "corpus.json"
+    if meta.exists():
+        try:
+            return d, json.loads(meta.read_text())
+        except ValueError:
+            pass  # damaged: regenerate
+    log(f"generating the built-in synthetic corpus in {d} ...")
+    info = write_corpus(d, DEFAULT_SPEC, *DEFAULT_TOKENS)
+    return d, info
