@@ -85,7 +85,8 @@ def test_rewriting_a_committed_file_keeps_every_number(path, tmp_path):
     for o, n in zip(old, new):
         assert R.check(n) == []
         same_numbers(o, n)
-    assert R.read(copy) == R.read(path)
+        if o.get("format_version") == R.FORMAT_VERSION:
+            assert n == o  # a current line is left as it is
 
 
 # ---------------------------------------------------------------------------
