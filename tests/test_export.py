@@ -220,3 +220,26 @@ def test_command_without_click(models, tmp_path, capsys):
     assert main([str(tmp_path / "none.h5"), "--out", str(tmp_path / "x.onnx")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "none.h5" in err
+
+
+def test_readme_example_runs(models, tmp_path, monkeypatch):
+    """README, "Deploying with ONNX Runtime": the example prints each word's
+    log-probability, the ones slimnp score gives."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
+    assert "``slimnp export MODEL --out model.onnx``" in readme
+    block = readme.split("in\nplain ONNX Runtime::\n\n")[1]
+    code = "\n".join(ln[4:] for ln in re.split(r"\n(?=\S)", block)[0].splitlines())
+    paths, sentences = models
+    words = sentences[0].split()[:3]
+    assert '"the cat sat"' in code
+    code = code.replace('"the cat sat"', repr(" ".join(words)))
+    export_onnx(paths["tied_slim"], tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    exec(compile(code, "README.rst", "exec"), {"print": lambda *a: printed.append(a)})
+    want = inference.load(paths["tied_slim"]).score([" ".join(words)])[0].logprobs[:3]
+    assert [w for w, _ in printed] == words
+    np.testing.assert_allclose([lp for _, lp in printed], want, atol=TOL)
