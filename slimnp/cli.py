@@ -270,6 +270,31 @@ def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent,
         click.echo(_json(report))
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--logits", is_flag=True, help="Also output the raw scores 'logits (B, V)'.")
+@click.option("--opset", type=click.IntRange(min=13), default=None, help="ONNX opset to target [default: 17].")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@json_option("Print the summary as one JSON object.")
+@friendly_errors
+def export(model, out, logits, opset, force, as_json):
+    """Write MODEL's one-step graph as an ONNX file (slim layers stay compressed).
+
+    Inputs: token ids (B,) and the LSTM state (L, 2, B, H); outputs: the
+    next word's log-probabilities (B, V) and the new state.  A slim input
+    layer is a Gather from its pool, a slim output layer the K-pool dynamic
+    programme: no V x H matrix is stored.  The vocabulary and the source
+    file's sha256 travel in the metadata.  Needs pip install 'slimnp[onnx]'.
+    """
+    from .export import DEFAULT_OPSET, ExportError, export_onnx, summary_line
+
+    if os.path.exists(out) and not force:
+        raise ExportError(f"{out} exists; pass --force to overwrite it")
+    info = export_onnx(model, out, logits=logits, opset=opset or DEFAULT_OPSET)
+    click.echo(_json(info) if as_json else summary_line(info))
+
+
 # ---------------------------------------------------------------------------
 # score / generate / rerank: applying a trained model
 # ---------------------------------------------------------------------------

@@ -49,7 +49,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -58,6 +57,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import options as options_schema
 
 RUNNER_KEYS = ("name", "method", "compression", "label", "match", "match_by", "warmup_epochs",
                "frequent")
@@ -128,44 +129,18 @@ def _key_lines(text: str) -> dict:
     return where
 
 
-def _train_command():
-    from .cli import train
-
-    return train
-
-
-def _option_table() -> dict:
-    """``name -> click parameter`` of ``slimnp train``, by parameter name and
-    by long flag (``lr_schedule`` and ``schedule`` are the same option)."""
-    table = {}
-    for p in _train_command().params:
-        table[p.name] = p
-        for o in getattr(p, "opts", []):
-            if o.startswith("--"):
-                table[o[2:].replace("-", "_")] = p
-    return table
-
-
-def _check_type(param, value):
-    """A TOML value for a click option, strictly typed; returns an error or None."""
-    import click
-
-    t = param.type
-    if getattr(param, "is_flag", False):
-        return None if isinstance(value, bool) else "expects true or false"
-    if isinstance(value, bool):
-        return f"expects {t.name}, got a boolean"
-    if isinstance(t, click.types.IntParamType) and not isinstance(value, int):
-        return f"expects an integer, got {value!r}"
-    if isinstance(t, click.types.FloatParamType) and not isinstance(value, (int, float)):
-        return f"expects a number, got {value!r}"
-    if isinstance(t, (click.Choice, click.Path, click.types.StringParamType)) and not isinstance(value, str):
-        return f"expects a string, got {value!r}"
-    try:
-        t.convert(value, param, None)
-    except click.BadParameter as exc:
-        return exc.message
-    return None
+def parse_sets(sets) -> dict:
+    """``--set KEY=VALUE`` items as options (a VALUE is read as TOML, a bare word as a string)."""
+    out = {}
+    for item in sets:
+        if "=" not in item:
+            raise PlanError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = _toml().loads(f"x = {v}")["x"]
+        except Exception:
+            out[k.strip()] = v  # a bare word: a string
+    return out
 
 
 def _expand_grid(entry: dict, where) -> list:
@@ -241,12 +216,8 @@ def load_plan(path, overrides: dict | None = None) -> Plan:
     # absolute: the workers run in the runs folder, not the caller's
     results = base_dir / head.get("results", f"results/{path.stem}.jsonl")
     runs_dir = base_dir / head.get("runs_dir", f"runs/{path.stem}")
-    table = _option_table()
-
     def check(opts: dict, where) -> tuple[dict, dict]:
         """Split runner keys from options; check names and types; resolve paths."""
-        import click
-
         options, meta = {}, {}
         for raw_key, value in opts.items():
             key = raw_key.replace("-", "_")
@@ -260,21 +231,21 @@ def load_plan(path, overrides: dict | None = None) -> Plan:
             if key in OWNED:
                 raise PlanError(f"{where(raw_key)}: {raw_key} is set by the runner, not the plan "
                                 "(slimnp experiment run --help)")
-            param = table.get(key)
-            if param is not None and (param.name in OWNED or param.name == "as_json"):
+            opt = options_schema.option(key)
+            if opt is not None and (opt.name in OWNED or opt.name == "as_json"):
                 raise PlanError(f"{where(raw_key)}: {raw_key} is set by the runner, not the plan "
                                 "(slimnp experiment run --help)")
-            if param is None:
-                close = sorted(n for n in table if n.startswith(key[:4]))
+            if opt is None:
+                close = sorted(n for n in options_schema.keys() if n.startswith(key[:4]))
                 hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
                 raise PlanError(f"{where(raw_key)}: unknown option {raw_key!r}{hint}; "
                                 "see `slimnp train --help`")
-            problem = _check_type(param, value)
+            problem = options_schema.check_value(opt, value)
             if problem:
                 raise PlanError(f"{where(raw_key)}: {raw_key} {problem}")
-            if isinstance(param.type, click.Path):
+            if opt.kind in ("dir", "file"):
                 value = str((base_dir / Path(value).expanduser()).resolve())
-            options[param.name] = value
+            options[opt.name] = value
         if "match" in meta or "match_by" in meta:
             if meta.get("match_by") not in MATCH_BY or not isinstance(meta.get("match"), str):
                 raise PlanError(f"{where('match')}: match = \"RUN\" needs match_by = "
@@ -358,40 +329,12 @@ def runs_by(runs, name):
 # ---------------------------------------------------------------------------
 # options -> argv, configs and parameter counts
 # ---------------------------------------------------------------------------
-def to_argv(options: dict) -> list:
-    """``slimnp train`` arguments for an options dict (underscore names)."""
-    table = _option_table()
-    argv = []
-    for name, value in options.items():
-        param = table[name]
-        flag = max(param.opts, key=len)  # the long form
-        if getattr(param, "is_flag", False):
-            if value:
-                argv.append(flag)
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
 def hp_of(options: dict) -> tuple[dict, dict]:
-    """``(hp, params)``: run_training's settings and the train command's
-    parsed parameters for ``options`` (exactly as the CLI would take them)."""
-    from .cli import PRESETS, SLIM_SIZE_OPTIONS, train_hp
-
-    cmd = _train_command()
-    ctx = cmd.make_context("train", to_argv(options) + ["--out", "x.h5"])
-    p = dict(ctx.params)
-    named = {"data", "train_file", "valid_file", "test_file", "out", "resume", "force", "threads",
-             "quiet", "as_json", "seed", "min_count", "max_vocab", "eval_batch_size", "loss_average",
-             "input_kind", "output_kind", "mapping", "mapping_seed", "tie", "distributed", "device",
-             "init_from"}
-    hyper = {k: v for k, v in p.items() if k not in named}
-    builtin = not (p.get("data") or p.get("train_file"))
-    preset = PRESETS["builtin" if builtin else "zaremba-small"]
-    assert all(k in hyper for k in SLIM_SIZE_OPTIONS)
-    hp = train_hp(hyper, preset, p["input_kind"], p["output_kind"], p["mapping"],
-                  p["mapping_seed"], p["tie"])
-    return hp, p
+    """``(hp, params)``: the settings a run's ``options`` give
+    (:func:`slimnp.options.settings`) and all its options, defaults filled in
+    (:func:`slimnp.options.complete`), exactly as ``slimnp train`` takes them."""
+    params = options_schema.complete(options)
+    return options_schema.settings(params), params
 
 
 _VOCAB_SIZES: dict = {}
@@ -408,9 +351,9 @@ def vocab_size(params: dict) -> int:
     elif params.get("train_file"):
         train = Path(params["train_file"])
     else:
-        from .cli import ensure_builtin_corpus
+        from .synthetic import builtin_corpus
 
-        d, _ = ensure_builtin_corpus(echo=lambda m: None)
+        d, _ = builtin_corpus(log=lambda m: None)
         train = d / "train.txt"
         vocab_file = d / "vocab.txt" if (d / "vocab.txt").exists() else None
     key = (str(train), str(vocab_file), params.get("min_count"), params.get("max_vocab"))
@@ -481,89 +424,27 @@ def resolve(plan: Plan) -> None:
             configs_of(r.options)
         except ValueError as exc:
             raise PlanError(f"{plan.path}:{r.line}: run {r.name!r}: {exc}") from None
-        r.argv = to_argv(r.options)
+        r.argv = options_schema.to_argv(r.options)
 
 
 # ---------------------------------------------------------------------------
 # results
 # ---------------------------------------------------------------------------
+# the schema, the reader and the writer of results lines: slimnp.results;
+# the machine and the commit they name: slimnp.machine
+from . import results  # noqa: E402
+from .errors import _default as _jsonable  # noqa: E402,F401  (work() writes its summary with it)
+from .machine import describe as describe_machine  # noqa: E402
+from .machine import git_commit  # noqa: E402  (also work()'s: the worker's commit)
+
+
 def read_results(path) -> dict:
-    """``run name -> record`` of a results file (the last line of a name wins)."""
-    out = {}
-    path = Path(path)
-    if not path.exists():
-        return out
-    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise PlanError(f"{path}:{no}: not a JSON line (a damaged results file? "
-                            "remove the line to run that run again)") from None
-        out[rec["run"]] = rec
-    return out
-
-
-def _finite(x):
-    """``x`` with non-finite floats as None (strict JSON)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
-def _append_line(path: Path, record: dict) -> None:
-    """One JSON line, flushed and synced (a crash loses at most this line)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(_finite(record), allow_nan=False, default=_jsonable) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _jsonable(x):
+    """``run name -> record`` of a results file (:func:`slimnp.results.read`;
+    the last line of a name wins); a damaged file is a :class:`PlanError`."""
     try:
-        return x.item()
-    except AttributeError:
-        return str(x)
-
-
-def machine() -> dict:
-    """CPU model, cores, L3 and platform of this machine."""
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cores": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        info["cpu"] = platform.processor()
-    try:
-        info["l3"] = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
-    except OSError:
-        pass
-    return info
-
-
-def git_commit() -> str | None:
-    """The checkout's commit (with ``-dirty``), or None outside a git tree."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        if not sha:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
+        return results.read(path)
+    except results.ResultsError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def _stored_config(ckpt: Path) -> dict:
@@ -628,8 +509,22 @@ def status(plan: Plan) -> list:
     return out
 
 
+def status_rows(plan: Plan) -> list:
+    """One dict per run of :func:`status`: its state, size and perplexities
+    (what ``slimnp experiment status`` shows)."""
+    rows = []
+    for run, state, rec in status(plan):
+        mc, tc = configs_of(run.options)
+        rows.append({"run": run.name, "state": state, "parameters": parameter_counts(mc)["total"],
+                     "hidden": mc.hidden, "embedding_size": mc.word_size, "epochs": tc.epochs,
+                     "matched": run.matched, "valid_ppl": rec and rec.get("valid_ppl"),
+                     "test_ppl": rec and rec.get("test_ppl")})
+    return rows
+
+
 def record(plan: Plan, run: Run, summary: dict, wall: float) -> dict:
-    """The results line of a finished run."""
+    """The results line of a finished run (:data:`slimnp.results.SCHEMA`; its
+    paths relative to the plan's folder)."""
     from ._version import __version__
     from . import io as sio
 
@@ -647,7 +542,7 @@ def record(plan: Plan, run: Run, summary: dict, wall: float) -> dict:
     if run.meta.get("learned") and comp.exists():
         made = sio.describe(comp)["config"].get("compressed_from", {})
         extra["compress"] = {k: v for k, v in made.items() if k != "file"}
-    return {
+    return results.normalize({
         **extra,
         "run": run.name, "plan": str(plan.path), **{k: v for k, v in run.meta.items()
                                                    if k not in ("name", "match", "match_by")},
@@ -661,27 +556,14 @@ def record(plan: Plan, run: Run, summary: dict, wall: float) -> dict:
         # worker (training since the last resume, or only the final evaluation)
         "train_seconds": train_s, "wall_seconds": wall,
         "tokens_per_s": (summary.get("train_tokens_seen") or 0) / train_s if train_s else None,
-        "history": [{k: h.get(k) for k in ("epoch", "lr", "train_ppl", "valid_ppl")}
-                    for h in _history(plan.runs_dir / f"{run.name}.metrics.jsonl")],
-        "machine": machine(), "slimnp_version": __version__, "numpy_version": numpy.__version__,
+        "history": results.history(plan.runs_dir / f"{run.name}.metrics.jsonl"),
+        "machine": describe_machine(), "slimnp_version": __version__,
+        "numpy_version": numpy.__version__,
         # the code of the worker that finished the run (its package and commit)
         "git_commit": summary.get("worker_git_commit", git_commit()),
         "package": summary.get("worker_package"),
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def _history(metrics: Path) -> list:
-    out = []
-    if metrics.exists():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") == "epoch":
-                out.append(rec)
-    return out
+    }, plan.path.resolve().parent)
 
 
 class Runner:
@@ -808,7 +690,7 @@ class Runner:
                 self.log(f"[{run.name}] skipped: another process finished it after this plan started")
                 return
             summary_path.unlink(missing_ok=True)
-            spec.write_text(json.dumps({"argv": run.argv, "out": str(ckpt), "summary": str(summary_path),
+            spec.write_text(json.dumps({"options": run.options, "out": str(ckpt), "summary": str(summary_path),
                                         "threads": self.threads, "device": self.device,
                                         "learned": learned_spec(run)}))
             self._launch(run, ckpt, logf, spec, summary_path, lock)
@@ -861,7 +743,7 @@ class Runner:
             return
         rec = record(plan, run, summary, wall)
         with self.lock:
-            _append_line(plan.results, rec)
+            results.append(plan.results, rec)
             self.finished.append(run.name)
         self.log(f"[{run.name}] done: valid {rec['valid_ppl']:.2f}  test {rec['test_ppl']:.2f}  "
                  f"{rec['parameters']:,} parameters  {fmt_s(wall)}")
@@ -935,8 +817,6 @@ def learned_spec(run: Run):
     compressed file)."""
     if not run.meta.get("learned"):
         return None
-    from .cli import MODEL_OPTIONS
-
     o = run.options
     hp, p = hp_of(o)
     w = int(run.meta.get("warmup_epochs", 1))
@@ -953,7 +833,7 @@ def learned_spec(run: Run):
         files = find_splits(p["data"])
         dense.pop("data")
         dense.update(train_file=str(files["train"]), valid_file=str(files["valid"]))
-    tune = {k: v for k, v in o.items() if k not in slim_keys and k not in MODEL_OPTIONS}
+    tune = {k: v for k, v in o.items() if k not in slim_keys and k not in options_schema.MODEL_OPTIONS}
     tune["epochs"] = total - w
     if hp["schedule"] == "epoch":
         # continue the warm-up's schedule: epoch e of the fine-tuning is epoch
@@ -970,24 +850,22 @@ def learned_spec(run: Run):
                 "output_k": o.get("output_k") if o.get("output_kind") == "slim" else None,
                 "output_ratio": o.get("output_ratio") if o.get("output_kind") == "slim" else None,
                 "frequent": int(run.meta.get("frequent", 0)), "seed": int(p.get("mapping_seed") or 0)}
-    return {"warmup_argv": to_argv(dense), "tune_argv": to_argv(tune), "compress": compress,
-            "warmup_epochs": w}
+    return {"warmup": dense, "tune": tune, "compress": compress, "warmup_epochs": w}
 
 
 def _work_learned(spec, log) -> dict:
     """Warm-up (``<run>.warmup.h5``), compress (``<run>.compressed.h5``),
     fine-tune (``<run>.h5``); each phase resumes or is skipped when done."""
     from . import io as sio
-    from .cli import main
-    from .compress import compress_model
-    from .modelfile import load_model, mapping_fields
-    from .trainer import file_sha256, resume_training
+    from .compress import compress_file
+    from .runs import train
+    from .trainer import resume_training
 
     L = spec["learned"]
     out = Path(spec["out"])
     warm = out.with_name(out.stem + ".warmup.h5")
     comp = out.with_name(out.stem + ".compressed.h5")
-    common = ["--quiet", "--threads", str(spec["threads"]), "--device", spec["device"]]
+    common = {"quiet": True, "threads": spec["threads"], "device": spec["device"]}
     warm_summary = None
     if not out.exists():
         if warm.exists() and sio.describe(warm)["train_state"].get("finished"):
@@ -996,24 +874,13 @@ def _work_learned(spec, log) -> dict:
             warm_summary = resume_training(warm, device=spec["device"], log=log, progress=False)
         else:
             log(f"warm-up: {L['warmup_epochs']} epoch(s) of the dense model")
-            warm_summary = main.main(["train", *L["warmup_argv"], "--out", str(warm), *common],
-                                     standalone_mode=False)
+            warm_summary = train({**L["warmup"], "out": str(warm), **common}, log=log)
         if warm_summary is not None and not warm_summary.get("finished"):
             return {**warm_summary, "finished": False, "epochs_done": warm_summary.get("epochs_done")}
-        if not comp.exists():
-            dense, vocab, _ = load_model(warm)  # the last epoch's parameters
-            c = L["compress"]
-            slim, rep = compress_model(dense, vocab.counts, input_k=c["input_k"],
-                                       input_ratio=c["input_ratio"], output_k=c["output_k"],
-                                       output_ratio=c["output_ratio"], frequent=c["frequent"],
-                                       seed=c["seed"], source_sha256=file_sha256(warm), log=log)
-            sio.save(comp, sio.Checkpoint(
-                config={"model": slim.config.to_dict(), "compressed_from": {"file": str(warm), **rep}},
-                vocab=list(vocab.words), vocab_counts=vocab.counts, params=slim.params_numpy(),
-                **mapping_fields(slim)))
+        if not comp.exists():  # from the warm-up's last epoch
+            compress_file(warm, comp, **L["compress"], log=log, progress=False)
         log(f"fine-tuning {comp}")
-        summary = main.main(["train", "--init-from", str(comp), *L["tune_argv"], "--out", str(out),
-                             *common], standalone_mode=False)
+        summary = train({**L["tune"], "init_from": str(comp), "out": str(out), **common}, log=log)
     else:
         summary = resume_training(out, device=spec["device"], log=log, progress=False,
                                   allow_finished=True)
@@ -1035,7 +902,7 @@ def _with_warmup(summary: dict, warm: Path) -> dict:
 def work(spec_path) -> dict:
     """The worker: train (or resume, or finish) one run as its spec says,
     and write the summary file.  Runs in its own process."""
-    from .cli import main
+    from .runs import train
     from .threads import set_threads
     from .trainer import resume_training
 
@@ -1055,9 +922,8 @@ def work(spec_path) -> dict:
         summary = resume_training(out, device=spec["device"], log=log, progress=False,
                                   allow_finished=True)
     else:
-        summary = main.main(["train", *spec["argv"], "--out", str(out), "--quiet",
-                             "--threads", str(spec["threads"]), "--device", spec["device"]],
-                            standalone_mode=False)
+        summary = train({**spec["options"], "out": str(out), "quiet": True,
+                         "threads": spec["threads"], "device": spec["device"]}, log=log)
     summary = dict(summary, worker_git_commit=git_commit(), worker_package=str(Path(__file__).parent))
     tmp = Path(spec["summary"] + ".tmp")
     tmp.write_text(json.dumps(summary, default=_jsonable))

@@ -428,39 +428,3 @@ def summary_line(info: dict) -> str:
             f"metadata {human_bytes(info['metadata_bytes'])}); opset {info['opset']}; "
             f"{layer('input', info['layers']['input'])}, {layer('output', info['layers']['output'])}; "
             f"outputs {outs}")
-
-
-def main(argv=None) -> int:
-    """``python -m slimnp.export MODEL --out model.onnx [--logits] [--opset N] [--force]
-    [--json]``: the command without click.  Library errors become one line on
-    stderr and exit status 1."""
-    import argparse
-    import sys
-
-    from .errors import json_dumps, os_error_line
-    from .io import FormatError
-
-    ap = argparse.ArgumentParser(prog="slimnp export", description="Write MODEL's step graph as an "
-                                 "ONNX file (slim layers stay compressed; README: Deploying with "
-                                 "ONNX Runtime).")
-    ap.add_argument("model", help="a slimnp model file (.h5)")
-    ap.add_argument("--out", required=True, help="the .onnx file to write")
-    ap.add_argument("--logits", action="store_true", help="also output the raw scores 'logits (B, V)'")
-    ap.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
-    ap.add_argument("--force", action="store_true", help="overwrite an existing --out file")
-    ap.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    args = ap.parse_args(argv)
-    try:
-        if Path(args.out).exists() and not args.force:
-            raise ExportError(f"{args.out} exists; pass --force to overwrite it")
-        info = export_onnx(args.model, args.out, logits=args.logits, opset=args.opset)
-    except (ExportError, FormatError, OSError) as exc:
-        msg = os_error_line(exc) if isinstance(exc, OSError) else str(exc)
-        print(f"error: {' '.join(msg.split())}", file=sys.stderr)
-        return 1
-    print(json_dumps(info) if args.json else summary_line(info))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

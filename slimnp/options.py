@@ -36,7 +36,8 @@ class Option:
     """One ``slimnp train`` option.
 
     ``kind``: ``int``, ``float``, ``str``, ``choice`` (one of ``choices``),
-    ``flag`` (a boolean switch), ``dir`` / ``file`` (a path; ``exists``: it
+    ``flag`` (a boolean switch), ``ints`` (comma-separated integers, or a
+    list in a plan), ``dir`` / ``file`` (a path; ``exists``: it
     must exist).  ``default``: the value when not given; None means "the
     recipe's value" for the model and training options (``recipe``).
     ``low`` / ``high``: inclusive bounds of a number (``low_open``: the
@@ -65,7 +66,8 @@ class Option:
     def type_name(self) -> str:
         """The value's type in words (as click names it: errors quote it)."""
         return {"int": "integer", "float": "float", "choice": "choice", "flag": "boolean",
-                "dir": "directory", "file": "file", "str": "text"}[self.kind]
+                "dir": "directory", "file": "file", "str": "text",
+                "ints": "list of integers"}[self.kind]
 
 
 def _o(name, flag, kind, feeds, help, **kw) -> Option:
@@ -105,10 +107,13 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     _o("input_k", "--input-k", "int", "model", "Slim input: sub-vectors per word (must divide --hidden)."),
     _o("input_m", "--input-m", "int", "model", "Slim input: pool size M (<= K*V)."),
     _o("input_ratio", "--input-ratio", "float", "model", "Slim input: size as a fraction of the dense table (sets M = ratio*K*V)."),
-    _o("output_kind", "--output", "choice", "model", "Output layer: full softmax, or slim: K disjoint pools of M/K sub-vectors, logits by dynamic programming.", default="full", choices=("full", "slim"), show_default=True),
+    _o("output_kind", "--output", "choice", "model", "Output layer: full softmax; slim: K disjoint pools of M/K sub-vectors, logits by dynamic programming; adaptive: the adaptive softmax (Grave et al. 2017; --cutoffs, --div-value).", default="full", choices=("full", "slim", "adaptive"), show_default=True),
     _o("output_k", "--output-k", "int", "model", "Slim output: sub-vectors per word (must divide --hidden)."),
     _o("output_m", "--output-m", "int", "model", "Slim output: total pool size M (a multiple of K, M/K <= V)."),
     _o("output_ratio", "--output-ratio", "float", "model", "Slim output: size as a fraction of the dense softmax (sets M/K = ratio*V)."),
+    _o("cutoffs", "--cutoffs", "ints", "model", "Adaptive output: word ids below the first cutoff form the head, each further range a tail cluster (the vocabulary is ordered by frequency) [default: 2000,10000; each must be below V].", metavar="N,N,..."),
+    _o("div_value", "--div-value", "float", "model", "Adaptive output: tail cluster i's vectors have size H/div^(i+1) [default: 4].", low=1, low_open=True),
+    _o("head_bias", "--head-bias", "flag", "model", "Adaptive output: a bias on the head's logits (off, as in PyTorch).", default=False),
     _o("mapping", "--mapping", "choice", "model", "Sub-vector assignment: shuffle (the paper; tables stored in the file) or hash (computed from the seed; K=H is HashNet).", default="shuffle", choices=("shuffle", "hash"), show_default=True),
     _o("mapping_seed", "--mapping-seed", "int", "model", "Seed of the assignment tables.", default=0, show_default=True),
     _o("tie", "--tie", "flag", "model", "Share the output layer's parameters with the input (dense+full or slim+slim).", default=False),
@@ -130,10 +135,12 @@ _BY_KEY = {**{o.flag[2:].replace("-", "_"): o for o in TRAIN_OPTIONS}, **_BY_NAM
 
 # options that describe the model (not its training): fixed by --init-from
 MODEL_OPTIONS = ("layers", "hidden", "dropout", "input_dropout", "embedding_size", "init_scale",
-                 "input_k", "input_m", "input_ratio", "output_k", "output_m", "output_ratio")
+                 "input_k", "input_m", "input_ratio", "output_k", "output_m", "output_ratio",
+                 "cutoffs", "div_value")
 SLIM_SIZE_OPTIONS = ("input_k", "input_m", "input_ratio", "output_k", "output_m", "output_ratio")
 # the model's kind: with MODEL_OPTIONS, what --init-from and --resume take from the file
-MODEL_KIND_OPTIONS = ("input_kind", "output_kind", "mapping", "mapping_seed", "tie")
+MODEL_KIND_OPTIONS = ("input_kind", "output_kind", "mapping", "mapping_seed", "tie", "head_bias")
+ADAPTIVE_OPTIONS = ("cutoffs", "div_value", "head_bias")
 
 # Settings of the two built-in recipes (the options with recipe=True).
 PRESETS = {
@@ -166,6 +173,12 @@ def check_value(opt: Option, value) -> str | None:
     """
     if opt.kind == "flag":
         return None if isinstance(value, bool) else "expects true or false"
+    if opt.kind == "ints":
+        try:
+            parse_ints(value)
+        except ValueError as exc:
+            return str(exc)
+        return None
     if isinstance(value, bool):
         return f"expects {opt.type_name}, got a boolean"
     if opt.kind == "int" and not isinstance(value, int):
@@ -191,6 +204,17 @@ def _range(opt: Option) -> str:
     return f"{lo}x{hi}"
 
 
+def parse_ints(value) -> tuple:
+    """``"2000,10000"`` (or a list of integers) as a tuple of integers."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        if isinstance(items, (str, bytes)) or any(isinstance(v, (bool, float)) for v in items):
+            raise TypeError
+        return tuple(int(v) for v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"expects integers separated by commas (e.g. 2000,10000), got {value!r}") from None
+
+
 def _typed(opt: Option, value):
     """``value`` as the option's Python type (a float option given 1 holds 1.0)."""
     if value is None:
@@ -201,6 +225,8 @@ def _typed(opt: Option, value):
         return int(value)
     if opt.kind == "flag":
         return bool(value)
+    if opt.kind == "ints":
+        return parse_ints(value)
     return str(value) if opt.kind in ("dir", "file") else value
 
 
@@ -211,8 +237,13 @@ def complete(given: dict) -> dict:
     unknown = sorted(k for k in given if k not in _BY_NAME)
     if unknown:
         raise OptionError(f"unknown option(s): {', '.join(unknown)}")
-    return {o.name: _typed(o, given[o.name]) if o.name in given else o.default
-            for o in TRAIN_OPTIONS}
+    out = {}
+    for o in TRAIN_OPTIONS:
+        try:
+            out[o.name] = _typed(o, given[o.name]) if o.name in given else o.default
+        except ValueError as exc:
+            raise OptionError(f"{o.flag}: {exc}") from None
+    return out
 
 
 def recipe_of(params: dict) -> str:
@@ -231,7 +262,7 @@ def settings(params: dict) -> dict:
                                                                    "eval_batch_size")}
     hp.update({k: params.get(k) for k in SLIM_SIZE_OPTIONS}, input=params["input_kind"],
               output=params["output_kind"], mapping=params["mapping"],
-              mapping_seed=params["mapping_seed"], tie=params["tie"])
+              mapping_seed=params["mapping_seed"], tie=params["tie"], head_bias=params["head_bias"])
     return hp
 
 
@@ -243,6 +274,8 @@ def to_argv(options: dict) -> list:
         if opt.kind == "flag":
             if value:
                 argv.append(opt.flag)
+        elif opt.kind == "ints":
+            argv += [opt.flag, ",".join(map(str, parse_ints(value)))]
         else:
             argv += [opt.flag, str(value)]
     return argv
@@ -294,7 +327,22 @@ def model_config(hp: dict, V: int):
                        dropout=hp["dropout"], init_scale=hp["init_scale"],
                        input_dropout=hp.get("input_dropout"),
                        embedding_size=hp.get("embedding_size") or 0,
-                       dtype=hp.get("dtype") or "float32", **slim_settings(hp, V))
+                       dtype=hp.get("dtype") or "float32", **slim_settings(hp, V),
+                       **adaptive_settings(hp))
+
+
+def adaptive_settings(hp: dict) -> dict:
+    """The adaptive softmax's fields of :class:`ModelConfig` (``--output adaptive`` only)."""
+    given = [k for k in ADAPTIVE_OPTIONS if hp.get(k)]
+    if hp.get("output") != "adaptive":
+        if given:
+            names = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise ValueError(f"{names} {'needs' if len(given) == 1 else 'need'} --output adaptive")
+        return {}
+    if hp.get("loss") not in (None, "softmax"):
+        raise ValueError(f"--loss {hp['loss']}: the adaptive softmax trains its exact loss "
+                         "(--loss softmax)")
+    return {k: hp[k] for k in given}
 
 
 def train_config(hp: dict, *, seed=0, loss_average="batch", eval_batch_size=10):

@@ -20,12 +20,12 @@ __all__ = ["train", "data_files"]
 
 # what a fresh run's model kind is when no option changes it
 _KIND_DEFAULTS = {"input_kind": "dense", "output_kind": "full", "mapping": "shuffle",
-                  "mapping_seed": 0, "tie": False}
+                  "mapping_seed": 0, "tie": False, "head_bias": False}
 # --resume takes everything but the data from the checkpoint
 _RESUME_FIXED = ("loss", "samples", "optimizer", "layers", "hidden", "dropout", "input_dropout",
                  "embedding_size", "init_scale", "bptt", "batch_size", "lr", "schedule", "lr_decay",
                  "decay_start", "decay_threshold", "clip", "input_k", "input_m", "input_ratio",
-                 "output_k", "output_m", "output_ratio")
+                 "output_k", "output_m", "output_ratio", "cutoffs", "div_value")
 
 
 def data_files(params: dict) -> dict | None:

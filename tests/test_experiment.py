@@ -83,7 +83,9 @@ def test_workers_run_this_slimnp_not_one_in_the_current_folder(tmp_path, corpus)
                          cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     rec = read_results(tmp_path / "results" / "plan.jsonl")["dense"]
-    assert rec["package"] == str(Path(slimnp.__file__).parent)
+    # relative to the plan's folder, as every path of a results line
+    assert not Path(rec["package"]).is_absolute()
+    assert (plan.parent / rec["package"]).resolve() == Path(slimnp.__file__).parent.resolve()
 
 
 def _run(args, cwd=None, **kw):
@@ -121,9 +123,11 @@ def test_plan_runs_skips_finished_and_jobs_agree(tmp_path, corpus):
     assert sm["matched"]["run"] == "se-4" and sm["matched"]["target_parameters"] == r["parameters"]
     assert sm["config"]["model"]["hidden"] == sm["matched"]["value"] < 12
     assert sm["parameters"] == sm["matched"]["parameters"]
-    # every line is strict JSON
+    # every line is strict JSON, a complete line of the schema with no absolute path
+    from slimnp.results import check
+
     for line in results.read_text().splitlines():
-        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))
+        assert check(json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}"))) == []
     # a second sitting: nothing to do, the file unchanged
     before = results.read_bytes()
     again = _run(["run", str(one)])
@@ -359,8 +363,7 @@ def test_learned_fine_tuning_continues_the_epoch_schedule(tmp_path, corpus, w, d
                  .replace("warmup_epochs = 1", f"warmup_epochs = {w}"))
     plan = load_plan(p)
     spec = learned_spec(plan.runs[0])
-    argv = spec["tune_argv"]
-    lr, start = float(argv[argv.index("--lr") + 1]), int(argv[argv.index("--decay-start") + 1])
+    lr, start = spec["tune"]["lr"], spec["tune"]["decay_start"]
 
     def lrs(lr0, start, n):
         s, out, cur = Schedule("epoch", lr0, 0.5, 1.0, start), [], lr0

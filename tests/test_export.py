@@ -202,24 +202,29 @@ def test_bad_input_gives_one_line_errors(models, tmp_path, monkeypatch):
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
 
 
-def test_command_without_click(models, tmp_path, capsys):
-    """``python -m slimnp.export`` (what ``slimnp export`` wraps): a summary
-    line or JSON, ``--force`` to overwrite, one-line errors and status 1."""
-    from slimnp.export import main
+def test_export_command(models, tmp_path):
+    """``slimnp export``: a summary line or JSON, ``--force`` to overwrite,
+    one-line errors and status 1."""
+    from click.testing import CliRunner
+
+    from slimnp.cli import main
+
+    def run(*args):
+        return CliRunner().invoke(main, ["export", *map(str, args)])
 
     paths, _ = models
     out = tmp_path / "m.onnx"
-    assert main([str(paths["shuffle"]), "--out", str(out)]) == 0
-    line = capsys.readouterr().out
-    assert line.startswith(f"wrote {out}:") and "output slim (K-pool DP, K=4" in line
-    assert main([str(paths["shuffle"]), "--out", str(out)]) == 1
-    assert "exists; pass --force" in capsys.readouterr().err
-    assert main([str(paths["shuffle"]), "--out", str(out), "--force", "--json", "--logits"]) == 0
-    info = json.loads(capsys.readouterr().out)
+    r = run(paths["shuffle"], "--out", out)
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"wrote {out}:") and "output slim (K-pool DP, K=4" in r.output
+    r = run(paths["shuffle"], "--out", out)
+    assert r.exit_code == 1 and "exists; pass --force" in r.output
+    r = run(paths["shuffle"], "--out", out, "--force", "--json", "--logits")
+    info = json.loads(r.output)
     assert info["compressed"] == ["input", "output"] and "logits" in info["outputs"]
-    assert main([str(tmp_path / "none.h5"), "--out", str(tmp_path / "x.onnx")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "none.h5" in err
+    r = run(tmp_path / "none.h5", "--out", tmp_path / "x.onnx")
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and r.output.count("\n") == 1
+    assert "none.h5" in r.output
 
 
 def test_readme_example_runs(models, tmp_path, monkeypatch):

@@ -319,21 +319,6 @@ def test_describe_metadata_only(model_file, monkeypatch):
     json.dumps(info)  # plain data, suitable for --json output
 
 
-def test_format_describe_text(tmp_path):
-    path = tmp_path / "big.h5"
-    ckpt = _make_ckpt()
-    ckpt.params["lstm0/Wx"] = np.zeros((200, 800), np.float32)
-    io.save(path, ckpt)
-    text = io.format_describe_text(io.describe(path))
-    assert "160,000" in text
-    assert "/params/lstm0/Wx" in text and "(200, 800)" in text and "float32" in text
-    assert "MB" in text and "vocabulary:  6 words" in text
-    assert "hidden" in text and "epoch" in text
-    row = [line for line in text.splitlines() if "/params/lstm0/Wx" in line][0]
-    header = [line for line in text.splitlines() if line.split()[:2] == ["dataset", "shape"]][0]
-    assert row.index("(200, 800)") == header.index("shape")  # aligned columns
-
-
 # ---------------------------------------------------------------------------
 # checksums
 # ---------------------------------------------------------------------------

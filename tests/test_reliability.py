@@ -267,9 +267,9 @@ def test_corpus_cache_write_failures_are_one_line(tmp_path, monkeypatch, code):
     monkeypatch.setenv("SLIMNP_CACHE", str(tmp_path / "cache"))
     _fail_writing(monkeypatch, "train.txt", code, hdf5=False)
     r = run("train", "--out", tmp_path / "m.h5", *TINY)
-    from slimnp.cli import _builtin_corpus_dir
+    from slimnp.synthetic import builtin_corpus_dir
 
-    _one_line_error(r, str(_builtin_corpus_dir() / "train.txt"), code, kept=False)
+    _one_line_error(r, str(builtin_corpus_dir() / "train.txt"), code, kept=False)
     assert not (tmp_path / "m.h5").exists()
 
 
