@@ -45,9 +45,9 @@ def _make_model(path, variant, V=10_000):
     ``large_vocab.py`` (2x1024; input K = 8 at 1/32, output K = 8 at 1/8)."""
     import numpy as np
 
-    from slimnp import io as sio
+    from slimnp.data import EOS, UNK, Vocabulary
     from slimnp.model import LanguageModel, ModelConfig
-    from slimnp.modelfile import mapping_fields
+    from slimnp.modelfile import save_model
 
     kw, H = {}, 200
     if variant == "slim":
@@ -59,10 +59,8 @@ def _make_model(path, variant, V=10_000):
     cfg = ModelConfig(vocab_size=V, hidden=H, layers=2, **kw)
     model = LanguageModel(cfg)
     model.init_params(np.random.default_rng(0))
-    words = ["<eos>", "<unk>"] + [f"w{i}" for i in range(V - 2)]
-    sio.save(path, sio.Checkpoint(config={"model": cfg.to_dict()}, vocab=words,
-                                  vocab_counts=np.ones(V, np.int64), params=model.params_numpy(),
-                                  **mapping_fields(model)))
+    vocab = Vocabulary([EOS, UNK] + [f"w{i}" for i in range(V - 2)], np.ones(V, np.int64))
+    save_model(path, model, vocab)
 
 
 def _sentences(text, limit, V=10_000):

@@ -10,12 +10,19 @@ A failed write raises :class:`slimnp.errors.WriteError`, an ``OSError`` whose
 message is one line naming the target (never the temporary file), the cause
 in words and what was kept (``cannot write m.h5: no space left on device
 (about 64.6 MB needed, 1.2 MB free in runs); the previous m.h5 is unchanged``).
+
+Two helpers every command that writes or checks files needs live here too,
+below all of them: :func:`check_output` (can this path be written? asked
+before hours of work) and :func:`file_sha256` (a file's digest, recorded to
+recognise a training text or a source model later).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from .errors import WriteError, write_error
@@ -137,3 +144,39 @@ def append_line(path, line: str) -> None:
     with atomic_path(path, needed=len(data)) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+
+
+def check_output(out, *, what: str = "--out") -> None:
+    """Fail in seconds, not after an epoch, when ``out`` cannot be written:
+    its folder must exist and take a new file (a probe file is created and
+    removed there), and it must not be a folder.  Raises
+    :class:`slimnp.errors.WriteError` (one line)."""
+    out = Path(out)
+    folder = out.parent if str(out.parent) else Path(".")
+    if is_special(out):  # /dev/null, a FIFO: written in place
+        return
+    if out.is_dir():
+        raise WriteError(f"cannot write {out} ({what}): it is a folder; give a file name", filename=out)
+    if not folder.exists():
+        raise WriteError(f"cannot write {out} ({what}): folder {folder} does not exist; "
+                         "create it first (nothing was done)", filename=out)
+    if not folder.is_dir():
+        raise WriteError(f"cannot write {out} ({what}): {folder} is not a folder", filename=out)
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.probe-")
+    except OSError as exc:
+        err = write_error(exc, out, existed=out.exists())
+        cause = err.message.split(";")[0].removeprefix(f"cannot write {out}: ")
+        raise WriteError(f"cannot write {out} ({what}): {cause}; nothing was done", err.errno,
+                         out) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def file_sha256(path) -> str:
+    """The hex sha256 of the file ``path`` (read in 4 MB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -4,8 +4,8 @@
 :mod:`slimnp.io` reads and writes the HDF5 file without knowing what a model
 is; this module supplies the model's side: the parameter shapes a stored
 config implies (checked by :func:`slimnp.io.load` before any array is read),
-the slim tables a file stores, and :func:`load_model`, the one way from a
-file to a model ready to evaluate.
+the slim tables a file stores, :func:`load_model`, the one way from a file
+to a model ready to evaluate, and :func:`save_model`, the one way back.
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from .data import Vocabulary
 from .mapping import HASH_NAME
 from .model import LanguageModel, ModelConfig, param_shapes
 
-__all__ = ["load_model", "model_from_checkpoint", "expected_model", "expected_shapes", "mapping_fields"]
+__all__ = ["load_model", "save_model", "model_checkpoint", "model_from_checkpoint", "expected_model",
+           "expected_shapes", "mapping_fields"]
 
 
 def mapping_fields(model: LanguageModel) -> dict:
@@ -56,6 +57,43 @@ def load_model(path, device: str = "cpu"):
     model = model_from_checkpoint(ck, path, device)
     vocab = Vocabulary.from_words(list(ck.vocab), ck.vocab_counts)
     return model, vocab, ck
+
+
+def model_checkpoint(model: LanguageModel, vocab: Vocabulary, config: dict | None = None,
+                     **fields) -> sio.Checkpoint:
+    """What :func:`save_model` writes, as a :class:`slimnp.io.Checkpoint`.
+
+    The stored config is ``{"model": model.config.to_dict(), **config}``:
+    ``config`` adds sections beside the model's (a training run's ``train``
+    and ``data``; a compressed model's ``compressed_from``).  ``fields``: more
+    checkpoint fields (``optimizer``, ``train_state``: a resumable run's).
+    The parameters are copied to host memory; the slim tables are stored as
+    :func:`mapping_fields` says.
+    """
+    config = dict(config or {})
+    if "model" in config:
+        raise ValueError("config holds the sections beside 'model'; the model section is "
+                         "always the model's own config")
+    V = model.config.vocab_size
+    if len(vocab) != V:
+        raise ValueError(f"the vocabulary has {len(vocab)} words but the model's vocab_size is {V}")
+    return sio.Checkpoint(config={"model": model.config.to_dict(), **config},
+                          vocab=list(vocab.words), vocab_counts=vocab.counts,
+                          params=model.params_numpy(), **mapping_fields(model), **fields)
+
+
+def save_model(path, model: LanguageModel, vocab: Vocabulary, config: dict | None = None,
+               **extra) -> None:
+    """Write ``model`` and ``vocab`` to the model file ``path`` (atomically,
+    :func:`slimnp.io.save`); :func:`load_model` reads it back.
+
+    The stored config is ``{"model": model.config.to_dict(), **config,
+    **extra}``: ``config`` and the keyword arguments add sections beside the
+    model's, e.g. ``save_model(out, slim, vocab, compressed_from={...})``.
+    Raises ``ValueError`` when the vocabulary's size is not the model's, and
+    :class:`slimnp.errors.WriteError` when the file cannot be written.
+    """
+    sio.save(path, model_checkpoint(model, vocab, {**(config or {}), **extra}))
 
 
 def expected_model(cfg: dict, path="model file") -> dict:

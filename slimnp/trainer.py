@@ -25,30 +25,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from . import distributed as dist
 from . import io as sio
 from . import memory
-from ._atomic import append_line, is_special
+from ._atomic import append_line
+from ._atomic import check_output, file_sha256  # noqa: F401 (their old home: callers import them here)
 from .backend import make_rng, to_numpy
 from .data import Vocabulary, batchify, num_segments, segment
 from .evaluate import evaluate_ids
 from .model import LanguageModel, ModelConfig
-from .modelfile import expected_model, expected_shapes, load_model, mapping_fields, model_from_checkpoint
+from .modelfile import (expected_model, expected_shapes, load_model, model_checkpoint,
+                        model_from_checkpoint)
 from .optim import OPTIMIZERS, Schedule, make_optimizer
 from .sampled_losses import KINDS as SAMPLED_KINDS
 from .sampled_losses import Sampled, prepare_model
-from .errors import WriteError, json_dumps, write_error
+from .errors import WriteError, json_dumps
 from .progress import Progress, fmt_duration
 
 #: The clock of timed checkpoints (tests replace it with a step counter).
@@ -132,12 +133,12 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+class Step(NamedTuple):
+    """What one :meth:`Trainer.step` did."""
+
+    nll: float  # the segment's summed loss over every rank's streams (NLL for softmax)
+    stop: str | None  # a stop request to honour after this step (distributed: agreed)
+    checkpoint: bool  # a timed checkpoint is due after this step (distributed: rank 0's clock)
 
 
 class _StopFlag:
@@ -241,10 +242,6 @@ class Trainer:
         return num_segments(self.streams.shape[1], self.config.bptt)
 
     # -- checkpoints -------------------------------------------------------------
-    def _config_dict(self) -> dict:
-        return {"model": self.model.config.to_dict(), "train": self.config.to_dict(),
-                "data": self.data_info}
-
     def checkpoint(self) -> sio.Checkpoint:
         """Everything :meth:`restore` needs (distributed: a collective call,
         every rank gets the whole carried state)."""
@@ -254,10 +251,9 @@ class Trainer:
         # the whole (L, 2, B, H) state: every rank's streams, in rank order
         st["hidden"] = to_numpy(self.hidden) if self.comm is None else \
             self.comm.allgather_axis(self.hidden, axis=2)
-        return sio.Checkpoint(
-            config=self._config_dict(), vocab=list(self.vocab.words),
-            vocab_counts=self.vocab.counts, params=self.model.params_numpy(),
-            **mapping_fields(self.model), optimizer=self.optimizer.state_dict(), train_state=st)
+        return model_checkpoint(self.model, self.vocab,
+                                {"train": self.config.to_dict(), "data": self.data_info},
+                                optimizer=self.optimizer.state_dict(), train_state=st)
 
     def save(self, path=None) -> None:
         """Write a checkpoint (distributed: every rank calls this, rank 0 writes)."""
@@ -360,78 +356,116 @@ class Trainer:
             "the ranks diverged while training (a bug, or a faulty node); the last checkpoint "
             "was left untouched"))
 
+    def step(self, x, y, *, stop=None, checkpoint_due=None) -> Step:
+        """One training step on the segment ``x, y`` at the learning rate ``state.lr``.
+
+        In order: zero the gradients; forward and BPTT from the carried state
+        (truncated: no gradient flows into it); distributed, sum the gradients
+        and the loss over the ranks; stop on a non-finite loss with nothing
+        updated; clip the global gradient norm and update the parameters;
+        carry the final state to the next segment and count the segment in
+        :attr:`state`.  :meth:`train` runs one per segment; the benchmarks
+        time it (``bench/train_throughput.py``, ``bench/gpu_check.py``).
+
+        Parameters
+        ----------
+        x, y : (t, B/N) int32 inputs and targets, time-major, on the host or
+            the model's device; one column per stream of this rank (B/N: all
+            B in a single process), as in the carried state
+        stop : a function of nothing returning a pending stop request (a
+            signal's name) or None.  Asked after the update, or, distributed,
+            once the gradients are settled, so that every rank learns of a
+            request on any one and all stop after the same step
+        checkpoint_due : a function of nothing: is a timed checkpoint due
+            after this step?  Asked once the gradients are settled;
+            distributed, rank 0's answer holds for every rank
+
+        Returns
+        -------
+        :class:`Step`: the segment's summed loss (every rank's streams) and the
+        answers of ``stop`` and ``checkpoint_due``.
+
+        Raises
+        ------
+        TrainingError
+            the loss is NaN or infinite (the parameters are left as they were)
+        """
+        cfg, st, model, comm = self.config, self.state, self.model, self.comm
+        x, y = model.xp.asarray(x), model.xp.asarray(y)
+        if x.ndim != 2 or x.shape != y.shape or x.shape[1] != self.hidden.shape[2]:
+            raise ValueError(f"x and y must both be (t, {self.hidden.shape[2]}) arrays (time-major, "
+                             f"one column per stream), got {x.shape} and {y.shape}")
+        ntok = x.size * (1 if comm is None else comm.size)  # tokens of the whole batch
+        # the global batch's scale: the summed gradient is one process's
+        scale = 1.0 / cfg.batch_size if cfg.loss_average == "batch" else 1.0 / ntok
+        model.store.zero_grad(lazy=True)
+        nll, new_hidden, _ = model.forward_backward(x, y, self.hidden, scale, self.rng,
+                                                    masks=self._masks(x.shape[0]), sampled=self.sampled)
+        due = bool(checkpoint_due()) if checkpoint_due is not None else False
+        requested = None
+        if comm is not None:  # sum gradients and NLL; agree on stopping and on rank 0's clock
+            nll, requested, due = comm.step(model.store, nll, stop() if stop is not None else None,
+                                            checkpoint=due)
+        if not math.isfinite(nll):
+            raise TrainingError(
+                f"loss became {nll} at epoch {st.epoch}, segment {st.segment + 1}/"
+                f"{self.segments_per_epoch} (lr {st.lr:g}); try a lower --lr or --clip. The last "
+                f"good checkpoint ({self.out}) was left untouched.")
+        self.optimizer.step(model.store.data, model.store.grad, st.lr, model.store.segments())
+        self.hidden = new_hidden
+        st.segment += 1
+        st.epoch_nll += nll
+        st.epoch_tokens += ntok
+        st.tokens_seen += ntok
+        if comm is None and stop is not None:  # one process: a signal counts up to the last moment
+            requested = stop()
+        return Step(nll, requested, due)
+
     def train(self) -> TrainState:
         """Train until ``config.epochs`` are done or a stop is requested.
 
         Returns the final :class:`TrainState` (``finished`` tells which).
         """
-        cfg, st, model, xp = self.config, self.state, self.model, self.model.xp
-        B, T = cfg.batch_size, cfg.bptt
+        cfg, st, model = self.config, self.state, self.model
         comm = self.comm
-        ranks = 1 if comm is None else comm.size
         nseg = self.segments_per_epoch
         if comm is not None:
-            self.log(dist.traffic_line(model.store.grad.nbytes, ranks))
+            self.log(dist.traffic_line(model.store.grad.nbytes, comm.size))
             self._check_ranks("at the start", everything=True)
         every = self.checkpoint_every * 60.0  # seconds; 0: epoch ends only
         if st.segment or st.epoch > 1:
             self._saved_at = _clock()  # resumed: the file holds exactly this state
         start = _clock()
-        with _StopFlag() as stop:
+        with _StopFlag() as flag:
             while st.epoch <= cfg.epochs and not st.finished:
-                prog = Progress(nseg, f"epoch {st.epoch}/{cfg.epochs}", enabled=self.show_progress)
-                t0 = time.perf_counter()
-                tok0 = st.epoch_tokens
-                requested = None  # a stop request (signal name) that every rank has seen
-                for i in range(st.segment, nseg):
-                    x_bt, y_bt = segment(self.streams, i, T)  # (B/N, t) views
-                    x = xp.asarray(np.ascontiguousarray(x_bt.T))  # time-major (t, B/N)
-                    y = xp.asarray(np.ascontiguousarray(y_bt.T))
-                    ntok = x.size * ranks  # tokens of the whole batch
-                    # the global batch's scale: the summed gradient is one process's
-                    seg_scale = 1.0 / B if cfg.loss_average == "batch" else 1.0 / ntok
-                    model.store.zero_grad(lazy=True)
-                    nll, new_hidden, _ = model.forward_backward(x, y, self.hidden, seg_scale, self.rng,
-                                                                masks=self._masks(x.shape[0]),
-                                                                sampled=self.sampled)
-                    # a timed checkpoint after this step? (not after the last:
-                    # the epoch's end writes one anyway)
-                    due = (every > 0 and i + 1 < nseg
-                           and _clock() - (self._saved_at or start) >= every)
-                    if comm is not None:  # sum gradients and NLL; agree on stopping and
-                        # on rank 0's checkpoint clock
-                        nll, requested, due = comm.step(model.store, nll, stop.requested,
-                                                        checkpoint=due)
-                    if not math.isfinite(nll):
-                        prog.close()
-                        raise TrainingError(
-                            f"loss became {nll} at epoch {st.epoch}, segment {i + 1}/{nseg} "
-                            f"(lr {st.lr:g}); try a lower --lr or --clip. The last good checkpoint "
-                            f"({self.out}) was left untouched.")
-                    self.optimizer.step(model.store.data, model.store.grad, st.lr,
-                                        model.store.segments())
-                    self.hidden = new_hidden
-                    st.segment = i + 1
-                    st.epoch_nll += nll
-                    st.epoch_tokens += ntok
-                    st.tokens_seen += ntok
-                    if comm is None:  # one process: a signal counts up to the last moment
-                        requested = stop.requested
-                    if due and not requested:  # (a stop writes one below)
-                        t0 += self._save_inside_epoch(t0)  # writing is not training time
-                    dt = time.perf_counter() - t0
-                    if prog.enabled:
-                        ppl = math.exp(min(st.epoch_nll / st.epoch_tokens, 700))
-                        prog.update(i + 1, f"loss {st.epoch_nll / st.epoch_tokens:.3f} ppl {ppl:8.2f} "
-                                    f"lr {st.lr:.4g} {(st.epoch_tokens - tok0) / max(dt, 1e-9):,.0f} tok/s"
-                                    f" {self._saved_line()}")
-                    if requested:
-                        break
-                prog.close()
+                with Progress(nseg, f"epoch {st.epoch}/{cfg.epochs}", enabled=self.show_progress) as prog:
+                    t0 = time.perf_counter()
+                    tok0 = st.epoch_tokens
+                    requested = None  # a stop request (signal name) that every rank has seen
+                    for i in range(st.segment, nseg):
+                        x_bt, y_bt = segment(self.streams, i, cfg.bptt)  # (B/N, t) views
+                        done = self.step(
+                            np.ascontiguousarray(x_bt.T), np.ascontiguousarray(y_bt.T),  # (t, B/N)
+                            stop=lambda: flag.requested,
+                            # a timed checkpoint after this step? (not after the
+                            # last: the epoch's end writes one anyway)
+                            checkpoint_due=lambda: (every > 0 and i + 1 < nseg
+                                                    and _clock() - (self._saved_at or start) >= every))
+                        requested = done.stop
+                        if done.checkpoint and not requested:  # (a stop writes one below)
+                            t0 += self._save_inside_epoch(t0)  # writing is not training time
+                        dt = time.perf_counter() - t0
+                        if prog.enabled:
+                            ppl = math.exp(min(st.epoch_nll / st.epoch_tokens, 700))
+                            prog.update(i + 1, f"loss {st.epoch_nll / st.epoch_tokens:.3f} ppl {ppl:8.2f} "
+                                        f"lr {st.lr:.4g} {(st.epoch_tokens - tok0) / max(dt, 1e-9):,.0f} "
+                                        f"tok/s {self._saved_line()}")
+                        if requested:
+                            break
                 elapsed = time.perf_counter() - t0
                 st.train_seconds += elapsed
                 if comm is None:
-                    requested = stop.requested
+                    requested = flag.requested
                 if requested and st.segment < nseg:
                     self.save()
                     self.log(f"stopped by {requested} at epoch {st.epoch}, segment "
@@ -587,35 +621,6 @@ def _finish(trainer: Trainer, test, corpus_info, log, t_start) -> dict:
     return summary
 
 
-def check_output(out, *, what: str = "--out") -> None:
-    """Fail in seconds, not after an epoch, when ``out`` cannot be written:
-    its folder must exist and take a new file (a probe file is created and
-    removed there), and it must not be a folder.  Raises
-    :class:`slimnp.errors.WriteError` (one line)."""
-    import tempfile
-
-    out = Path(out)
-    folder = out.parent if str(out.parent) else Path(".")
-    if is_special(out):  # /dev/null, a FIFO: written in place
-        return
-    if out.is_dir():
-        raise WriteError(f"cannot write {out} ({what}): it is a folder; give a file name", filename=out)
-    if not folder.exists():
-        raise WriteError(f"cannot write {out} ({what}): folder {folder} does not exist; "
-                         "create it first (nothing was done)", filename=out)
-    if not folder.is_dir():
-        raise WriteError(f"cannot write {out} ({what}): {folder} is not a folder", filename=out)
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.probe-")
-    except OSError as exc:
-        err = write_error(exc, out, existed=out.exists())
-        cause = err.message.split(";")[0].removeprefix(f"cannot write {out}: ")
-        raise WriteError(f"cannot write {out} ({what}): {cause}; nothing was done", err.errno,
-                         out) from None
-    os.close(fd)
-    os.unlink(probe)
-
-
 def _check_outputs(out, what: str = "--out") -> None:
     """The checkpoint, best model and metrics paths of a run (:func:`check_output`)."""
     out = Path(out)
@@ -655,7 +660,9 @@ def run_training(files: dict, out, model, train: TrainConfig, *, min_count=1, ma
     rank calls this with the same arguments; rank 0 logs and writes the files).
     ``init_from``: a model file to start from (its config, vocabulary,
     parameters and tables; fresh optimizer and training state), e.g. one
-    made by ``slimnp compress``; ``model`` must then be None.
+    made by ``slimnp compress``; ``model`` must then be None, and
+    ``min_count``, ``max_vocab`` and ``corpus_info`` are not used (the
+    vocabulary is the file's; the run records ``init_from`` and its sha256).
     ``checkpoint_every``: minutes between checkpoints inside an epoch (0:
     epoch ends only).  Before the model is built, ``out``'s folder is checked
     (:func:`check_output`) and the memory the run needs is estimated and
@@ -673,33 +680,40 @@ def run_training(files: dict, out, model, train: TrainConfig, *, min_count=1, ma
         log, progress = _quiet, False
     if comm is None or comm.is_root:
         _check_outputs(out)
-    run = dict(checkpoint_every=checkpoint_every, force_memory=force_memory)
-    if init_from is not None:
-        return _run_from_model(files, out, train, init_from, device=device, log=log,
-                               progress=progress, comm=comm, t_start=t_start, **run)
-    if files.get("vocab"):
-        vocab = Vocabulary.read(files["vocab"])  # counted below, from the encoded text
-    else:
-        vocab = Vocabulary.build(files["train"], min_count=min_count, max_vocab=max_vocab)
-    mc = _sized(model, len(vocab))
-    mc.validate()  # before the slower encoding: a bad option fails fast
-    enc = _encode_splits(vocab, files, log)
-    if vocab.counts is None:
-        vocab.count(enc["train"].ids)
-    tc = train
+    if init_from is None:
+        if files.get("vocab"):
+            vocab = Vocabulary.read(files["vocab"])  # counted below, from the encoded text
+        else:
+            vocab = Vocabulary.build(files["train"], min_count=min_count, max_vocab=max_vocab)
+        mc = _sized(model, len(vocab))
+        mc.validate()  # before the slower encoding: a bad option fails fast
+        enc = _encode_splits(vocab, files, log)
+        if vocab.counts is None:
+            vocab.count(enc["train"].ids)
+        origin = dict(min_count=min_count, max_vocab=max_vocab, corpus=corpus_info)
+        _memory_check(mc, train, device=device, comm=comm, force=force_memory, log=log,
+                      valid_tokens=enc["valid"].n_tokens)
+        model = LanguageModel(mc, device=device)
+    else:  # the file's model and vocabulary (checked for memory before it is read)
+        mc = ModelConfig.from_dict(expected_model(sio.read_config(init_from), init_from))
+        _memory_check(mc, train, device=device, comm=comm, force=force_memory, log=log)
+        model, vocab, _ = load_model(init_from, device)
+        enc = _encode_splits(vocab, files, log)
+        corpus_info = None  # not recorded for a run from a file (see the docstring)
+        origin = dict(min_count=1, max_vocab=None, corpus=None, init_from=str(Path(init_from).resolve()),
+                      init_from_sha256=file_sha256(init_from))
     data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}
-    data_info.update(train_sha256=file_sha256(files["train"]), min_count=min_count,
-                     max_vocab=max_vocab, corpus=corpus_info)
-    _memory_check(mc, tc, device=device, comm=comm, force=force_memory, log=log,
-                  valid_tokens=enc["valid"].n_tokens)
-    model = LanguageModel(mc, device=device)
-    trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, out,
+    data_info.update(train_sha256=file_sha256(files["train"]), **origin)
+    trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, train, out,
                       data_info=data_info, log=log, progress=progress, comm=comm,
                       checkpoint_every=checkpoint_every)
     if trainer.is_root and trainer.metrics_path.exists():
         trainer.metrics_path.unlink()  # a fresh run starts a fresh log
-    trainer.init_params()
-    log(f"vocab {len(vocab):,}  train {enc['train'].n_tokens:,} tokens  model {mc.layers}x{mc.hidden} "
+    if init_from is None:
+        trainer.init_params()
+    mc = model.config
+    log(("" if init_from is None else f"starting from {init_from}: ")
+        + f"vocab {len(vocab):,}  train {enc['train'].n_tokens:,} tokens  model {mc.layers}x{mc.hidden} "
         f"({model.num_parameters:,} parameters)  {trainer.segments_per_epoch:,} segments/epoch")
     trainer.train()
     return _finish(trainer, enc.get("test"), corpus_info, log, t_start)
@@ -717,30 +731,6 @@ def _sized(model, V: int) -> ModelConfig:
         raise ValueError(f"the model's vocab_size is {mc.vocab_size} but the vocabulary has {V} words "
                          "(vocab_size 0 takes the vocabulary's size)")
     return mc
-
-
-def _run_from_model(files, out, tc, init_from, *, device, log, progress, comm, t_start,
-                    checkpoint_every=CHECKPOINT_EVERY, force_memory=False) -> dict:
-    """:func:`run_training` from the parameters of model file ``init_from``."""
-    mc0 = ModelConfig.from_dict(expected_model(sio.read_config(init_from), init_from))
-    _memory_check(mc0, tc, device=device, comm=comm, force=force_memory, log=log)
-    model, vocab, ck = load_model(init_from, device)
-    enc = _encode_splits(vocab, files, log)
-    data_info = {k: str(Path(v).resolve()) for k, v in files.items() if v is not None}
-    data_info.update(train_sha256=file_sha256(files["train"]), min_count=1, max_vocab=None,
-                     corpus=None, init_from=str(Path(init_from).resolve()),
-                     init_from_sha256=file_sha256(init_from))
-    trainer = Trainer(model, vocab, enc["train"].ids, enc["valid"].ids, tc, out,
-                      data_info=data_info, log=log, progress=progress, comm=comm,
-                      checkpoint_every=checkpoint_every)
-    if trainer.is_root and trainer.metrics_path.exists():
-        trainer.metrics_path.unlink()
-    mc = model.config
-    log(f"starting from {init_from}: vocab {len(vocab):,}  train {enc['train'].n_tokens:,} tokens  "
-        f"model {mc.layers}x{mc.hidden} ({model.num_parameters:,} parameters)  "
-        f"{trainer.segments_per_epoch:,} segments/epoch")
-    trainer.train()
-    return _finish(trainer, enc.get("test"), None, log, t_start)
 
 
 @_stop_all_ranks_on_error

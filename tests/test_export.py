@@ -16,9 +16,10 @@ from slimnp import inference  # noqa: E402
 from slimnp.compress import compress_model  # noqa: E402
 from slimnp.errors import WriteError  # noqa: E402
 from slimnp.export import ExportError, OnnxUnavailable, export_onnx  # noqa: E402
-from slimnp.modelfile import load_model, mapping_fields  # noqa: E402
+from slimnp.modelfile import load_model, save_model  # noqa: E402
 from slimnp.options import configs  # noqa: E402
-from slimnp.trainer import file_sha256, run_training  # noqa: E402
+from slimnp._atomic import file_sha256  # noqa: E402
+from slimnp.trainer import run_training  # noqa: E402
 
 SLIM = dict(input="slim", input_k=4, input_ratio=0.125, output="slim", output_k=4, output_ratio=0.25)
 # trained with dropout 0.1 (TINY_HP): the export must leave it out
@@ -52,9 +53,7 @@ def models(tmp_path_factory):
     slim, _ = compress_model(dense, vocab.counts, input_k=4, input_ratio=0.125, output_k=4,
                              output_ratio=0.25)
     paths["learned"] = d / "learned.h5"
-    sio.save(paths["learned"], sio.Checkpoint(config={"model": slim.config.to_dict()},
-                                              vocab=list(vocab.words), vocab_counts=vocab.counts,
-                                              params=slim.params_numpy(), **mapping_fields(slim)))
+    save_model(paths["learned"], slim, vocab)
     sentences = files["test"].read_text().splitlines()[:7] + ["zzz-oov " + "x" * 3]
     return paths, sentences
 

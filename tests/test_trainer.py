@@ -155,6 +155,84 @@ def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
         np.testing.assert_array_equal(after[k], before[k])
 
 
+# ---------------------------------------------------------------------------
+# one training step
+# ---------------------------------------------------------------------------
+def _trainer(tmp_path, files, name="m.h5", **kw):
+    """A fresh Trainer on the tiny corpus (TINY_HP, dropout on, and ``kw``)."""
+    from slimnp.data import Vocabulary
+    from slimnp.model import LanguageModel
+    from slimnp.trainer import Trainer
+
+    vocab = Vocabulary.build(files["train"])
+    model_of, tc = configs({**TINY_HP, "epochs": 1, **kw}, seed=5)
+    t = Trainer(LanguageModel(model_of(len(vocab))), vocab, vocab.encode_file(files["train"]).ids,
+                vocab.encode_file(files["valid"]).ids, tc, tmp_path / name, log=lambda m: None,
+                progress=False)
+    t.init_params()
+    return t
+
+
+def _segments(t, n):
+    from slimnp.data import segment
+
+    return [tuple(np.ascontiguousarray(a.T) for a in segment(t.streams, i, t.config.bptt))
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("extra", [{}, dict(optimizer="adagrad", lr=0.2, loss="is", samples=15)])
+def test_step_is_zero_grad_forward_backward_clip_update(tmp_path, extra):
+    """Trainer.step is the step the benchmarks wrote by hand: zero the
+    gradients, forward + BPTT from the carried state (dropout and noise words
+    from the trainer's generator), clip, update at state.lr; bit for bit."""
+    files, _ = tiny_corpus(tmp_path / "c")
+    a, b = _trainer(tmp_path, files, "a.h5", **extra), _trainer(tmp_path, files, "b.h5", **extra)
+    m, opt = b.model, b.optimizer
+    state, B = m.zero_state(4), 4
+    for x, y in _segments(a, 12):
+        done = a.step(x, y)
+        m.store.zero_grad(lazy=True)
+        nll, state, _ = m.forward_backward(x, y, state, 1.0 / B, b.rng, sampled=b.sampled)
+        opt.step(m.store.data, m.store.grad, b.state.lr, m.store.segments())
+        assert done.nll == nll and done.stop is None and done.checkpoint is False
+    np.testing.assert_array_equal(a.model.store.data, m.store.data)
+    np.testing.assert_array_equal(a.hidden, state)
+    assert (a.state.segment, a.state.epoch_tokens, a.state.tokens_seen) == (12, 12 * 7 * 4, 12 * 7 * 4)
+    # the answers it was asked for come back; a bad shape is refused
+    done = a.step(x, y, stop=lambda: "SIGTERM", checkpoint_due=lambda: True)
+    assert (done.stop, done.checkpoint) == ("SIGTERM", True)
+    with pytest.raises(ValueError, match=r"must both be \(t, 4\) arrays"):
+        a.step(x[:, :3], y[:, :3])
+
+
+def test_train_is_one_step_per_segment(tmp_path):
+    """An epoch of Trainer.train gives exactly the parameters of Trainer.step
+    over the epoch's segments in order."""
+    files, _ = tiny_corpus(tmp_path / "c")
+    a, b = _trainer(tmp_path, files, "a.h5"), _trainer(tmp_path, files, "b.h5")
+    a.train()
+    nll = sum(b.step(x, y).nll for x, y in _segments(b, b.segments_per_epoch))
+    np.testing.assert_array_equal(a.model.store.data, b.model.store.data)
+    assert a.state.history[0]["train_loss"] == nll / b.state.epoch_tokens
+
+
+def test_step_stops_on_a_nan_loss_before_the_update(tmp_path, monkeypatch):
+    from slimnp.model import LanguageModel
+
+    files, _ = tiny_corpus(tmp_path / "c")
+    t = _trainer(tmp_path, files)
+    (x, y), = _segments(t, 1)
+    before, hidden = t.model.store.data.copy(), t.hidden.copy()
+    orig = LanguageModel.forward_backward
+    monkeypatch.setattr(LanguageModel, "forward_backward",
+                        lambda self, *a, **k: (float("inf"), *orig(self, *a, **k)[1:]))
+    with pytest.raises(TrainingError, match=f"loss became inf at epoch 1, segment 1/{t.segments_per_epoch} "):
+        t.step(x, y)
+    np.testing.assert_array_equal(t.model.store.data, before)
+    np.testing.assert_array_equal(t.hidden, hidden)
+    assert t.state.segment == 0
+
+
 def test_clip_and_schedules():
     g = np.array([3.0, 4.0])
     assert clip_global_norm(g, 1.0) == 5.0
@@ -337,7 +415,7 @@ def test_best_epoch_before_the_last_is_the_one_tested(tmp_path, monkeypatch):
 
 def test_check_output_fails_fast(tmp_path):
     from slimnp.errors import WriteError
-    from slimnp.trainer import check_output
+    from slimnp._atomic import check_output
 
     check_output(tmp_path / "m.h5")  # fine, and leaves nothing behind
     assert list(tmp_path.iterdir()) == []
