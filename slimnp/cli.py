@@ -9,6 +9,7 @@ import functools
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 import numpy as np
@@ -552,13 +553,38 @@ def experiment_worker(spec):
     work(spec)
 
 
-def _register_plot():
-    from .plot import plot_command
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=True))
+@click.option("--out", "-o", default="plot.png", show_default=True, type=click.Path(), help="PNG to write (960x600 pixels).")
+@click.option("--kind", default="auto", show_default=True, metavar="ratio|k|curves|auto",
+              help="ratio: perplexity vs compression (Figures 2, 4); k: perplexity vs K (Figure 5); "
+                   "curves: validation perplexity per epoch; auto: curves for metrics files, else ratio.")
+@click.option("--svg", is_flag=True, help="Also write an SVG beside the PNG.")
+@click.option("--title", help="Title above the plot.")
+@click.option("--metric", default="test_ppl", show_default=True, metavar="test_ppl|valid_ppl",
+              help="Perplexity on the y axis of ratio and k plots.")
+@click.option("--k-ratio", metavar="R", help="Compression of a k plot, e.g. 8 or 1/8 [default: the one with several K].")
+@click.option("--method", "methods", multiple=True, metavar="NAME",
+              help="Plot only rows of this method (repeatable; the uncompressed baseline always stays), "
+                   "e.g. --method SE --method SM --method PM for Figure 4.")
+@friendly_errors
+def plot(files, out, kind, svg, title, metric, k_ratio, methods):
+    """Plot results of `slimnp experiment run` or `slimnp train` metrics.
 
-    main.add_command(plot_command, "plot")
+    \b
+      slimnp plot experiments/results/sweeps-ptb.jsonl --out fig4.png
+      slimnp plot experiments/results/sweeps-ptb.jsonl --kind k --out fig5.png
+      slimnp plot runs/*.metrics.jsonl --out curves.png
 
+    FILES are results files (*.jsonl, one line per finished run; several are
+    concatenated) or training metrics files (*.metrics.jsonl).  Several seeds
+    of one point are drawn as their mean with error bars.  Needs matplotlib:
+    pip install 'slimnp[plot]'.
+    """
+    from .plot import plot_files
 
-_register_plot()
+    click.echo(plot_files([Path(f) for f in files], Path(out), kind, svg, title, metric, k_ratio,
+                          methods))
 
 
 @main.group()

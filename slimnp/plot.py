@@ -31,8 +31,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
-
 from . import results
 from ._atomic import atomic_path
 
@@ -46,12 +44,9 @@ NO_MATPLOTLIB = "plotting needs matplotlib: pip install 'slimnp[plot]'"
 K_METHODS = ("SE", "HashNet")
 
 
-class PlotError(click.ClickException):
-    """Input that cannot be plotted; the message is one line naming the file.
-
-    A :class:`click.ClickException`, so the command line prints it as
-    ``Error: ...`` with exit code 1, and Python callers can catch it.
-    """
+class PlotError(ValueError):
+    """Input that cannot be plotted; the message is one line naming the file
+    (the command line prints it as ``Error: ...`` with exit code 1)."""
 
 
 class NothingToPlot(PlotError):
@@ -259,20 +254,36 @@ def ratio_points(rows, metric="test_ppl"):
         ``method -> ([compression, ...], [metric, ...])``, sorted by
         compression; rows without a compression or a value are left out, and
         so are SE rows whose K is not the main K (:func:`main_k`), the K
-        sweep of Figure 5, which would make the SE line zig-zag.
+        sweep of Figure 5, which would make the SE line zig-zag.  Several
+        rows of one method at one compression (seeds) give their mean.
     baseline : float or None
         The uncompressed model's value, drawn as a horizontal line.
     """
+    lines = {m: _unzip([(x, sum(ys) / len(ys)) for x, ys in sorted(by_x.items())])
+             for m, by_x in _ratio_values(rows, metric).items()}
+    return lines, _baseline(rows, metric)
+
+
+def _ratio_values(rows, metric):
+    """``method -> {compression: [metric of each row]}`` of a ratio figure."""
     keep_k = main_k(rows, "SE")
-    points = {}
+    values = {}
     for r in rows:
         method, x, y = method_of(r), _number(r.get("compression")), _number(r.get(metric))
         if method == "uncompressed" or x is None or x <= 0 or y is None:
             continue
         if method == "SE" and k_of(r) is not None and k_of(r) != keep_k:
             continue
-        points.setdefault(method, []).append((x, y))
-    return {m: _unzip(sorted(p)) for m, p in points.items()}, _baseline(rows, metric)
+        values.setdefault(method, {}).setdefault(x, []).append(y)
+    return values
+
+
+def ratio_spread(rows, metric="test_ppl") -> dict:
+    """``method -> {compression: (lowest, highest, n)}`` of the ratio
+    figure's points that several rows (seeds) make: drawn as error bars
+    from the lowest to the highest value around the mean."""
+    return {m: {x: (min(ys), max(ys), len(ys)) for x, ys in by_x.items() if len(ys) > 1}
+            for m, by_x in _ratio_values(rows, metric).items()}
 
 
 def default_k_ratio(rows):
@@ -327,6 +338,10 @@ def _unzip(pairs):
     return [x for x, _ in pairs], [y for _, y in pairs]
 
 
+def _unzip_n(rows, n):
+    return tuple([r[i] for r in rows] for i in range(n))
+
+
 def _count(lines, baseline) -> int:
     return sum(len(xs) for xs, _ in lines.values()) + (baseline is not None)
 
@@ -342,7 +357,7 @@ def _matplotlib():
         import matplotlib  # noqa: F401
         from matplotlib.figure import Figure
     except ImportError:
-        raise click.ClickException(NO_MATPLOTLIB) from None
+        raise PlotError(NO_MATPLOTLIB) from None
     return Figure
 
 
@@ -389,8 +404,14 @@ def draw_ratio(ax, rows, metric="test_ppl") -> int:
     lines, baseline = ratio_points(rows, metric)
     if not lines:
         raise NothingToPlot(f"no rows with a compression and a {metric} to plot")
+    spread = ratio_spread(rows, metric)
     for method, (xs, ys) in lines.items():
-        ax.plot(xs, ys, marker="o", label=method)
+        (line,) = ax.plot(xs, ys, marker="o", label=method)
+        bars = [(x, y, *spread[method][x][:2]) for x, y in zip(xs, ys) if x in spread.get(method, {})]
+        if bars:  # several seeds: the range of their values around the mean
+            bx, by, lo, hi = _unzip_n(bars, 4)
+            ax.errorbar(bx, by, yerr=[[y - a for y, a in zip(by, lo)], [b - y for y, b in zip(by, hi)]],
+                        fmt="none", ecolor=line.get_color(), capsize=3)
     _draw_baseline(ax, baseline)
     ax.set_xscale("log", base=2)
     _fixed_ticks(ax.xaxis, [x for xs, _ in lines.values() for x in xs], _fraction)
@@ -622,33 +643,14 @@ def _parse_ratio(text):
     return value
 
 
-@click.command("plot")
-@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=True, path_type=Path))
-@click.option("--out", "-o", default="plot.png", show_default=True, type=click.Path(path_type=Path),
-              help="PNG to write (960x600 pixels).")
-@click.option("--kind", default="auto", show_default=True, metavar="|".join(KINDS),
-              help="ratio: perplexity vs compression (Figures 2, 4); k: perplexity vs K (Figure 5); "
-                   "curves: validation perplexity per epoch; auto: curves for metrics files, else ratio.")
-@click.option("--svg", is_flag=True, help="Also write an SVG beside the PNG.")
-@click.option("--title", help="Title above the plot.")
-@click.option("--metric", default="test_ppl", show_default=True, metavar="|".join(METRICS),
-              help="Perplexity on the y axis of ratio and k plots.")
-@click.option("--k-ratio", metavar="R", help="Compression of a k plot, e.g. 8 or 1/8 "
-                                             "[default: the one with several K].")
-@click.option("--method", "methods", multiple=True, metavar="NAME",
-              help="Plot only rows of this method (repeatable; the uncompressed baseline "
-                   "always stays), e.g. --method SE --method SM --method PM for Figure 4.")
-def plot_command(files, out, kind, svg, title, metric, k_ratio, methods):
-    """Plot results of `slimnp experiment run` or `slimnp train` metrics.
+def plot_files(files, out, kind="auto", svg=False, title=None, metric="test_ppl", k_ratio=None,
+               methods=()) -> str:
+    """``slimnp plot``: draw the results or metrics ``files`` into the PNG
+    ``out`` (and an SVG beside it with ``svg``); returns the line to print.
 
-    \b
-      slimnp plot experiments/results/sweeps-ptb.jsonl --out fig4.png
-      slimnp plot experiments/results/sweeps-ptb.jsonl --kind k --out fig5.png
-      slimnp plot runs/*.metrics.jsonl --out curves.png
-
-    FILES are results files (*.jsonl, one line per finished run; several are
-    concatenated) or training metrics files (*.metrics.jsonl).  Needs
-    matplotlib: pip install 'slimnp[plot]'.
+    ``kind``: one of :data:`KINDS`; ``metric``: a key of :data:`METRICS`;
+    ``k_ratio``: the compression of a ``k`` plot (``"8"`` or ``"1/8"``);
+    ``methods``: only rows of these methods (the uncompressed baseline stays).
     """
     # options are checked by hand, not with click.Choice: a wrong value is
     # then one "Error:" line like every other input error of this command
@@ -677,5 +679,5 @@ def plot_command(files, out, kind, svg, title, metric, k_ratio, methods):
         paths, n = _render(draw, out, title, svg)
     except NothingToPlot as exc:
         # the drawing functions see rows, not files: name the files here
-        raise PlotError(f"{_names(files)}: {exc.message}") from None
-    click.echo(f"wrote {' and '.join(str(p) for p in paths)}: {kind} plot of {n} {what}{'s' * (n != 1)}")
+        raise PlotError(f"{_names(files)}: {exc}") from None
+    return f"wrote {' and '.join(str(p) for p in paths)}: {kind} plot of {n} {what}{'s' * (n != 1)}"

@@ -4,7 +4,6 @@ import struct
 import sys
 import xml.etree.ElementTree as ET
 
-import click
 import pytest
 from click.testing import CliRunner
 
@@ -67,7 +66,9 @@ def metrics(tmp_path):
 
 
 def run(*args):
-    return CliRunner().invoke(P.plot_command, [str(a) for a in args])
+    from slimnp.cli import main
+
+    return CliRunner().invoke(main, ["plot", *(str(a) for a in args)])
 
 
 def png_size(path):
@@ -98,6 +99,22 @@ def test_ratio_points_se_line_sorted_and_without_k_sweep():
     assert lines["PM"][0] == [2, 8, 32, 128]  # the PM row without test_ppl is left out
     assert lines["SE input only"][1] == [SE[c] - 3 for c in xs]
     assert P.ratio_points(ROWS, "valid_ppl")[0]["SE"][1] == [SE[c] + 5 for c in xs]
+
+
+def test_seeds_of_one_point_give_their_mean_and_range(tmp_path):
+    """Several rows of one method at one compression (seeds): the line goes
+    through their mean, the error bar spans their lowest to highest value."""
+    seeds = [_row(f"sm-32-s{i}", "SM", 32, p) for i, p in enumerate((150.0, 147.0, 156.0))]
+    rows = [r for r in ROWS if r["run"] != "sm-32"] + seeds
+    lines, _ = P.ratio_points(rows)
+    xs, ys = lines["SM"]
+    assert ys[xs.index(32)] == pytest.approx(151.0)
+    assert ys[xs.index(8)] == SE[8] + 30  # one row: itself
+    spread = P.ratio_spread(rows)
+    assert spread["SM"] == {32: (147.0, 156.0, 3)} and spread["SE"] == {}
+    pytest.importorskip("matplotlib")
+    paths = P.plot_ratio(rows, tmp_path / "bars.png")
+    assert paths[0].stat().st_size > 0
 
 
 def test_ratio_figure_draws_the_rows(tmp_path):
@@ -245,7 +262,7 @@ def test_missing_matplotlib_gives_the_install_hint(tmp_path, results, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
     line = one_error_line(run(results, "--out", tmp_path / "x.png"))
     assert line == "Error: plotting needs matplotlib: pip install 'slimnp[plot]'"
-    with pytest.raises(click.ClickException, match="slimnp\\[plot\\]"):
+    with pytest.raises(P.PlotError, match="slimnp\\[plot\\]"):
         P.plot_ratio(ROWS, tmp_path / "y.png")
     assert not (tmp_path / "x.png").exists()
 
