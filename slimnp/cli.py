@@ -628,7 +628,7 @@ def data_fetch(name, directory, base_url, quiet):
 @click.option("--tokens", type=int, default=1_000_000, show_default=True, help="Training tokens.")
 @click.option("--eval-tokens", type=int, default=None, help="Tokens in valid and test each [default: tokens/12, at least 1000].")
 @click.option("--states", type=int, default=None, help="HMM states [default: the built-in spec's].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the hidden Markov model and of the text drawn from it.")
 @friendly_errors
 def data_synthetic(directory, vocab, tokens, eval_tokens, states, seed):
     """Write a synthetic corpus from a seeded hidden Markov model.
@@ -657,12 +657,12 @@ def data_synthetic(directory, vocab, tokens, eval_tokens, states, seed):
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--name", default="test", show_default=True, help="Writes NAME.nbest and NAME.ref.")
 @click.option("--n", "n", type=click.IntRange(min=1), default=20, show_default=True, help="Hypotheses per sentence.")
-@click.option("--min-edits", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--max-edits", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--min-edits", type=click.IntRange(min=0), default=1, show_default=True, help="Fewest random edits per damaged hypothesis.")
+@click.option("--max-edits", type=click.IntRange(min=0), default=4, show_default=True, help="Most random edits per damaged hypothesis.")
 @click.option("--noise", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="Noise on the TM feature (0: it ranks by damage exactly).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N sentences.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random edits and the noise.")
 @friendly_errors
 def data_nbest(refs, directory, name, n, min_edits, max_edits, noise, limit, seed):
     """Make a synthetic MT n-best list from reference sentences REFS.

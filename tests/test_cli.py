@@ -17,11 +17,41 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["evaluate"], ["inspect"], ["data"],
-                                 ["data", "fetch"], ["data", "synthetic"]])
+def _commands(group=main, path=()):
+    """Every command path of the CLI, groups and hidden commands included."""
+    import click
+
+    yield list(path)
+    if isinstance(group, click.Group):
+        for name, cmd in sorted(group.commands.items()):
+            yield from _commands(cmd, path + (name,))
+
+
+COMMANDS = list(_commands())
+
+
+def test_the_command_walk_sees_every_command():
+    names = {" ".join(c) for c in COMMANDS}
+    assert {"train", "export", "plot", "experiment run", "experiment status", "data fetch"} <= names
+    assert len(COMMANDS) >= 18
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=lambda c: " ".join(c) or "slimnp")
 def test_help(cmd):
+    """Every command's --help: its usage, its summary line, and a help text
+    for every option."""
+    import click
+
     r = run(*cmd, "--help")
-    assert r.exit_code == 0 and "Usage:" in r.output
+    assert r.exit_code == 0 and r.output.startswith("Usage: ")
+    obj = main
+    for name in cmd:
+        obj = obj.commands[name]
+    assert obj.help and obj.help.split("\n")[0].strip() in " ".join(r.output.split())
+    for p in obj.params:
+        if isinstance(p, click.Option) and p.name != "help":
+            assert p.help, f"{' '.join(cmd)} {p.opts[0]} has no help"
+            assert p.opts[0] in r.output or p.hidden
 
 
 @pytest.fixture(scope="module")
