@@ -10,9 +10,9 @@ plan run over several sittings ends with the same table as one sitting.
 The plan file::
 
     [plan]                      # optional
-    description = "Figure 4 on PTB"
-    results = "results/fig4-ptb.jsonl"   # default: results/<plan stem>.jsonl
-    runs_dir = "runs/fig4-ptb"           # checkpoints and logs; default: runs/<plan stem>
+    description = "Figure 4 on WikiText-2"
+    results = "results/fig4-wt2.jsonl"   # default: results/<plan stem>.jsonl
+    runs_dir = "runs/fig4-wt2"           # checkpoints and logs; default: runs/<plan stem>
 
     [base]                      # options every run starts from: `slimnp train --help`
     data = "../../shared/data/ptb"       # paths are relative to the plan file
