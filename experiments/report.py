@@ -34,6 +34,13 @@ TABLE2_ROWS = [("ne-d0", "NE", "0", "1"), ("se-m10k-d0", "SE (M=10K)", "0", "10%
                ("se-m5k-d0", "SE (M=5K)", "0", "5%"), ("ne-d0.1", "NE", "0.1", "1"),
                ("se-m10k-d0.1", "SE (M=10K)", "0.1", "10%")]
 RATIOS = (2, 8, 32, 128)
+# Table 3: PTB, 2x650, K = 10, input layer only (test PPL)
+PAPER_TABLE3 = {"ne-d0": 85.33, "se-m10k-d0": 82.14, "se-m5k-d0": 82.41, "se-m1k-d0": 82.62,
+                "ne-d0.1": 82.59, "se-m5k-d0.1": 81.14}
+TABLE3_ROWS = [("ne-d0", "NE", "0", "1"), ("se-m10k-d0", "SE (M=10K)", "0", "10%"),
+               ("se-m5k-d0", "SE (M=5K)", "0", "5%"), ("se-m1k-d0", "SE (M=1K)", "0", "1%"),
+               ("ne-d0.1", "NE", "0.1", "1"), ("se-m5k-d0.1", "SE (M=5K)", "0.1", "5%")]
+WT2_RATIOS = (8, 32, 128)
 
 
 def _f(x, fmt="{:.2f}"):
@@ -54,24 +61,81 @@ def _minutes(rec) -> str:
     return f"{rec['train_seconds'] / 60:.0f}" if rec and rec.get("train_seconds") else "-"
 
 
-def table2(res: dict) -> str:
+def _seeds(res: dict, name: str) -> list:
+    """The finished runs of one point: ``name`` (seed 0) and ``name-s1``, ``name-s2``, ..."""
+    out = [res[name]] if name in res else []
+    i = 1
+    while f"{name}-s{i}" in res:
+        out.append(res[f"{name}-s{i}"])
+        i += 1
+    return out
+
+
+def _mean_sd(xs) -> tuple:
+    """Mean and sample standard deviation (0 for one value)."""
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def _pm(xs, fmt="{:.2f}") -> str:
+    """``mean +- sd (n)`` of several seeds, the value alone for one, ``-`` for none."""
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    m, sd = _mean_sd(xs)
+    return f"{fmt.format(m)} +- {sd:.2f} (n={len(xs)})"
+
+
+def _paper_table(res: dict, paper: dict, rows_spec, pairs) -> str:
+    """Table 2 or 3: each row beside the paper's number (mean +- sd where a
+    row has several seeds), then SE - NE beside the paper's difference."""
     rows = []
-    for name, model, drop, size in TABLE2_ROWS:
-        r = res.get(name)
-        ppl = r and r["test_ppl"]
-        rows.append([model, drop, size, _f(PAPER_TABLE2[name]), _f(ppl),
-                     _f(ppl - PAPER_TABLE2[name], "{:+.2f}") if ppl else "-",
-                     _f(r and r["valid_ppl"]), r["epochs"] if r else "-", _minutes(r)])
+    for name, model, drop, size in rows_spec:
+        runs = _seeds(res, name)
+        ppl = [r["test_ppl"] for r in runs]
+        mean = sum(ppl) / len(ppl) if ppl else None
+        rows.append([model, drop, size, _f(paper[name]), _pm(ppl),
+                     _f(mean - paper[name], "{:+.2f}") if ppl else "-",
+                     _pm([r["valid_ppl"] for r in runs]), runs[0]["epochs"] if runs else "-",
+                     _minutes(runs[0]) if runs else "-"])
     out = _table(["model", "input dropout", "size", "paper", "slimnp", "diff", "valid",
                   "epochs", "train minutes"], rows)
     diffs = []
-    for ne, se in (("ne-d0", "se-m10k-d0"), ("ne-d0", "se-m5k-d0"), ("ne-d0.1", "se-m10k-d0.1")):
-        if res.get(ne) and res.get(se):
-            ours = res[se]["test_ppl"] - res[ne]["test_ppl"]
-            paper = PAPER_TABLE2[se] - PAPER_TABLE2[ne]
-            diffs.append(f"- SE - NE ({se} - {ne}): slimnp {ours:+.2f}, paper {paper:+.2f}, "
-                         f"difference {ours - paper:+.2f}")
+    for ne, se in pairs:
+        a, b = [r["test_ppl"] for r in _seeds(res, ne)], [r["test_ppl"] for r in _seeds(res, se)]
+        if a and b:
+            ours = sum(b) / len(b) - sum(a) / len(a)
+            p = paper[se] - paper[ne]
+            seeds = f" (means of {len(b)} and {len(a)} seeds)" if len(a) > 1 or len(b) > 1 else ""
+            diffs.append(f"- SE - NE ({se} - {ne}): slimnp {ours:+.2f}{seeds}, paper {p:+.2f}, "
+                         f"difference {ours - p:+.2f}")
     return out + ("\n\n" + "\n".join(diffs) if diffs else "")
+
+
+def table2(res: dict) -> str:
+    return _paper_table(res, PAPER_TABLE2, TABLE2_ROWS,
+                        (("ne-d0", "se-m10k-d0"), ("ne-d0", "se-m5k-d0"), ("ne-d0.1", "se-m10k-d0.1")))
+
+
+def table3(res: dict) -> str:
+    return _paper_table(res, PAPER_TABLE3, TABLE3_ROWS,
+                        (("ne-d0", "se-m1k-d0"), ("ne-d0", "se-m10k-d0"), ("ne-d0", "se-m5k-d0"),
+                         ("ne-d0.1", "se-m5k-d0.1")))
+
+
+def seeds_line(res: dict, se: str, sm: str) -> str:
+    """Figure 4's seeds at one point: SE and SM as mean +- sd, and the margin
+    SM - SE paired by seed (seed i of SM against seed i of SE)."""
+    a, b = _seeds(res, se), _seeds(res, sm)
+    if len(a) < 2 and len(b) < 2:
+        return f"Seeds of {se} / {sm}: one each so far."
+    margins = [y["test_ppl"] - x["test_ppl"] for x, y in zip(a, b)]
+    return (f"Seeds at 1/{se.rsplit('-', 1)[1]} (test PPL, mean +- sample sd): "
+            f"SE {_pm([r['test_ppl'] for r in a])}, SM {_pm([r['test_ppl'] for r in b])}; "
+            f"SM - SE paired by seed {_pm(margins, '{:+.2f}')}"
+            f" (per seed: {', '.join(f'{m:+.2f}' for m in margins)}).")
 
 
 def fig4(res: dict) -> str:
@@ -89,8 +153,7 @@ def fig4(res: dict) -> str:
             f"valid {base['valid_ppl']:.2f}.\n\n" if base else "Uncompressed: not run yet.\n\n")
     table = _table(["compression", "SE", "SM", "PM", "SM - SE", "PM - SE", "SE parameters",
                     "SM hidden", "PM E"], rows)
-    return head + table + _second_seed("seed 1, and shuffle table seed 1 for SE", res,
-                                       [("SE ", "se-32"), ("SM ", "sm-32")])
+    return head + table + "\n\n" + seeds_line(res, "se-32", "sm-32")
 
 
 def _second_seed(how: str, res: dict, runs, extra=None) -> str:
@@ -103,6 +166,26 @@ def _second_seed(how: str, res: dict, runs, extra=None) -> str:
     return f"\n\nSecond seed at 1/32 ({how}): " + ", ".join(
         f"{label}{r1['test_ppl']:.2f}{extra(r1) if extra else ''} (seed 0: {r0['test_ppl']:.2f})"
         for label, r0, r1 in pairs) + "."
+
+
+def fig4_wt2(res: dict) -> str:
+    """Figure 4 on WikiText-2: SE (shuffle), SE learned, SM, PM per ratio, and the margins."""
+    base = res.get("uncompressed")
+    ppl = lambda r: r and r["test_ppl"]  # noqa: E731
+    rows = []
+    for c in WT2_RATIOS:
+        se, le, sm, pm = (res.get(f"{m}-{c}") for m in ("se", "learned", "sm", "pm"))
+        margin = lambda r, ref: _f(ppl(r) - ppl(ref), "{:+.2f}") if ppl(r) and ppl(ref) else "-"  # noqa: E731
+        rows.append([f"1/{c}", _f(ppl(se)), _f(ppl(le)), _f(ppl(sm)), _f(ppl(pm)), margin(sm, se),
+                     margin(pm, se), margin(le, se), margin(sm, le),
+                     f"{se['parameters']:,}" if se else "-"])
+    head = (f"Uncompressed (2x200, V = {base['config']['model']['vocab_size']:,}, "
+            f"{base['parameters']:,} parameters): test {base['test_ppl']:.2f}, valid "
+            f"{base['valid_ppl']:.2f}.\n\n" if base else "Uncompressed: not run yet.\n\n")
+    table = _table(["compression", "SE", "SE learned", "SM", "PM", "SM - SE", "PM - SE",
+                    "learned - SE", "SM - learned", "SE parameters"], rows)
+    fig = FIGURES / "fig4-wt2.png"
+    return head + table + (f"\n\n.. image:: {fig.relative_to(ROOT).as_posix()}" if fig.exists() else "")
 
 
 def fig2(res: dict) -> str:
@@ -169,6 +252,8 @@ def figures(sweeps: Path) -> list:
         return []
     learned = HERE / "results" / "learned-ptb.jsonl"
     rows = load_rows([p for p in (sweeps, learned) if p.exists()])
+    wt2 = HERE / "results" / "fig4-wt2.jsonl"
+    wt2_rows = load_rows([wt2]) if wt2.exists() else []
     FIGURES.mkdir(exist_ok=True)
     keep = lambda *m: [r for r in rows if r.get("method") in (*m, "uncompressed")]  # noqa: E731
     out = []
@@ -178,10 +263,12 @@ def figures(sweeps: Path) -> list:
             ("fig2-ptb", lambda: plot_ratio(keep("SE input only"), FIGURES / "fig2-ptb.png",
                                             title="Figure 2 on PTB: input layer only, K = 8")),
             ("fig5-ptb", lambda: plot_k(keep("SE", "HashNet"), FIGURES / "fig5-ptb.png", ratio=8,
-                                        title="Figure 5 on PTB: both layers at 1/8"))):
+                                        title="Figure 5 on PTB: both layers at 1/8")),
+            ("fig4-wt2", lambda: plot_ratio(wt2_rows, FIGURES / "fig4-wt2.png",
+                                            title="Figure 4 on WikiText-2: both layers, K = 8"))):
         try:
             out += draw()
-        except NothingToPlot:
+        except (NothingToPlot, KeyError):  # nothing (or no baseline) to draw yet
             pass
     table2 = HERE / "results" / "table2-ptb.jsonl"
     if table2.exists():  # validation perplexity per epoch of Table 2's finished rows
@@ -201,6 +288,7 @@ def main() -> None:
     sweeps = HERE / "results" / "sweeps-ptb.jsonl"
     res = results.read(HERE / "results" / "table2-ptb.jsonl")
     sw = results.read(sweeps)
+    written = figures(sweeps)  # first: the tables link the figures that exist
     doc = DOC.read_text(encoding="utf-8")
     doc = fill(doc, "table2", table2(res))
     doc = fill(doc, "fig4", fig4(sw))
@@ -209,13 +297,17 @@ def main() -> None:
     doc = fill(doc, "compress", compress_table(HERE / "results" / "compress-ptb.jsonl"))
     learned = results.read(HERE / "results" / "learned-ptb.jsonl")
     doc = fill(doc, "learned", learned_table(sw, learned))
-    done = len(sw) + len(res) + len(learned)
-    n = {name: len(load_plan(HERE / f"{name}.toml").runs) for name in ("sweeps-ptb", "table2-ptb", "learned-ptb")}
-    doc = fill(doc, "status", f"Runs finished: {len(sw)} of {n['sweeps-ptb']} in the sweeps plan, "
-                              f"{len(res)} of {n['table2-ptb']} in Table 2's, {len(learned)} of "
-                              f"{n['learned-ptb']} in the learned-assignment plan.")
+    t3 = results.read(HERE / "results" / "table3-ptb.jsonl")
+    doc = fill(doc, "table3", table3(t3))
+    wt2 = results.read(HERE / "results" / "fig4-wt2.jsonl")
+    doc = fill(doc, "fig4-wt2", fig4_wt2(wt2))
+    plans = (("sweeps-ptb", sw, "the sweeps plan"), ("table2-ptb", res, "Table 2's"),
+             ("learned-ptb", learned, "the learned-assignment plan"), ("table3-ptb", t3, "Table 3's"),
+             ("fig4-wt2", wt2, "Figure 4 on WikiText-2"))
+    done = sum(len(r) for _, r, _ in plans)
+    doc = fill(doc, "status", "Runs finished: " + ", ".join(
+        f"{len(r)} of {len(load_plan(HERE / f'{name}.toml').runs)} in {what}" for name, r, what in plans) + ".")
     DOC.write_text(doc, encoding="utf-8")
-    written = figures(sweeps)
     print(f"{DOC}: {done} results; figures: {', '.join(str(p.relative_to(ROOT)) for p in written) or 'none'}")
 
 
