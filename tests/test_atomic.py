@@ -1,0 +1,205 @@
+"""slimnp._atomic: output paths checked before any work, and every write site
+failing in one line that names the user's file while the old file stays
+byte-identical (a simulated ENOSPC/EACCES/EROFS at each site, and a real
+full disk).
+
+(Checkpoints inside an epoch and a SIGKILL-then-resume are in
+test_trainer.py, io's own failed saves and checksums in test_io.py.)
+"""
+import errno
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from slimnp import _atomic
+from slimnp.model import ModelConfig
+
+from helpers import TINY_TRAIN, run_cli, trained_tiny
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_tiny(tmp_path_factory.mktemp("atomic"))
+
+
+# ---------------------------------------------------------------------------
+# output paths checked before any work
+# ---------------------------------------------------------------------------
+def test_a_missing_output_folder_fails_before_training(trained, tmp_path, monkeypatch):
+    d, files = trained
+    from slimnp import trainer
+
+    def no_training(*a, **kw):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(trainer, "run_training", no_training)
+    monkeypatch.setattr(trainer.Vocabulary, "build", no_training)
+    out = tmp_path / "missing" / "dir" / "x.h5"
+    r = run_cli("train", "--data", d / "corpus", "--out", out, *TINY_TRAIN)
+    assert r.exit_code == 1
+    assert r.output.strip() == (f"Error: cannot write {out} (--out): folder {out.parent} does not "
+                                "exist; create it first (nothing was done)")
+    # the library checks too (a script calling run_training)
+    monkeypatch.undo()
+    from slimnp.errors import WriteError
+
+    with pytest.raises(WriteError, match="does not exist"):
+        trainer.run_training(files, out, ModelConfig(vocab_size=0), trainer.TrainConfig(), log=lambda m: None)
+    # rerank: before the model is loaded and the lists scored
+    from slimnp import cli
+
+    monkeypatch.setattr(cli, "_load_lm", no_training)
+    for opt in ("--out", "--best"):
+        r = run_cli("rerank", d / "m.h5", files["test"], opt, out)
+        assert r.exit_code == 1 and f"cannot write {out} ({opt}): folder" in r.output
+
+
+# ---------------------------------------------------------------------------
+# one-line errors at every write site, old files kept
+# ---------------------------------------------------------------------------
+CAUSES = {errno.ENOSPC: "no space left on device", errno.EACCES: "permission denied",
+          errno.EROFS: "read-only file system"}
+
+
+def _fail_writing(monkeypatch, target: str, code: int, hdf5: bool):
+    """Make the write of the file named ``target`` fail with ``code`` while
+    its temporary file is being completed: as h5py reports it (errno only
+    inside HDF5's text, the temporary name in it) or as Python does."""
+    orig = _atomic.fsync_path
+
+    def fsync_path(path, directory=False):
+        name = Path(path).name
+        if not directory and name.startswith(f".{target}.tmp-"):
+            if hdf5:
+                raise OSError(f"Can't close file (file write failed: time = now, filename = '{path}', "
+                              f"file descriptor = 3, errno = {code}, error message = "
+                              f"'{os.strerror(code)}', buf = 0x55, total write size = 64592)")
+            raise OSError(code, os.strerror(code), str(path))
+        return orig(path, directory)
+
+    monkeypatch.setattr(_atomic, "fsync_path", fsync_path)
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _one_line_error(r, target_shown: str, code: int, kept: bool):
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    err = lines[-1]
+    assert err.startswith(f"Error: cannot write {target_shown}: {CAUSES[code]}"), err
+    if kept:
+        assert f"the previous {target_shown} is unchanged" in err, err
+    assert ".tmp-" not in r.output and "Traceback" not in r.output and "errno" not in err
+    if code == errno.ENOSPC:
+        assert "free in" in err
+    return err
+
+
+@pytest.mark.parametrize("code", list(CAUSES), ids=["ENOSPC", "EACCES", "EROFS"])
+@pytest.mark.parametrize("site", ["checkpoint", "best", "metrics", "timed checkpoint"])
+def test_training_write_failures_are_one_line_and_keep_the_old_files(trained, tmp_path, monkeypatch,
+                                                                     site, code):
+    d, _ = trained
+    for name in ("m.h5", "m.best.h5", "m.metrics.jsonl"):
+        shutil.copy(d / name, tmp_path / name)
+    before = _snapshot(tmp_path)
+    target = {"checkpoint": "m.h5", "best": "m.best.h5", "metrics": "m.metrics.jsonl",
+              "timed checkpoint": "m.h5"}[site]
+    _fail_writing(monkeypatch, target, code, hdf5=target.endswith(".h5"))
+    args = ["train", "--resume", tmp_path / "m.h5", "--epochs", "2", "-q", "--threads", "1"]
+    if site == "timed checkpoint":
+        from slimnp import trainer
+
+        ticks = iter(range(10**6))
+        monkeypatch.setattr(trainer, "_clock", lambda: 60.0 * next(ticks))
+        args += ["--checkpoint-every", "5"]
+    r = run_cli(*args)
+    err = _one_line_error(r, str(tmp_path / target), code, kept=True)
+    assert "training stopped" in err or site == "metrics"
+    after = _snapshot(tmp_path)
+    assert after[target] == before[target]  # the file that failed: byte-identical
+    if site in ("best", "timed checkpoint"):  # written first: nothing else changed either
+        assert after == before
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+@pytest.mark.parametrize("code", list(CAUSES), ids=["ENOSPC", "EACCES", "EROFS"])
+@pytest.mark.parametrize("opt", ["--out", "--best"])
+def test_nbest_write_failures_are_one_line_and_keep_the_old_files(trained, tmp_path, monkeypatch, opt,
+                                                                  code):
+    d, files = trained
+    run_cli("data", "nbest", files["test"], tmp_path / "mt", "--limit", "4", "--n", "3")
+    out, best = tmp_path / "out.nbest", tmp_path / "best.txt"
+    out.write_text("old list\n")
+    best.write_text("old best\n")
+    target = out if opt == "--out" else best
+    _fail_writing(monkeypatch, target.name, code, hdf5=False)
+    r = run_cli("rerank", d / "m.h5", tmp_path / "mt" / "test.nbest", "--out", out, "--best", best, "-q")
+    _one_line_error(r, str(target), code, kept=True)
+    assert target.read_text() == ("old list\n" if opt == "--out" else "old best\n")
+
+
+@pytest.mark.parametrize("code", list(CAUSES), ids=["ENOSPC", "EACCES", "EROFS"])
+def test_corpus_cache_write_failures_are_one_line(tmp_path, monkeypatch, code):
+    """The built-in corpus, generated into the cache on first use."""
+    from slimnp import synthetic
+
+    monkeypatch.setattr(synthetic, "DEFAULT_TOKENS", (3000, 600, 600))
+    monkeypatch.setenv("SLIMNP_CACHE", str(tmp_path / "cache"))
+    _fail_writing(monkeypatch, "train.txt", code, hdf5=False)
+    r = run_cli("train", "--out", tmp_path / "m.h5", *TINY_TRAIN)
+    from slimnp.synthetic import builtin_corpus_dir
+
+    _one_line_error(r, str(builtin_corpus_dir() / "train.txt"), code, kept=False)
+    assert not (tmp_path / "m.h5").exists()
+
+
+# ---------------------------------------------------------------------------
+# a real full disk
+# ---------------------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MB tmpfs (root only; skips elsewhere)."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_real_full_disk(trained, tmp_path, small_tmpfs):
+    """The checkpoint does not fit: one line, exit 1, no crash inside HDF5, the
+    previous files byte-identical, no temporary file left."""
+    d, files = trained
+    env = dict(os.environ, NUMBA_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "slimnp", "train", "--data", str(d / "corpus"), "-q", "--threads", "1",
+           "--layers", "1", "--hidden", "16", "--bptt", "10", "--batch-size", "8"]
+    ok = subprocess.run(cmd + ["--out", str(small_tmpfs / "m.h5"), "--epochs", "1"], env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    before = _snapshot(small_tmpfs)
+    st = os.statvfs(small_tmpfs)
+    (small_tmpfs / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 4096))  # 4 kB stay free
+    before["filler"] = (small_tmpfs / "filler").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "slimnp", "train", "--resume", str(small_tmpfs / "m.h5"),
+                        "--epochs", "2", "-q", "--threads", "1"], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])  # not -11: HDF5 did not crash
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"Error: cannot write {small_tmpfs}/m.")
+    assert "no space left on device (about " in err[0] and "is unchanged" in err[0]
+    assert ".tmp-" not in err[0] and "HDF5" not in err[0] and "errno" not in err[0]
+    assert _snapshot(small_tmpfs) == before
