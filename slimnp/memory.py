@@ -104,7 +104,7 @@ def _output_buffers(mc: ModelConfig, rows: int, s: int) -> int:
     """Bytes of the exact output layer's per-call buffers for ``rows`` hidden states."""
     V, E = mc.vocab_size, mc.word_size
     if mc.output == "adaptive":
-        return s * adaptive_buffer_elements(rows, V, E, mc.cutoffs, mc.div_value)
+        return s * adaptive_buffer_elements(rows, V, E, mc.cutoffs, mc.div_value, mc.output_k, mc.tail_m)
     if mc.output == "slim":
         K = mc.output_k
         if slim_output_strategy(V, E, K) == "dense":  # the V x E matrix rebuilt, then a full softmax
@@ -154,6 +154,8 @@ def parts(mc: ModelConfig, *, optimizer: str = "sgd", loss: str = "softmax", sam
         tables += 12 * V * mc.output_k  # (V, K) table, its (K, V) copy and inverse
     if mc.input == "slim":
         tables += (8 if mc.tie else 4) * V * (mc.output_k if mc.tie else mc.input_k)
+    if mc.output == "adaptive" and mc.tail_m:  # slim tails: as the slim output's, per cluster
+        tables += (16 if mc.input == "adaptive" and mc.tie else 12) * (V - mc.cutoffs[0]) * mc.output_k
     if loss != "softmax":
         tables += 32 * V  # unigram counts, noise law, alias tables
     out["tables"] = tables
@@ -342,10 +344,17 @@ def check(mc: ModelConfig, *, device: str = "cpu", force: bool = False, local_ra
         where = (f"the GPU needs about {human_bytes(est.device_total)}, "
                  f"{human_bytes(dev_avail.bytes)} are {dev_avail.source}")
     else:
-        need = (est.host_total - avail.in_use) * local_ranks
-        where = (f"the run needs about {human_bytes(need)} more memory"
-                 + (f" ({local_ranks} ranks on this node)" if local_ranks > 1 else "")
-                 + f", {human_bytes(avail.bytes)} are available ({avail.source})")
+        # in all, as the log line above says it: the run's peak against what is
+        # free plus what this process (each local rank) holds already -- the
+        # comparison of _needed with in_use added to both sides.  The difference
+        # alone ("needs 41.62 GB more") read as a shortfall beyond what is free.
+        held = avail.in_use * local_ranks
+        ranks = (f" ({local_ranks} ranks on this node, {human_bytes(est.host_total)} each)"
+                 if local_ranks > 1 else "")
+        holder = "the ranks hold" if local_ranks > 1 else "this process holds"
+        source = avail.source + (f", and the {human_bytes(held)} {holder} already" if held else "")
+        where = (f"the run needs about {human_bytes(est.host_total * local_ranks)} in all{ranks}, "
+                 f"{human_bytes(avail.bytes + held)} are available ({source})")
     tips = suggestions(mc, {"device": device, "in_use": est.host.get("runtime", 0) - kernels_bytes(),
                             **settings},
                        lambda e: not any(_needed(e, avail, dev_avail, local_ranks)))

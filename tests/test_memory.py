@@ -46,6 +46,24 @@ def test_estimate_counts_projections_and_slim_pools():
     assert memory._output_buffers(dp, 100, 4) == 4 * (V * 100 + 4 * 250 * 100 + V + 100 * H)
 
 
+def test_estimate_grows_with_the_vocabulary_and_the_batch():
+    """More words: more parameters (embedding, softmax) and wider logits; more
+    streams: more activations and logits, the parameters unchanged."""
+    def parts(V, B):
+        return memory.estimate(ModelConfig(vocab_size=V, hidden=64, layers=2), in_use=0, batch_size=B).host
+
+    for B in (1, 20):
+        totals = [sum(parts(V, B).values()) for V in (1_000, 10_000, 100_000)]
+        assert totals == sorted(set(totals)), totals
+    for V in (1_000, 100_000):
+        by_batch = [parts(V, B) for B in (1, 8, 64)]
+        assert [sum(p.values()) for p in by_batch] == sorted({sum(p.values()) for p in by_batch})
+        assert by_batch[0]["activations"] < by_batch[1]["activations"] < by_batch[2]["activations"]
+        assert len({p["parameters"] for p in by_batch}) == 1
+    # the softmax's V x H matrix and the embedding's dominate at V = 100K
+    assert parts(100_000, 20)["parameters"] > 2 * 4 * 100_000 * 64
+
+
 MEASURE = r"""
 import json, resource, sys
 from slimnp import memory
@@ -135,6 +153,52 @@ def test_too_big_a_run_stops_with_both_numbers_and_what_would_fit(monkeypatch):
     for tip in msg.split("would fit: ")[1].split("; pass")[0].split(", or "):
         assert "about" in tip
     memory.check(mc, force=True, **settings)  # --force-memory
+
+
+def _number(text: str) -> float:
+    """``"41.85 GB"`` -> 41.85e9 (human_bytes' units)."""
+    value, unit = text.split()
+    return float(value) * {"GB": 1e9, "MB": 1e6, "kB": 1e3, "bytes": 1}[unit]
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_the_refusal_says_what_the_run_needs_in_all_as_the_log_line_does(monkeypatch, ranks):
+    """The process already holds 230 MB: the refusal quotes the run's whole
+    peak and what is free plus what is held -- the log line's two numbers,
+    times the ranks on the node -- not the difference ("needs 41.62 GB more
+    memory" beside a log line of 41.85 GB read as a shortfall)."""
+    from slimnp.errors import human_bytes
+
+    mc = ModelConfig(vocab_size=793_471, hidden=650, layers=2)
+    held = 230 * 10**6
+    monkeypatch.setattr(memory, "current_rss", lambda: held)
+    total = memory.estimate(mc, optimizer="adagrad").host_total  # this process's 230 MB included
+    free = int(0.6 * total)
+    monkeypatch.setattr(memory, "host_available",
+                        lambda: memory.Available(free, "MemAvailable in /proc/meminfo", held))
+    lines = []
+    with pytest.raises(memory.NotEnoughMemory) as err:
+        memory.check(mc, optimizer="adagrad", local_ranks=ranks, log=lines.append)
+    msg = str(err.value)
+    assert lines[0].startswith(f"memory: about {human_bytes(total)} (")
+    assert f"; {human_bytes(free + held)} available" in lines[0]
+    if ranks == 1:
+        want = (f"the run needs about {human_bytes(total)} in all, {human_bytes(free + held)} are "
+                "available (MemAvailable in /proc/meminfo, and the 230.0 MB this process holds already)")
+    else:
+        want = (f"the run needs about {human_bytes(2 * total)} in all (2 ranks on this node, "
+                f"{human_bytes(total)} each), {human_bytes(free + 2 * held)} are available "
+                "(MemAvailable in /proc/meminfo, and the 460.0 MB the ranks hold already)")
+    assert msg.startswith(f"not enough memory: {want}; would fit: "), msg
+    assert "more memory" not in msg
+    # its two numbers are why it refused: the need exceeds what is available
+    need = msg.split("needs about ")[1].split(" in all")[0]
+    have = msg.split(" are available")[0].rsplit(", ", 1)[1]
+    assert _number(need) > _number(have)
+    # and where what is free plus held covers the whole peak (each rank's), it runs
+    monkeypatch.setattr(memory, "host_available",
+                        lambda: memory.Available(ranks * (total - held), "MemAvailable", held))
+    assert memory.check(mc, optimizer="adagrad", local_ranks=ranks).host_total == total
 
 
 def test_gpu_runs_are_checked_against_the_devices_free_memory(monkeypatch):
