@@ -1,11 +1,16 @@
-"""Model-level properties: determinism, save/load round trip, learning."""
+"""Model-level properties: determinism, save/load round trip, learning,
+gradients of the whole model (dense, slim, tied)."""
+import h5py
 import numpy as np
+import pytest
 
 from slimnp import io as sio
+from slimnp import layers
 from slimnp.backend import make_rng
 from slimnp.model import LanguageModel, ModelConfig, param_shapes
-from slimnp.modelfile import expected_shapes, load_model
+from slimnp.modelfile import expected_shapes, load_model, mapping_fields
 
+from gradcheck import assert_grad
 from helpers import cycle_losses
 
 
@@ -128,10 +133,83 @@ def test_pm_parameter_count_and_round_trip(tmp_path):
 
 
 def test_bad_new_options_are_rejected():
-    import pytest
-
     with pytest.raises(ValueError, match="input_dropout"):
         ModelConfig(vocab_size=10, input_dropout=1.0).validate()
     with pytest.raises(ValueError, match="must divide the word-vector size embedding_size=6"):
         ModelConfig(vocab_size=10, hidden=8, embedding_size=6, output="slim", output_k=4,
                     output_m=8).validate()
+
+
+# -- slim layers in the model -------------------------------------------------
+SLIM = dict(input="slim", input_k=2, input_m=12, output="slim", output_k=3, output_m=15)
+
+
+@pytest.mark.parametrize("extra", [SLIM, dict(SLIM, mapping="hash"),
+                                   dict(output="slim", output_k=2, output_m=10, input="slim", tie=True),
+                                   dict(tie=True), "hashnet-dense", "tied-dense"])
+def test_model_gradients_slim(extra, rng, monkeypatch):
+    V, H, L, T, B = 13, 6, 2, 3, 2
+    if isinstance(extra, str):  # the output layer on the dense strategy (forced: the model is tiny)
+        monkeypatch.setattr(layers, "DENSE_MIN_ELEMENTS", 0)
+        extra = {"hashnet-dense": dict(SLIM, mapping="hash", output_k=6, output_m=18),
+                 "tied-dense": dict(output="slim", output_k=3, output_m=15, input="slim", tie=True)}[extra]
+        dense = True
+    else:
+        dense = False
+    m = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=L, init_scale=0.4,
+                                  dtype="float64", **extra))
+    if extra.get("output") == "slim":
+        assert m.output.strategy == ("dense" if dense else "dp")
+    m.init_params(np.random.default_rng(0))
+    x = rng.integers(0, V, (T, B)).astype(np.int32)
+    y = rng.integers(0, V, (T, B)).astype(np.int32)
+    state = rng.standard_normal((L, 2, B, H)) * 0.5
+
+    def loss():
+        return float(m.nll(x, y, state)[0].sum()) / B
+
+    m.store.zero_grad()
+    m.forward_backward(x, y, state)
+    for name, p in m.store.params.items():
+        idx = rng.choice(p.size, size=min(p.size, 20), replace=False)
+        assert_grad(m.store.grads[name], loss, p, idx)
+
+
+def test_slim_parameter_counts():
+    V, H = 1000, 20
+    dense = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=1))
+    slim = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=1, input="slim", input_k=4,
+                                     input_m=400, output="slim", output_k=5, output_m=500))
+    shapes = slim.param_shapes()
+    assert np.prod(shapes["embedding/A"]) == 400 * H // 4  # M*H/K
+    assert np.prod(shapes["output/A"]) == 500 * H // 5
+    assert dense.num_parameters - slim.num_parameters == 2 * V * H - 400 * 5 - 500 * 4
+
+
+def test_tiny_slim_model_loss_falls():
+    m = LanguageModel(ModelConfig(vocab_size=20, hidden=12, layers=1, **dict(SLIM, input_m=20, output_m=30)))
+    m.init_params(make_rng(0))
+    first, last = cycle_losses(m)
+    assert last < 0.5 * first
+
+
+@pytest.mark.parametrize("mapping", ["shuffle", "hash"])
+def test_slim_save_load_round_trip(tmp_path, mapping):
+    cfg = ModelConfig(vocab_size=30, hidden=6, layers=1, mapping=mapping, mapping_seed=7, **SLIM)
+    m = LanguageModel(cfg)
+    m.init_params(make_rng(1))
+    ck = sio.Checkpoint(config={"model": cfg.to_dict()},
+                        vocab=["<eos>", "<unk>"] + [f"w{i}" for i in range(28)],
+                        params=m.params_numpy(), **mapping_fields(m))
+    sio.save(tmp_path / "m.h5", ck)
+    with h5py.File(tmp_path / "m.h5") as f:
+        names = list(f["mapping"].keys()) if "mapping" in f else []
+        if mapping == "shuffle":
+            assert f["mapping/output/idx"].dtype == np.uint8  # smallest dtype that fits
+        else:
+            assert names == []  # hash: nothing stored but the seed
+    m2, _, _ = load_model(tmp_path / "m.h5")
+    x = np.arange(8, dtype=np.int32).reshape(4, 2)
+    np.testing.assert_array_equal(m.logits(x, m.zero_state(2))[0], m2.logits(x, m2.zero_state(2))[0])
+    for k in m.mapping:
+        np.testing.assert_array_equal(m.mapping[k], m2.mapping[k])
