@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from slimnp import _atomic
+from slimnp.errors import WriteError
 from slimnp.model import ModelConfig
 
 from helpers import TINY_TRAIN, run_cli, trained_tiny
@@ -24,6 +25,55 @@ from helpers import TINY_TRAIN, run_cli, trained_tiny
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     return trained_tiny(tmp_path_factory.mktemp("atomic"))
+
+
+# ---------------------------------------------------------------------------
+# the temporary file and the rename
+# ---------------------------------------------------------------------------
+def test_atomic_path_replaces_on_success_and_keeps_the_old_file_otherwise(tmp_path):
+    """The body writes a hidden temporary file beside the target; a clean
+    exit renames it over the target, an exception (Ctrl-C included) deletes it
+    and leaves the target as it was.  A writer killed earlier left a temporary
+    file: a dead process's is removed, a live one's (ours aside) is left."""
+    target = tmp_path / "m.h5"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with _atomic.atomic_path(target) as tmp:
+            assert tmp == _atomic.temp_name(target) and tmp.parent == tmp_path and tmp.name.startswith(".m.h5.tmp-")
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["m.h5"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".m.h5.tmp-{dead.pid}").write_bytes(b"left by a kill -9")
+    (tmp_path / f".m.h5.tmp-{os.getppid()}").write_bytes(b"still being written")
+    with _atomic.atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == [f".m.h5.tmp-{os.getppid()}", "m.h5"]
+
+
+def test_append_line_keeps_every_previous_line_when_a_write_fails(tmp_path, monkeypatch):
+    log = tmp_path / "m.metrics.jsonl"
+    _atomic.append_line(log, '{"epoch": 1}')  # a new file
+    _atomic.append_line(log, '{"epoch": 2}')
+    assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    _fail_writing(monkeypatch, log.name, errno.ENOSPC, hdf5=False)
+    with pytest.raises(WriteError, match=f"cannot write {log}: no space left on device") as err:
+        _atomic.append_line(log, '{"epoch": 3}')
+    assert f"the previous {log} is unchanged" in str(err.value) and "\n" not in str(err.value)
+    assert log.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_file_sha256_reads_in_blocks(tmp_path):
+    import hashlib
+
+    data = os.urandom((1 << 22) + 3)  # one whole 4 MB block and a partial one
+    (tmp_path / "f").write_bytes(data)
+    assert _atomic.file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    (tmp_path / "e").write_bytes(b"")
+    assert _atomic.file_sha256(tmp_path / "e") == hashlib.sha256(b"").hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -45,8 +95,6 @@ def test_a_missing_output_folder_fails_before_training(trained, tmp_path, monkey
                                 "exist; create it first (nothing was done)")
     # the library checks too (a script calling run_training)
     monkeypatch.undo()
-    from slimnp.errors import WriteError
-
     with pytest.raises(WriteError, match="does not exist"):
         trainer.run_training(files, out, ModelConfig(vocab_size=0), trainer.TrainConfig(), log=lambda m: None)
     # rerank: before the model is loaded and the lists scored
