@@ -119,6 +119,39 @@ def test_every_json_output_is_strict_on_normal_and_empty_inputs(trained, tmp_pat
 
 
 # ---------------------------------------------------------------------------
+# the one-line messages
+# ---------------------------------------------------------------------------
+def test_write_error_names_the_file_the_cause_and_what_was_kept(tmp_path):
+    """The errno is found where Python puts it, inside HDF5's text, or in the
+    words alone; the message never shows the temporary file or HDF5's internals."""
+    from slimnp.errors import WriteError, human_bytes, write_error
+
+    out = tmp_path / "m.h5"
+    tmp = tmp_path / ".m.h5.tmp-123"
+    h5 = OSError(f"Can't close file (file write failed: filename = '{tmp}', errno = 28, "
+                 "error message = 'No space left on device', buf = 0x55)")
+    for exc in (OSError(errno.ENOSPC, "No space left on device", str(tmp)), h5,
+                OSError("write failed: No space left on device")):
+        err = write_error(exc, out, existed=True, needed=64_600_000)
+        assert isinstance(err, WriteError) and err.errno == errno.ENOSPC and err.filename == str(out)
+        assert str(err).startswith(f"cannot write {out}: no space left on device (about 64.6 MB needed, ")
+        assert str(err).endswith(f" free in {tmp_path}); the previous {out} is unchanged")
+        assert ".tmp-" not in str(err) and "errno" not in str(err)
+    cases = [(OSError(errno.EACCES, "Permission denied"), f"permission denied (folder {tmp_path})"),
+             (OSError(errno.EDQUOT, "Disk quota exceeded"), "disk quota exceeded ("),
+             (OSError(errno.ENOENT, "No such file"), f"folder {tmp_path} does not exist"),
+             (OSError(errno.EISDIR, "Is a directory"), "it is a folder"),
+             (OSError(errno.ENXIO, "No such device or address"), "no such device or address"),
+             (OSError("Can't write data (wrong B-tree signature)"), "Can't write data")]
+    for exc, cause in cases:
+        msg = str(write_error(exc, out, existed=False))
+        assert msg.startswith(f"cannot write {out}: {cause}") and msg.endswith(f"; no {out} was written"), msg
+        assert "B-tree" not in msg
+    assert [human_bytes(n) for n in (512, 1_500, 64_600_000, 41_850_000_000)] == [
+        "512 bytes", "1.5 kB", "64.6 MB", "41.85 GB"]
+
+
+# ---------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------
 def test_read_errors_are_one_line(trained, tmp_path, monkeypatch):
