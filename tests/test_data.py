@@ -188,6 +188,26 @@ def test_from_words_validation():
         v.decode([0, 3])
 
 
+
+def test_read_adds_specials_and_checks(tmp_path):
+    """A fixed vocabulary from ``vocab.txt`` (large synthetic vocabularies, where
+    most words never occur in a few million tokens)."""
+    f = tmp_path / "vocab.txt"
+    f.write_text("a\nb\n\nc\n")
+    v = Vocabulary.read(f)
+    assert v.words[:3] == ["a", "b", "c"] and len(v) == 5 and v.counts is None
+    v.count(np.array([0, 0, 2, v.eos_id], np.int32))
+    assert v.counts.tolist() == [2, 0, 1, 1, 0]
+    f.write_text("")
+    with pytest.raises(CorpusError, match="empty"):
+        Vocabulary.read(f)
+    f.write_text("a\na\n")
+    with pytest.raises(CorpusError, match="unique"):
+        Vocabulary.read(f)
+    f.write_bytes(b"a\n\xff\n")
+    with pytest.raises(CorpusError, match="UTF-8"):
+        Vocabulary.read(f)
+
 def test_find_splits(tmp_path):
     for names in (
         ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt"),

@@ -166,6 +166,29 @@ def test_write_corpus(tmp_path):
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
 
 
+
+def test_synthetic_corpus_fixes_the_whole_vocabulary(tmp_path):
+    """``vocab.txt`` beside the splits: 4,000 words over 3,000 tokens, most never
+    occur, all are in the model, and IS training (unseen words floored in the
+    noise law) runs."""
+    from slimnp.data import find_splits
+    from slimnp.modelfile import load_model
+    from slimnp.options import configs
+    from slimnp.trainer import run_training
+
+    from helpers import TINY_HP
+
+    info = write_corpus(tmp_path, HMMSpec(vocab=4000, states=4, seed=0), 3000, 500, 500)
+    files = find_splits(tmp_path)
+    assert files["vocab"] == tmp_path / "vocab.txt"
+    seen = len(Vocabulary.build(files["train"]))
+    s = run_training(files, tmp_path / "m.h5", *configs({**TINY_HP, "epochs": 1, "loss": "is", "samples": 50}),
+                     log=lambda m: None, progress=False)
+    model, vocab, _ = load_model(tmp_path / "m.h5")
+    assert len(vocab) == 4001 > seen  # 4,000 words + <unk>
+    assert model.config.vocab_size == 4001 and vocab.counts.sum() == info["tokens"]["train"]
+    assert np.isfinite(s["test_ppl"])
+
 def test_defaults_are_sane():
     train, valid, test = DEFAULT_TOKENS
     assert 500_000 <= train <= 2_000_000 and 50_000 <= valid <= 100_000 and 50_000 <= test <= 100_000
