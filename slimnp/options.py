@@ -74,7 +74,7 @@ def _o(name, flag, kind, feeds, help, **kw) -> Option:
     return Option(name=name, flag=flag, kind=kind, feeds=feeds, help=help, **kw)
 
 
-# Every option of `slimnp train`, in the order of its --help.
+#: Every option of ``slimnp train``, in the order of its ``--help``.
 TRAIN_OPTIONS: tuple[Option, ...] = (
     _o("data", "--data", "dir", "data", "Directory with train/valid/test splits (PTB, plain or WikiText naming)."),
     _o("train_file", "--train", "file", "data", "Training text file."),
@@ -103,20 +103,20 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
     _o("decay_start", "--decay-start", "int", "train", "epoch schedule: first epoch with decayed lr is decay-start+1.", recipe=True),
     _o("decay_threshold", "--decay-threshold", "float", "train", "plateau schedule: minimum valid PPL improvement.", recipe=True),
     _o("clip", "--clip", "float", "train", "Max global gradient norm (0: off).", recipe=True),
-    _o("input_kind", "--input", "choice", "model", "Input embedding: a dense V x H table, or slim: K sub-vectors per word from one shared pool of M.", default="dense", choices=("dense", "slim"), show_default=True),
+    _o("input_kind", "--input", "choice", "model", "Input embedding: a dense V x H table; slim: K sub-vectors per word from one shared pool of M; adaptive: the adaptive input (Baevski & Auli 2019) on the bands of --cutoffs/--div-value (band i's vectors have size H/div^i, projected to H).", default="dense", choices=("dense", "slim", "adaptive"), show_default=True),
     _o("input_k", "--input-k", "int", "model", "Slim input: sub-vectors per word (must divide --hidden)."),
     _o("input_m", "--input-m", "int", "model", "Slim input: pool size M (<= K*V)."),
     _o("input_ratio", "--input-ratio", "float", "model", "Slim input: size as a fraction of the dense table (sets M = ratio*K*V)."),
-    _o("output_kind", "--output", "choice", "model", "Output layer: full softmax; slim: K disjoint pools of M/K sub-vectors, logits by dynamic programming; adaptive: the adaptive softmax (Grave et al. 2017; --cutoffs, --div-value).", default="full", choices=("full", "slim", "adaptive"), show_default=True),
-    _o("output_k", "--output-k", "int", "model", "Slim output: sub-vectors per word (must divide --hidden)."),
+    _o("output_kind", "--output", "choice", "model", "Output layer: full softmax; slim: K disjoint pools of M/K sub-vectors, logits by dynamic programming; adaptive: the adaptive softmax (Grave et al. 2017; --cutoffs, --div-value; slim tail clusters with --output-k and --output-ratio).", default="full", choices=("full", "slim", "adaptive"), show_default=True),
+    _o("output_k", "--output-k", "int", "model", "Slim output: sub-vectors per word (must divide --hidden); with --output adaptive and --output-ratio: slim tail clusters, K sub-vectors per tail word from the cluster's K pools (must divide each cluster's vector size)."),
     _o("output_m", "--output-m", "int", "model", "Slim output: total pool size M (a multiple of K, M/K <= V)."),
-    _o("output_ratio", "--output-ratio", "float", "model", "Slim output: size as a fraction of the dense softmax (sets M/K = ratio*V)."),
-    _o("cutoffs", "--cutoffs", "ints", "model", "Adaptive output: word ids below the first cutoff form the head, each further range a tail cluster (the vocabulary is ordered by frequency) [default: 2000,10000; each must be below V].", metavar="N,N,..."),
-    _o("div_value", "--div-value", "float", "model", "Adaptive output: tail cluster i's vectors have size H/div^(i+1) [default: 4].", low=1, low_open=True),
+    _o("output_ratio", "--output-ratio", "float", "model", "Slim output: size as a fraction of the dense softmax (sets M/K = ratio*V); with --output adaptive: each tail cluster's pools as a fraction of its dense matrix (M_i/K = ratio*V_i)."),
+    _o("cutoffs", "--cutoffs", "ints", "model", "Adaptive output and input: word ids below the first cutoff form the head (input band 0), each further range a tail cluster (the next input band; the vocabulary is ordered by frequency) [default: 2000,10000; each must be below V].", metavar="N,N,..."),
+    _o("div_value", "--div-value", "float", "model", "Adaptive output and input: tail cluster i's vectors (input band i+1's) have size H/div^(i+1) [default: 4].", low=1, low_open=True),
     _o("head_bias", "--head-bias", "flag", "model", "Adaptive output: a bias on the head's logits (off, as in PyTorch).", default=False),
     _o("mapping", "--mapping", "choice", "model", "Sub-vector assignment: shuffle (the paper; tables stored in the file) or hash (computed from the seed; K=H is HashNet).", default="shuffle", choices=("shuffle", "hash"), show_default=True),
     _o("mapping_seed", "--mapping-seed", "int", "model", "Seed of the assignment tables.", default=0, show_default=True),
-    _o("tie", "--tie", "flag", "model", "Share the output layer's parameters with the input (dense+full or slim+slim).", default=False),
+    _o("tie", "--tie", "flag", "model", "Share the output layer's parameters with the input (dense+full, slim+slim, or adaptive+adaptive: each input band uses the output's head or tail cluster vectors and projection).", default=False),
     _o("loss_average", "--loss-average", "choice", "train", "batch: loss summed over time, averaged over the batch (Zaremba); token: mean per token.", default="batch", choices=("batch", "token"), show_default=True),
     _o("seed", "--seed", "int", "train", "Random seed (init, dropout).", default=0, show_default=True),
     _o("min_count", "--min-count", "int", "data", "Drop words rarer than this (they become <unk>).", default=1, show_default=True),
@@ -133,7 +133,7 @@ TRAIN_OPTIONS: tuple[Option, ...] = (
 _BY_NAME = {o.name: o for o in TRAIN_OPTIONS}
 _BY_KEY = {**{o.flag[2:].replace("-", "_"): o for o in TRAIN_OPTIONS}, **_BY_NAME}
 
-# options that describe the model (not its training): fixed by --init-from
+#: Options that describe the model (not its training): fixed by ``--init-from``.
 MODEL_OPTIONS = ("layers", "hidden", "dropout", "input_dropout", "embedding_size", "init_scale",
                  "input_k", "input_m", "input_ratio", "output_k", "output_m", "output_ratio",
                  "cutoffs", "div_value")
@@ -142,7 +142,7 @@ SLIM_SIZE_OPTIONS = ("input_k", "input_m", "input_ratio", "output_k", "output_m"
 MODEL_KIND_OPTIONS = ("input_kind", "output_kind", "mapping", "mapping_seed", "tie", "head_bias")
 ADAPTIVE_OPTIONS = ("cutoffs", "div_value", "head_bias")
 
-# Settings of the two built-in recipes (the options with recipe=True).
+#: Settings of the two built-in recipes (the options with ``recipe=True``).
 PRESETS = {
     # measured: test PPL 1.05x the oracle after 2 epochs (1M tokens each)
     "builtin": dict(layers=1, hidden=128, dropout=0.0, init_scale=0.1, epochs=2, bptt=20,
@@ -323,26 +323,52 @@ def model_config(hp: dict, V: int):
     """The :class:`ModelConfig` of CLI-style settings ``hp`` for a vocabulary of ``V`` words."""
     from .model import ModelConfig
 
+    # with --output adaptive, --output-k/--output-ratio size the slim tails (adaptive_settings)
+    slim_hp = {**hp, "output_k": None, "output_m": None, "output_ratio": None} \
+        if hp.get("output") == "adaptive" else hp
     return ModelConfig(vocab_size=V, hidden=hp["hidden"], layers=hp["layers"],
                        dropout=hp["dropout"], init_scale=hp["init_scale"],
                        input_dropout=hp.get("input_dropout"),
                        embedding_size=hp.get("embedding_size") or 0,
-                       dtype=hp.get("dtype") or "float32", **slim_settings(hp, V),
-                       **adaptive_settings(hp))
+                       dtype=hp.get("dtype") or "float32", **slim_settings(slim_hp, V),
+                       **adaptive_settings(hp, V))
 
 
-def adaptive_settings(hp: dict) -> dict:
-    """The adaptive softmax's fields of :class:`ModelConfig` (``--output adaptive`` only)."""
+def adaptive_settings(hp: dict, V: int | None = None) -> dict:
+    """The adaptive layers' fields of :class:`ModelConfig`: the bands
+    (``--cutoffs``, ``--div-value``) of ``--input adaptive`` and/or
+    ``--output adaptive``, ``--head-bias``, and the output's slim tail
+    clusters (``--output-k`` K and ``--output-ratio`` r: cluster i's K pools
+    get ``M_i/K = round(r*V_i)`` entries each, V_i its words; ``V`` the
+    vocabulary size)."""
     given = [k for k in ADAPTIVE_OPTIONS if hp.get(k)]
     if hp.get("output") != "adaptive":
-        if given:
-            names = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise ValueError(f"{names} {'needs' if len(given) == 1 else 'need'} --output adaptive")
-        return {}
+        wrong = [k for k in given if k == "head_bias" or hp.get("input") != "adaptive"]
+        if wrong:
+            names = ", ".join("--" + k.replace("_", "-") for k in wrong)
+            where = "--output adaptive" if "head_bias" in wrong else "--input adaptive or --output adaptive"
+            raise ValueError(f"{names} {'needs' if len(wrong) == 1 else 'need'} {where}")
+        return {k: hp[k] for k in given}
     if hp.get("loss") not in (None, "softmax"):
         raise ValueError(f"--loss {hp['loss']}: the adaptive softmax trains its exact loss "
                          "(--loss softmax)")
-    return {k: hp[k] for k in given}
+    out = {k: hp[k] for k in given}
+    k, ratio = hp.get("output_k"), hp.get("output_ratio")
+    if hp.get("output_m"):
+        raise ValueError("--output-m sizes one slim output layer; slim tail clusters (--output "
+                         "adaptive) take --output-k and --output-ratio (M_i/K = ratio*V_i per cluster)")
+    if k or ratio is not None:
+        if not k or ratio is None:
+            raise ValueError("slim tail clusters (--output adaptive) need both --output-k and "
+                             "--output-ratio")
+        if not 0 < ratio <= 1:
+            raise ValueError(f"--output-ratio must lie in (0, 1], got {ratio}")
+        from .adaptive import DEFAULT_CUTOFFS, clusters
+
+        out["output_k"] = int(k)
+        out["tail_m"] = tuple(int(k) * max(1, round(ratio * (hi - lo)))
+                              for lo, hi in clusters(V, hp.get("cutoffs") or DEFAULT_CUTOFFS))
+    return out
 
 
 def train_config(hp: dict, *, seed=0, loss_average="batch", eval_batch_size=10):
