@@ -1,5 +1,8 @@
-"""Adagrad: the update rule, row-wise sparse updates, clipping, the Numba
-kernels against their NumPy form, checkpoints and a bit-exact resume."""
+"""slimnp.optim: SGD's clipped update (dense and row-wise); Adagrad's update
+rule, row-wise sparse updates, clipping, the Numba kernels against their NumPy
+form, checkpoints and a bit-exact resume.
+
+(The learning-rate schedules are tested with the trainer, test_trainer.py.)"""
 import math
 import signal
 
@@ -16,6 +19,60 @@ from slimnp.options import configs
 from helpers import TINY_HP, tiny_corpus
 
 
+def _rows_problem(rng, dtype):
+    """A flat buffer: a dense part (7), a (6, 5) row-tracked part, a dense part (3)."""
+    n = 7 + 30 + 3
+    p = rng.standard_normal(n).astype(dtype)
+    rows = np.array([1, 4], np.int64)
+    g = rng.standard_normal(n).astype(dtype)
+    segments = [("dense", 0, 7), ("rows", 7, (6, 5), rows), ("dense", 37, 3)]
+    return p, g, rows, segments
+
+
+# -- SGD ----------------------------------------------------------------------
+def test_sgd_step_is_the_clipped_update_and_leaves_the_gradient():
+    """``theta -= lr * min(1, clip / |g|) * g`` in one fused pass: the norm
+    returned is the one before clipping, the gradient buffer is not scaled;
+    ``clip`` 0 disables clipping."""
+    g = np.array([3.0, 0.0, -4.0])  # norm 5
+    for clip, factor in ((1.0, 0.2), (10.0, 1.0), (0.0, 1.0)):
+        p = np.array([1.0, 2.0, 3.0])
+        assert SGD(clip=clip).step(p, g, 0.5) == 5.0
+        a = -0.5 * factor
+        assert p.tolist() == [1.0 + a * 3.0, 2.0, 3.0 + a * -4.0]
+        assert g.tolist() == [3.0, 0.0, -4.0]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_rows_segments_equal_the_dense_step(rng, dtype):
+    """With ``segments`` the norm and the update read only the tracked rows
+    (junk elsewhere is never read), and equal the dense step of a gradient
+    that is zero outside them."""
+    p, g, rows, segments = _rows_problem(rng, dtype)
+    untouched = np.setdiff1d(np.arange(6), rows)
+    g_dense, g_sparse = g.copy(), g.copy()
+    g_dense[7:37].reshape(6, 5)[untouched] = 0
+    g_sparse[7:37].reshape(6, 5)[untouched] = 1e6
+    p_ref, p_sp = p.copy(), p.copy()
+    n_ref = SGD(clip=1.0).step(p_ref, g_dense, 0.3)
+    n_sp = SGD(clip=1.0).step(p_sp, g_sparse, 0.3, segments)
+    assert n_sp == pytest.approx(n_ref, rel=1e-6 if dtype == np.float32 else 1e-14)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(p_sp, p_ref, **tol)
+    assert np.array_equal(p_sp[7:37].reshape(6, 5)[untouched], p[7:37].reshape(6, 5)[untouched])
+
+
+def test_sgd_state_dict_and_the_wrong_optimizer():
+    opt = make_optimizer("sgd", 2.5)
+    assert isinstance(opt, SGD) and opt.state_dict() == {"name": "sgd", "clip": 2.5}
+    other = SGD(clip=5.0)
+    other.load_state_dict(opt.state_dict())
+    assert other.clip == 2.5
+    with pytest.raises(ValueError, match="checkpoint optimizer is 'adagrad', not 'sgd'"):
+        other.load_state_dict(Adagrad(clip=1.0).state_dict())
+
+
+# -- Adagrad ------------------------------------------------------------------
 def test_one_step_matches_hand_computation():
     p = np.array([1.0, 2.0, 3.0, -4.0])
     g = np.array([0.5, -1.0, 2.0, 0.0])
@@ -47,16 +104,6 @@ def test_float32_step_stays_float32():
     want = np.array([1.0, -2.0], np.float32) - f(0.5) * g / (np.sqrt(acc) + f(1e-10))
     assert opt.acc.dtype == np.float32 and p.dtype == np.float32
     assert np.array_equal(opt.acc, acc) and np.array_equal(p, want)
-
-
-def _rows_problem(rng, dtype):
-    """A flat buffer: a dense part (7), a (6, 5) row-tracked part, a dense part (3)."""
-    n = 7 + 30 + 3
-    p = rng.standard_normal(n).astype(dtype)
-    rows = np.array([1, 4], np.int64)
-    g = rng.standard_normal(n).astype(dtype)
-    segments = [("dense", 0, 7), ("rows", 7, (6, 5), rows), ("dense", 37, 3)]
-    return p, g, rows, segments
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
