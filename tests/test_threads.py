@@ -1,0 +1,39 @@
+"""slimnp.threads: the thread counts of OpenBLAS (the GEMMs) and Numba (the
+kernels), which ``--threads N`` sets together.
+
+(The pipeline over layers restoring OpenBLAS's count after a failure is
+tested in test_fast_paths.py.)
+"""
+import numba
+import pytest
+
+from slimnp import threads
+
+
+@pytest.fixture
+def restored():
+    """Whatever a test sets, the session's counts come back after it."""
+    blas, nb = threads.blas_threads(), numba.get_num_threads()
+    yield
+    if blas is not None:
+        threads.set_blas_threads(blas)
+    numba.set_num_threads(nb)
+
+
+def test_set_threads_sets_both_libraries(restored):
+    threads.set_threads(1)
+    assert numba.get_num_threads() == 1
+    if threads.blas_threads() is None:
+        pytest.skip("NumPy here does not use OpenBLAS")
+    assert threads.blas_threads() == 1
+    threads.set_blas_threads(2)
+    assert threads.blas_threads() == 2 and numba.get_num_threads() == 1  # OpenBLAS alone
+
+
+def test_numba_is_capped_at_its_pool_and_zero_is_refused(restored):
+    threads.set_threads(numba.config.NUMBA_NUM_THREADS + 50)  # more than the pool was started with
+    assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    before = numba.get_num_threads()
+    with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
+        threads.set_threads(0)
+    assert numba.get_num_threads() == before
