@@ -296,6 +296,27 @@ def export(model, out, logits, opset, force, as_json):
     click.echo(_json(info) if as_json else summary_line(info))
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The quantized model file to write.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
+@json_option("Print the report as one JSON object.")
+@friendly_errors
+def quantize(model, out, force, as_json):
+    """Store MODEL's weights as int8 with a float32 scale per row.
+
+    Embedding rows, slim pool entries, LSTM weight rows, the dense output
+    matrix's rows and projections become int8 (symmetric: scale = max|row|
+    / 127); biases stay float32.  Every command loads the file as float32
+    (error at most scale/2 per weight); export keeps the int8 arrays
+    (DequantizeLinear).  The optimizer and training state are dropped.
+    """
+    from .quantize import quantize_file, summary_line
+
+    report = quantize_file(model, out, force=force)
+    click.echo(_json(report) if as_json else summary_line(report))
+
+
 # ---------------------------------------------------------------------------
 # score / generate / rerank: applying a trained model
 # ---------------------------------------------------------------------------

@@ -70,6 +70,13 @@ def describe_text(info: dict) -> str:
     lines += [f"  {k:<{lw}}  {n:>{nw},}" for k, n in layers.items()]
     mapping_bytes = info.get("mapping_bytes", 0)
     lines.append(f"mapping:     {mapping_bytes:,} bytes ({mapping_bytes / 1e6:,.2f} MB)")
+    q = info.get("quantization")
+    if q:  # a file of `slimnp quantize`
+        total = q["int8_bytes"] + q["scale_bytes"] + q["float_bytes"]
+        lines.append(f"quantized:   {q['scheme']}: {len(q['int8'])} arrays int8 {q['int8_bytes']:,} B + "
+                     f"scales {q['scale_bytes']:,} B + float {q['float_bytes']:,} B = {total:,} B "
+                     f"({total / max(q['float32_bytes'], 1):.2f}x of {q['float32_bytes']:,} B as float32); "
+                     f"loaded as float32")
     for title, key in (("mapping settings", "mapping_attrs"), ("training state", "train_state"),
                        ("optimizer", "optimizer")):
         values = info.get(key) or {}

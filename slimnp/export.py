@@ -45,6 +45,19 @@ costs those bytes here too: the tables are written out expanded.
 The vocabulary and where the model came from travel in the file's
 ``metadata_props`` (:data:`META_VOCAB` ... below).
 
+A quantized model file (``slimnp quantize``: int8 weights, a float32 scale
+per row, :mod:`slimnp.io`) keeps its int8 arrays: such a parameter ``P`` of
+shape ``(..., n)`` becomes the initializers ``P/int8 (R, n)`` int8 and
+``P/scale (R,)`` float32 (``R`` rows: the leading axes flattened) and one
+``DequantizeLinear`` (``axis=0``, zero point 0: omitted) whose output, after
+a ``Reshape`` back to ``(..., n)`` where needed, is the float value ``P``
+every other node reads, so the file shrinks as the model file did.
+``lstm{l}/W`` stacks the int8 rows of ``Wx`` and ``Wh`` and their scales.
+``DequantizeLinear`` computes ``float32(q) * scale``, exactly the weights
+slimnp scores the quantized file with.  (ONNX Runtime may fold the
+dequantization into float initializers when it loads the graph: the memory
+of a running session is not the file's.)
+
 The ``onnx`` package is needed only here and only when exporting (``pip
 install 'slimnp[onnx]'``); nothing else in slimnp imports it.
 """
@@ -105,11 +118,42 @@ def _import_onnx():
 # the graph
 # ----------------------------------------------------------------------------
 class _Graph:
-    """Nodes and initializers of one graph, with unique value names."""
+    """Nodes and initializers of one graph, with unique value names.
 
-    def __init__(self, onnx):
+    ``quant``: ``{parameter name: (q int8, scale float32)}`` of a quantized
+    model file; :meth:`weight` stores those as int8.
+    """
+
+    def __init__(self, onnx, quant=None, ftype=None):
         self.onnx, self.h, self.nh = onnx, onnx.helper, onnx.numpy_helper
         self.nodes, self.inits, self._n = [], {}, 0
+        self.quant, self.ftype = dict(quant or {}), ftype or onnx.TensorProto.FLOAT
+        self.dequant = []  # the DequantizeLinear nodes: first in the graph (read by name anywhere)
+
+    def weight(self, name: str, arr: np.ndarray, qs=None) -> str:
+        """A parameter ``name``: a float initializer, or, for int8 rows ``qs
+        = (q, scale)`` (default: ``quant[name]``), ``name/int8 (R, n)``,
+        ``name/scale (R,)`` and ``DequantizeLinear`` (axis 0) to the value
+        ``name`` of ``arr``'s shape and dtype (module docstring)."""
+        qs = self.quant.get(name) if qs is None else qs
+        if qs is None:
+            return self.init(name, arr)
+        q, scale = qs
+        n = q.shape[-1]
+        ins = [self.init(f"{name}/int8", np.ascontiguousarray(q, dtype=np.int8).reshape(-1, n)),
+               self.init(f"{name}/scale", np.ascontiguousarray(scale, dtype=np.float32).reshape(-1))]
+        steps = [("DequantizeLinear", dict(axis=0))]  # (R, n) float32 = float32(q) * scale[:, None]
+        if self.ftype != self.onnx.TensorProto.FLOAT:  # a float64 model: the same values, widened
+            steps.append(("Cast", dict(to=self.ftype)))
+        if q.ndim != 2:
+            steps.append(("Reshape", {}))
+        for i, (op, attrs) in enumerate(steps):
+            out = name if i == len(steps) - 1 else f"{name}/{op.lower()}"
+            if op == "Reshape":
+                ins = ins + [self.init(f"{name}/shape", np.asarray(q.shape, np.int64))]
+            self.dequant.append(self.h.make_node(op, ins, [out], name=f"{op}_{name}", **attrs))
+            ins = [out]
+        return name
 
     def init(self, name: str, arr: np.ndarray) -> str:
         """An initializer (a stored array); returns its name."""
@@ -151,14 +195,14 @@ def _input_layer(g: _Graph, c, p: dict, tables: dict, ids: str) -> tuple[str, di
     """Word vectors ``(B, E)`` of ``ids``; and what the layer is."""
     V, E = c.vocab_size, c.word_size
     if c.input == "dense":
-        W = "output/W" if c.tie else g.init("embedding/W", p["embedding/W"])  # (V, E)
+        W = "output/W" if c.tie else g.weight("embedding/W", p["embedding/W"])  # (V, E)
         return g.op("Gather", [W, ids], axis=0), {"kind": "dense", "shape": [V, E], "tied": c.tie,
                                                   "table_bytes": 0}
     if not c.tie:
         K, M = c.input_k, c.input_m
         d = E // K
         idx = g.init("embedding/idx", tables["input/idx"])  # (V, K) rows of the pool
-        A = g.init("embedding/A", p["embedding/A"].reshape(M, d))  # (M, d)
+        A = g.weight("embedding/A", p["embedding/A"].reshape(M, d))  # (M, d)
         sub = g.op("Gather", [idx, ids], axis=0)  # (B, K)
         X = g.op("Gather", [A, sub], axis=0)  # (B, K, d)
         info = {"kind": "slim", "K": K, "M": M, "pool": [M, d], "table": [V, K], "tied": False,
@@ -184,7 +228,9 @@ def _input_layer(g: _Graph, c, p: dict, tables: dict, ids: str) -> tuple[str, di
 def _lstm_step(g: _Graph, l: int, x: str, state: str, p: dict, H: int) -> tuple[str, str]:
     """One layer, one time step: ``(h', c')``, each ``(B, H)``."""
     Wx, Wh, b = p[f"lstm{l}/Wx"], p[f"lstm{l}/Wh"], p[f"lstm{l}/b"]
-    W = g.init(f"lstm{l}/W", np.concatenate([Wx, Wh], axis=0))  # (D+H, 4H): [Wx; Wh]
+    qx, qh = g.quant.get(f"lstm{l}/Wx"), g.quant.get(f"lstm{l}/Wh")
+    both = (np.concatenate([qx[0], qh[0]]), np.concatenate([qx[1], qh[1]])) if qx and qh else None
+    W = g.weight(f"lstm{l}/W", np.concatenate([Wx, Wh], axis=0), both)  # (D+H, 4H): [Wx; Wh]
     bias = g.init(f"lstm{l}/b", b)  # (4H,)
     s = g.op("Gather", [state, g.const(l)], axis=0)  # (2, B, H)
     h = g.op("Gather", [s, g.const(0)], axis=0)  # (B, H)
@@ -202,12 +248,12 @@ def _output_layer(g: _Graph, c, p: dict, tables: dict, top: str) -> tuple[str, d
     """Logits ``(B, V)`` of the top hidden states ``(B, E)``."""
     V, E = c.vocab_size, c.word_size
     if c.output == "full":
-        W = g.init("output/W", p["output/W"])  # (V, E)
+        W = g.weight("output/W", p["output/W"])  # (V, E)
         b = g.init("output/b", p["output/b"])  # (V,)
         return g.op("Gemm", [top, W, b], transB=1), {"kind": "dense", "shape": [V, E], "table_bytes": 0}
     K, M = c.output_k, c.output_m
     Mk, d = M // K, E // K
-    A = g.init("output/A", p["output/A"])  # (K, Mk, d): K disjoint pools
+    A = g.weight("output/A", p["output/A"])  # (K, Mk, d): K disjoint pools
     rows = g.init("output/rows", _global_rows(tables["output/idx"], Mk))  # (K, V)
     b = g.init("output/b", p["output/b"])
     # (1) the K GEMMs as one batched MatMul: PT[k] = A[k] h_k^T, every
@@ -222,9 +268,11 @@ def _output_layer(g: _Graph, c, p: dict, tables: dict, top: str) -> tuple[str, d
     return g.op("Add", [g.op("Transpose", [zT], perm=[1, 0]), b]), info
 
 
-def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET):
+def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET, quant=None):
     """The step graph of ``model`` as an ``onnx.ModelProto`` (no metadata);
-    and a description of its layers."""
+    and a description of its layers.  ``quant``: ``{name: (q, scale)}``, the
+    int8 rows of a quantized model file (their dequantized values must be
+    ``model``'s parameters)."""
     c = model.config
     if c.input not in ("dense", "slim") or c.output not in ("full", "slim"):
         raise ExportError(f"ONNX export knows dense and slim layers (input dense or slim, output "
@@ -234,11 +282,11 @@ def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET
     p = model.params_numpy()
     tables = _tables(model)
     L, H, V = c.layers, c.hidden, c.vocab_size
-    g = _Graph(onnx)
+    g = _Graph(onnx, quant, ftype)
     # a tied slim input layer reads the output layer's initializers by name
     x, in_info = _input_layer(g, c, p, tables, "ids")  # (B, E)
     if c.embedding_size and c.embedding_size != H:
-        x = g.op("MatMul", [x, g.init("proj_in/W", p["proj_in/W"])])  # (B, H)
+        x = g.op("MatMul", [x, g.weight("proj_in/W", p["proj_in/W"])])  # (B, H)
     news = []
     for l in range(L):
         h, cc = _lstm_step(g, l, x, "state", p, H)
@@ -247,7 +295,7 @@ def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET
         x = h
     g.op("Concat", news, out="new_state", axis=0)  # (L, 2, B, H)
     if c.embedding_size and c.embedding_size != H:
-        x = g.op("MatMul", [x, g.init("proj_out/W", p["proj_out/W"])])  # (B, E)
+        x = g.op("MatMul", [x, g.weight("proj_out/W", p["proj_out/W"])])  # (B, E)
     z, out_info = _output_layer(g, c, p, tables, x)  # (B, V)
     outputs = [helper.make_tensor_value_info("log_probs", ftype, ["B", V])]
     if logits:
@@ -257,7 +305,7 @@ def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET
     outputs.append(helper.make_tensor_value_info("new_state", ftype, [L, 2, "B", H]))
     inputs = [helper.make_tensor_value_info("ids", TP.INT64, ["B"]),
               helper.make_tensor_value_info("state", ftype, [L, 2, "B", H])]
-    graph = helper.make_graph(g.nodes, "slimnp_step", inputs, outputs, list(g.inits.values()),
+    graph = helper.make_graph(g.dequant + g.nodes, "slimnp_step", inputs, outputs, list(g.inits.values()),
                               doc_string="slimnp LSTM language model, one step: ids (B,), state "
                                          "(L, 2, B, H) -> log_probs (B, V), new_state")
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
@@ -275,18 +323,37 @@ def _ir_version(onnx, opset: int) -> int:
         return onnx.IR_VERSION
 
 
-def _array_bytes(proto) -> tuple[int, int]:
-    """``(float bytes, integer bytes)`` of the initializers, constants apart."""
-    fl = it = 0
+def _array_bytes(proto) -> tuple[int, int, int]:
+    """``(float bytes, integer table bytes, int8 weight bytes)`` of the
+    initializers, constants (and the int8 weights' shapes) apart."""
+    fl = it = i8 = 0
     for t in proto.graph.initializer:
-        if t.name.startswith("const/"):
+        if t.name.startswith("const/") or t.name.endswith("/shape"):
             continue
         n = len(t.raw_data)
-        if t.data_type in (1, 11):  # FLOAT, DOUBLE
+        if t.data_type in (1, 11):  # FLOAT, DOUBLE (the int8 weights' scales too)
             fl += n
+        elif t.data_type == 3:  # INT8: quantized weights
+            i8 += n
         else:
             it += n
-    return fl, it
+    return fl, it, i8
+
+
+def _quantized(source, model) -> dict:
+    """``{name: (q, scale)}`` of the model file ``source`` if it is quantized
+    and ``model`` still holds its dequantized weights; else ``{}`` (a float
+    file, or a model changed since it was read: exported as it is, in float)."""
+    from . import io as sio
+
+    if not source or not sio.describe(source).get("quantization"):
+        return {}
+    ck = sio.load(source, optimizer=False, train_state=False, mapping=False, dequantize=False)
+    p = model.params_numpy()
+    quant = {name: (ck.params[name], s) for name, s in ck.scales.items()}
+    same = all(name in p and np.array_equal(sio.dequantize_rows(q, s).astype(p[name].dtype), p[name])
+               for name, (q, s) in quant.items())
+    return quant if same else {}
 
 
 # ----------------------------------------------------------------------------
@@ -338,8 +405,11 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
     dict : ``path``, ``bytes`` (the file), ``opset``, ``inputs`` and
         ``outputs`` (name -> shape, ``"B"`` dynamic), ``layers`` (input and
         output: kind, K, M, table shapes and bytes), ``compressed`` (the
-        layers that stayed slim), ``parameter_bytes`` (float initializers),
-        ``table_bytes`` (integer tables), ``metadata_bytes``,
+        layers that stayed slim), ``parameter_bytes`` (the parameters'
+        initializers: float, or int8 and their scales), ``table_bytes``
+        (integer tables), ``quantized`` (None, or for a quantized model file:
+        ``scheme``, ``int8`` (the model file's int8 parameters), ``int8_bytes``,
+        ``scale_bytes``), ``metadata_bytes``,
         ``source_sha256``.
 
     Raises
@@ -356,6 +426,7 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
     """
     onnx = _import_onnx()
     from ._atomic import atomic_path
+    from .io import QUANTIZATION
     from .trainer import check_output, file_sha256
 
     newest = onnx.defs.onnx_opset_version()
@@ -372,7 +443,8 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
     if len(vocab) != c.vocab_size:
         raise ExportError(f"vocabulary has {len(vocab)} words, the model {c.vocab_size}")
 
-    proto, layers = build_graph(onnx, model, logits=logits, opset=opset)
+    quant = _quantized(source, model)
+    proto, layers = build_graph(onnx, model, logits=logits, opset=opset, quant=quant)
     sha = file_sha256(source) if source else None
     meta = {META_FORMAT: FORMAT, META_VOCAB: json.dumps(list(vocab.words), ensure_ascii=False),
             META_EOS: str(vocab.eos_id), META_UNK: str(vocab.unk_id),
@@ -384,8 +456,8 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
         meta[META_SHA256] = sha
         meta[META_SOURCE] = Path(source).name
     onnx.helper.set_model_props(proto, meta)
-    fl, it = _array_bytes(proto)
-    if fl + it > _PROTOBUF_LIMIT - (64 << 20):
+    fl, it, i8 = _array_bytes(proto)
+    if fl + it + i8 > _PROTOBUF_LIMIT - (64 << 20):
         raise ExportError(f"the model's {fl + it:,} bytes of arrays exceed the 2 GB a single ONNX "
                           "(protobuf) file holds; export a slim model (slimnp compress)")
     onnx.checker.check_model(proto)
@@ -402,7 +474,9 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
             "inputs": shapes(proto.graph.input), "outputs": shapes(proto.graph.output),
             "layers": layers,
             "compressed": [side for side in ("input", "output") if layers[side]["kind"] == "slim"],
-            "parameter_bytes": fl, "table_bytes": it,
+            "parameter_bytes": fl + i8, "table_bytes": it,
+            "quantized": {"scheme": QUANTIZATION, "int8": sorted(quant), "int8_bytes": i8,
+                          "scale_bytes": sum(int(s.nbytes) for _, s in quant.values())} if quant else None,
             "metadata_bytes": sum(len(k.encode()) + len(v.encode()) for k, v in meta.items()),
             "mapping": c.mapping if layers["input"]["kind"] == "slim" or
             layers["output"]["kind"] == "slim" else None,
@@ -423,8 +497,9 @@ def summary_line(info: dict) -> str:
         return f"{side} slim ({how}, K={d['K']}, M={d['M']}{', tied' if d.get('tied') else ''})"
 
     outs = ", ".join(info["outputs"])
+    int8 = ", int8 with a float32 scale per row" if info.get("quantized") else ""
     return (f"wrote {info['path']}: {human_bytes(info['bytes'])} (parameters "
-            f"{human_bytes(info['parameter_bytes'])}, tables {human_bytes(info['table_bytes'])}, "
+            f"{human_bytes(info['parameter_bytes'])}{int8}, tables {human_bytes(info['table_bytes'])}, "
             f"metadata {human_bytes(info['metadata_bytes'])}); opset {info['opset']}; "
             f"{layer('input', info['layers']['input'])}, {layer('output', info['layers']['output'])}; "
             f"outputs {outs}")

@@ -5,11 +5,12 @@ training: parameters, slim mapping tables, vocabulary, configuration,
 optimizer state and training state.  No pickle is used anywhere, so a file
 can be inspected with any HDF5 tool and loading one never executes code.
 
-File layout (format version 1)
-------------------------------
+File layout (format version 1; version 2 adds int8 parameters)
+---------------------------------------------------------------
 Root attributes
     ``format`` (``"slimnp"``), ``format_version`` (int), ``config`` (JSON text
-    of a dict), ``slimnp_version`` and ``created`` (ISO 8601 time, UTC).
+    of a dict), ``slimnp_version`` and ``created`` (ISO 8601 time, UTC);
+    ``quantization`` (:data:`QUANTIZATION`) in a file with int8 parameters.
 ``/vocab``
     1-D dataset of variable-length UTF-8 strings, in id order.
 ``/vocab_counts``
@@ -18,6 +19,9 @@ Root attributes
     Parameter arrays, stored with their own dtype.  On the Python side the
     keys are flat, ``"<layer>/<name>"`` (e.g. ``"lstm0/Wx"``); keys with more
     slashes map to deeper groups.
+``/param_scales/<layer>/<name>``
+    Only in a quantized file (see "int8 parameters" below): the ``float32``
+    scales of the parameter ``/params/<layer>/<name>`` stored as ``int8``.
 ``/mapping/<name>``
     Integer tables (e.g. ``input/idx``), stored with the smallest integer
     dtype that holds their value range.  The original dtype is kept in the
@@ -39,6 +43,35 @@ damaged or half-copied file is reported as such, naming the dataset, instead
 of loading garbage.  The filter is transparent to readers (any HDF5 library
 reads such a file), so the format version stays 1; files written before it
 (plain contiguous datasets) load as before.
+
+int8 parameters (format version 2)
+----------------------------------
+``slimnp quantize`` (:mod:`slimnp.quantize`) stores weight matrices as
+symmetric int8 with one float32 scale per row, a row being a vector along
+the last axis (a word's row of ``embedding/W`` or ``output/W``, a pool entry
+of ``embedding/A (M, d)`` or ``output/A (K, M/K, d)``, a row of ``lstm{l}/Wx``
+``(D, 4H)`` and ``lstm{l}/Wh`` ``(H, 4H)``).  For an array ``w`` of shape
+``(..., n)``::
+
+    scale[...] = float32(max_j |w[..., j]| / 127)     # shape (...), 0 for a zero row
+    q[..., j]  = clip(round(w[..., j] / scale[...]), -127, 127)   # int8
+    w_hat      = float32(q) * scale[..., None]        # one float32 product
+
+so ``|w - w_hat| <= scale / 2`` elementwise (:func:`quantize_rows`,
+:func:`dequantize_rows`; ONNX's ``DequantizeLinear`` with zero point 0
+computes the same ``w_hat``).  Such a parameter is an ``int8`` dataset in
+``/params`` (its shape is the parameter's) with the attribute
+``quantization`` = :data:`QUANTIZATION`; its scales are the ``float32``
+dataset of the same name under ``/param_scales``.  :func:`load` and
+:func:`load_params_into` return ``w_hat`` as ``float32`` (``load(...,
+dequantize=False)`` gives the stored int8 arrays and ``Checkpoint.scales``).
+
+A file holding int8 parameters is written as format version 2, with the
+root attribute ``quantization``; every other file is still version 1, so
+older slimnp versions keep reading the files they always read.  The bump is
+needed: a version-1 reader would take the int8 values for weights (±127)
+and compute garbage; it refuses a version-2 file with "written by a newer
+slimnp ... upgrade slimnp".
 
 Value trees
 -----------
@@ -85,16 +118,26 @@ from slimnp.errors import cause_of, error_number
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "QUANTIZATION",
     "FormatError",
     "Checkpoint",
     "save",
     "load",
     "read_config",
     "describe",
+    "quantize_rows",
+    "dequantize_rows",
 ]
 
 FORMAT = "slimnp"
-FORMAT_VERSION = 1
+#: The newest format version this slimnp reads.  A file is written as
+#: version 1 unless it holds int8 parameters (version 2; module docstring).
+FORMAT_VERSION = 2
+_PLAIN_VERSION = 1
+#: The one quantization scheme: symmetric int8, a float32 scale per row
+#: (per vector along the last axis), zero point 0.
+QUANTIZATION = "int8-symmetric-per-row"
+_QMAX = 127
 
 # Reserved attribute names of the value-tree convention (see module docstring).
 _JSON_KEYS_ATTR = "_json_keys"
@@ -134,6 +177,11 @@ class Checkpoint:
         Training state (value-tree convention, see module docstring).
     vocab_counts : numpy.ndarray or None
         Optional word counts, stored as int64.
+    scales : dict of str to numpy.ndarray
+        The float32 row scales of the parameters held as int8 (shape: the
+        parameter's without its last axis); empty for a float file.  Filled
+        only by ``load(..., dequantize=False)``; :func:`save` writes such a
+        checkpoint as format version 2 (module docstring, "int8 parameters").
     attrs : dict
         Root attributes read back by :func:`load` (``format``,
         ``format_version``, ``slimnp_version``, ``created``).  Ignored by
@@ -149,6 +197,62 @@ class Checkpoint:
     train_state: dict = field(default_factory=dict)
     vocab_counts: Optional[np.ndarray] = None
     attrs: dict = field(default_factory=dict)
+    scales: Dict[str, np.ndarray] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------
+# int8 rows (module docstring, "int8 parameters")
+# --------------------------------------------------------------------------
+
+#: Elements quantized per block (bounds the float64 temporaries of a large layer).
+_BLOCK = 1 << 20
+
+
+def quantize_rows(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one float32 scale per row (vector along the last axis).
+
+    Parameters
+    ----------
+    w : numpy.ndarray, float, shape ``(..., n)``, finite
+
+    Returns
+    -------
+    q : numpy.ndarray, int8, shape ``(..., n)``
+        ``clip(round(w / scale[..., None]), -127, 127)``; 0 in a zero row.
+    scale : numpy.ndarray, float32, shape ``(...)``
+        ``float32(max |w| / 127)`` of each row.
+
+    ``dequantize_rows(q, scale)`` is then within ``scale / 2`` of ``w``
+    elementwise (plus float32's rounding of that product).
+    """
+    w = np.asarray(w)
+    if w.ndim < 1 or w.dtype.kind != "f":
+        raise ValueError(f"quantize_rows takes a float array of at least one axis, got dtype {w.dtype}, "
+                         f"shape {w.shape}")
+    n = w.shape[-1]
+    rows = w.reshape(-1, n)  # (R, n): a view of a contiguous parameter
+    q = np.empty(rows.shape, np.int8)
+    scale = np.empty(rows.shape[0], np.float32)
+    step = max(1, _BLOCK // max(n, 1))
+    for lo in range(0, rows.shape[0], step):
+        blk = rows[lo:lo + step].astype(np.float64)  # (r, n); the arithmetic in float64
+        if not np.isfinite(blk).all():
+            raise ValueError("cannot quantize an array holding NaN or infinity")
+        s32 = (np.abs(blk).max(axis=1) / _QMAX).astype(np.float32) if n else np.zeros(len(blk), np.float32)
+        s = s32.astype(np.float64)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            qb = np.where(s > 0, np.rint(blk / s), 0.0)
+        q[lo:lo + step] = np.clip(qb, -_QMAX, _QMAX)
+        scale[lo:lo + step] = s32
+    return q.reshape(w.shape), scale.reshape(w.shape[:-1])
+
+
+def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``float32(q) * scale[..., None]``, float32: the inverse of :func:`quantize_rows`
+    (one rounding per element, as ONNX's ``DequantizeLinear`` computes it)."""
+    out = np.asarray(q).astype(np.float32)
+    out *= np.asarray(scale, dtype=np.float32)[..., None]
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -328,8 +432,11 @@ def _write_file(f: h5py.File, ckpt: Checkpoint, filters: Mapping[str, Any]) -> N
     except (TypeError, ValueError) as exc:
         raise TypeError(f"cannot store config: {exc}") from exc
 
+    _check_scales(ckpt.params, ckpt.scales)
     f.attrs["format"] = FORMAT
-    f.attrs["format_version"] = np.int64(FORMAT_VERSION)
+    f.attrs["format_version"] = np.int64(FORMAT_VERSION if ckpt.scales else _PLAIN_VERSION)
+    if ckpt.scales:
+        f.attrs["quantization"] = QUANTIZATION
     f.attrs["config"] = config_text
     f.attrs["slimnp_version"] = str(_SLIMNP_VERSION)
     f.attrs["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -346,7 +453,13 @@ def _write_file(f: h5py.File, ckpt: Checkpoint, filters: Mapping[str, Any]) -> N
             raise TypeError(f"cannot store vocab_counts: expected integers, got dtype {counts.dtype}")
         _create(f, "vocab_counts", counts.astype(np.int64), filters)
 
-    _write_params(f.create_group("params"), ckpt.params, filters)
+    params = f.create_group("params")
+    _write_params(params, ckpt.params, filters)
+    if ckpt.scales:
+        scales = f.create_group("param_scales")
+        for name, scale in ckpt.scales.items():
+            params[name].attrs["quantization"] = QUANTIZATION
+            _create(scales, name, np.ascontiguousarray(scale, dtype=np.float32), filters)
 
     mapping = f.create_group("mapping")
     _check_no_prefix_clash(list(ckpt.mapping), "mapping")
@@ -363,6 +476,21 @@ def _write_file(f: h5py.File, ckpt: Checkpoint, filters: Mapping[str, Any]) -> N
 
     _write_tree(f.create_group("optimizer"), ckpt.optimizer, "optimizer", filters)
     _write_tree(f.create_group("train_state"), ckpt.train_state, "train_state", filters)
+
+
+def _check_scales(params: Mapping[str, Any], scales: Mapping[str, Any]) -> None:
+    """Every scale belongs to an int8 parameter and has its shape less the last axis."""
+    for name, scale in scales.items():
+        arr = params.get(name)
+        if arr is None:
+            raise ValueError(f"cannot store scales/{name}: there is no parameter {name}")
+        arr, scale = np.asarray(arr), np.asarray(scale)
+        if arr.dtype != np.int8 or arr.ndim < 1:
+            raise ValueError(f"cannot store scales/{name}: parameter {name} is {arr.dtype} "
+                             f"{arr.shape}, not int8 (quantize_rows makes both)")
+        if scale.shape != arr.shape[:-1] or scale.dtype.kind != "f":
+            raise ValueError(f"cannot store scales/{name}: expected float scales of shape "
+                             f"{arr.shape[:-1]}, got {scale.dtype} {scale.shape}")
 
 
 def _write_params(group: h5py.Group, params: Mapping[str, Any], filters: Mapping[str, Any]) -> None:
@@ -389,8 +517,8 @@ def _array_bytes(tree: Any) -> int:
 def payload_bytes(ckpt: Checkpoint) -> int:
     """About the size of the file :func:`save` writes for ``ckpt`` (quoted
     when the disk is full)."""
-    n = _FILE_OVERHEAD + sum(_array_bytes(t) for t in (ckpt.params, ckpt.mapping, ckpt.optimizer,
-                                                        ckpt.train_state))
+    n = _FILE_OVERHEAD + sum(_array_bytes(t) for t in (ckpt.params, ckpt.scales, ckpt.mapping,
+                                                        ckpt.optimizer, ckpt.train_state))
     n += sum(len(w.encode("utf-8")) + 16 for w in ckpt.vocab)  # strings and their heap entries
     if ckpt.vocab_counts is not None:
         n += 8 * len(ckpt.vocab_counts) + _DATASET_OVERHEAD
@@ -623,6 +751,45 @@ def _read_array(ds: h5py.Dataset) -> np.ndarray:
         raise
 
 
+def _quantized(ds: h5py.Dataset, path: str) -> bool:
+    """Whether ``ds`` (a parameter) is stored as int8 rows, in a scheme this slimnp knows."""
+    scheme = ds.attrs.get("quantization")
+    if scheme is None:
+        return False
+    if _from_attr(scheme) != QUANTIZATION:
+        raise FormatError(f"{path}: {ds.name} is quantized as {_from_attr(scheme)!r}, which this slimnp "
+                          f"does not know (it knows {QUANTIZATION}); upgrade slimnp")
+    return True
+
+
+def _read_scale(f: h5py.File, name: str, ds: h5py.Dataset, path: str) -> np.ndarray:
+    """The float32 scales of the int8 parameter ``ds`` (``/params/<name>``), checked against it."""
+    key = "param_scales/" + name
+    if key not in f or not isinstance(f[key], h5py.Dataset):
+        raise FormatError(f"{path}: missing /{key}, the scales of the int8 parameter /params/{name}")
+    sds = f[key]
+    if ds.dtype != np.int8 or ds.ndim < 1 or sds.shape != ds.shape[:-1] or sds.dtype.kind != "f":
+        raise FormatError(f"{path}: /params/{name} ({ds.dtype} {ds.shape}) and /{key} ({sds.dtype} "
+                          f"{sds.shape}) do not fit: expected int8 and float scales of shape {ds.shape[:-1]}")
+    return _read_array(sds).astype(np.float32, copy=False)
+
+
+def _read_params(f: h5py.File, path: str, dequantize: bool) -> Tuple[dict, dict]:
+    """``(params, scales)`` of an open file: int8 parameters as float32
+    (``dequantize``) or as stored, with their scales."""
+    params, scales = {}, {}
+    for name, ds in _walk_datasets(f["params"]):
+        arr = _read_array(ds)
+        if _quantized(ds, path):
+            scale = _read_scale(f, name, ds, path)
+            if dequantize:
+                arr = dequantize_rows(arr, scale)
+            else:
+                scales[name] = scale
+        params[name] = arr
+    return params, scales
+
+
 def _read_attrs(group: h5py.Group, scalars_only: bool = False) -> dict:
     json_keys = set(json.loads(group.attrs[_JSON_KEYS_ATTR])) if _JSON_KEYS_ATTR in group.attrs else set()
     out = {}
@@ -674,7 +841,8 @@ _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError, UnicodeD
 
 
 def load(path: PathLike, expected_shapes: Optional[ShapeSpec] = None, *, params: bool = True,
-         optimizer: bool = True, train_state: bool = True, mapping: Optional[bool] = None) -> Checkpoint:
+         optimizer: bool = True, train_state: bool = True, mapping: Optional[bool] = None,
+         dequantize: bool = True) -> Checkpoint:
     """Read a slimnp model or checkpoint file.
 
     Parameters
@@ -693,12 +861,19 @@ def load(path: PathLike, expected_shapes: Optional[ShapeSpec] = None, *, params:
     mapping : bool, optional
         Load the mapping tables; defaults to ``params`` since they are part of
         the model.  Mapping attributes are always read (they are tiny).
+    dequantize : bool, default True
+        Return int8 parameters (a quantized file, format version 2) as
+        float32, ``float32(q) * scale`` per row; ``False`` returns them as
+        stored, int8, with their scales in ``Checkpoint.scales`` (what
+        :func:`save` needs to write them back unchanged).
 
     Returns
     -------
     Checkpoint
-        In-memory NumPy arrays; parameters keep their stored dtype, mapping
-        tables get their original dtype back.
+        In-memory NumPy arrays; parameters keep their stored dtype (int8
+        ones are float32 unless ``dequantize=False``), mapping tables get
+        their original dtype back.  ``attrs["quantization"]`` says whether
+        the file was quantized.
 
     Raises
     ------
@@ -732,7 +907,7 @@ def load(path: PathLike, expected_shapes: Optional[ShapeSpec] = None, *, params:
                 raise FormatError(f"{path}: missing /vocab dataset")
             vocab = [str(w) for w in f["vocab"].asstr()[()].tolist()]
             counts = _read_array(f["vocab_counts"]) if "vocab_counts" in f else None
-            param_arrays = {name: _read_array(ds) for name, ds in _walk_datasets(f["params"])} if params else {}
+            param_arrays, scales = _read_params(f, path, dequantize) if params else ({}, {})
             tables: Dict[str, np.ndarray] = {}
             mapping_attrs: dict = {}
             if "mapping" in f:
@@ -747,7 +922,7 @@ def load(path: PathLike, expected_shapes: Optional[ShapeSpec] = None, *, params:
 
     return Checkpoint(config=config, vocab=vocab, params=param_arrays, mapping=tables,
                       mapping_attrs=mapping_attrs, optimizer=opt, train_state=state,
-                      vocab_counts=counts, attrs=root)
+                      vocab_counts=counts, attrs=root, scales=scales)
 
 
 @contextlib.contextmanager
@@ -771,7 +946,8 @@ def load_params_into(path: PathLike, arrays: Mapping[str, Any]) -> None:
     same shape (a model's parameter views, NumPy or CuPy).  A C-contiguous
     NumPy array of the stored dtype is filled in place by HDF5 (no copy of
     the file's data in memory: reloading the best model for the final test
-    costs no memory); others through one dataset-sized host array.
+    costs no memory); others, and int8 parameters (dequantized as by
+    :func:`load`), through one dataset-sized host array.
 
     Raises
     ------
@@ -791,7 +967,11 @@ def load_params_into(path: PathLike, arrays: Mapping[str, Any]) -> None:
                 raise FormatError(f"{path}: parameters do not match the model: " + "; ".join(problems))
             for name, dest in arrays.items():
                 ds = found[name]
-                if isinstance(dest, np.ndarray) and dest.flags.c_contiguous and dest.dtype == ds.dtype:
+                if _quantized(ds, path):
+                    host = dequantize_rows(_read_array(ds), _read_scale(f, name, ds, path))
+                    dest[...] = host.astype(dest.dtype, copy=False) if isinstance(dest, np.ndarray) \
+                        else _to_module_of(dest, host)
+                elif isinstance(dest, np.ndarray) and dest.flags.c_contiguous and dest.dtype == ds.dtype:
                     if dest.size:
                         try:
                             ds.read_direct(dest)
@@ -840,7 +1020,12 @@ def describe(path: PathLike) -> dict:
         variable-length vocabulary it counts references, not text),
         ``parameters`` (total elements under ``/params``), ``layers``
         (elements per first-level group under ``/params``),
-        ``mapping_bytes``, and the scalar attributes of ``train_state``,
+        ``mapping_bytes``, ``parameter_bytes`` (the arrays of ``/params``
+        and ``/param_scales``, uncompressed), ``quantization`` (None for a
+        float file; else ``scheme``, ``int8`` (the int8 parameters' names),
+        ``int8_bytes``, ``scale_bytes``, ``float_bytes`` (the parameters
+        kept as floats: biases), ``float32_bytes`` (all parameters as
+        float32)), and the scalar attributes of ``train_state``,
         ``optimizer`` and ``mapping_attrs``.
 
     Raises
@@ -863,6 +1048,16 @@ def describe(path: PathLike) -> dict:
                 if d["name"].startswith("/params/"):
                     layer = d["name"][len("/params/"):].split("/")[0]
                     layers[layer] = layers.get(layer, 0) + d["size"]
+            params = [d for d in datasets if d["name"].startswith("/params/")]
+            scale_bytes = sum(d["nbytes"] for d in datasets if d["name"].startswith("/param_scales/"))
+            int8 = [d["name"][len("/params/"):] for d in params
+                    if _quantized(f[d["name"]], path)]
+            quantization = None if not int8 else {
+                "scheme": QUANTIZATION, "int8": int8,
+                "int8_bytes": sum(d["nbytes"] for d in params if d["name"][len("/params/"):] in int8),
+                "scale_bytes": scale_bytes,
+                "float_bytes": sum(d["nbytes"] for d in params if d["name"][len("/params/"):] not in int8),
+                "float32_bytes": 4 * sum(d["size"] for d in params)}
             info = {
                 "file": path,
                 "file_size_bytes": os.path.getsize(path),
@@ -875,10 +1070,14 @@ def describe(path: PathLike) -> dict:
                 "parameters": sum(layers.values()),
                 "layers": layers,
                 "mapping_bytes": sum(d["nbytes"] for d in datasets if d["name"].startswith("/mapping/")),
+                "parameter_bytes": sum(d["nbytes"] for d in params) + scale_bytes,
+                "quantization": quantization,
                 "mapping_attrs": _read_attrs(f["mapping"], scalars_only=True) if "mapping" in f else {},
                 "train_state": _read_attrs(f["train_state"], scalars_only=True) if "train_state" in f else {},
                 "optimizer": _read_attrs(f["optimizer"], scalars_only=True) if "optimizer" in f else {},
             }
+        except FormatError:
+            raise
         except _READ_ERRORS as exc:
             raise FormatError(f"{path}: corrupt or truncated file ({_one_line(exc)})") from exc
     return info
