@@ -622,23 +622,11 @@ def data():
 def data_fetch(name, directory, base_url, quiet):
     """Download dataset NAME into DIRECTORY and verify its sha256 sums."""
     from .fetch import fetch
-    from .progress import Progress
+    from .progress import DownloadBar
 
-    bar = {}
-
-    def progress(done, total):
-        if quiet:
-            return
-        p = bar.get("p")
-        if p is None or p.total != max(total, 1):
-            if p is not None:
-                p.close()
-            p = bar["p"] = Progress(max(total, 1), "download")
-        p.update(done, f"{done / 1e6:.1f}/{total / 1e6:.1f} MB", force=done >= total)
-
-    paths = fetch(name, directory, base_url=base_url, progress=progress)
-    if bar.get("p"):
-        bar["p"].close()
+    bar = DownloadBar(enabled=not quiet)
+    paths = fetch(name, directory, base_url=base_url, progress=bar)
+    bar.close()
     for p in paths:
         click.echo(f"ok  {p}")
 
@@ -657,17 +645,9 @@ def data_synthetic(directory, vocab, tokens, eval_tokens, states, seed):
     Its exact per-token entropy is known, so corpus.json records the oracle
     perplexity of each split beside the unigram perplexity.
     """
-    import dataclasses
+    from .synthetic import write_synthetic
 
-    from .synthetic import DEFAULT_SPEC, write_corpus
-
-    if vocab < 3:
-        raise click.BadParameter(f"must be >= 3, got {vocab}", param_hint="--vocab")
-    spec = dataclasses.replace(DEFAULT_SPEC, vocab=vocab, seed=seed,
-                               support=min(DEFAULT_SPEC.support, vocab - 1),
-                               **({"states": states} if states else {}))
-    ev = eval_tokens or max(1000, tokens // 12)
-    info = write_corpus(directory, spec, tokens, ev, ev)
+    info = write_synthetic(directory, vocab, tokens, eval_tokens, states, seed)
     click.echo(f"wrote {directory}: {info['tokens']['train']:,} train tokens, vocab {vocab:,}; "
                f"oracle test PPL {info['oracle_perplexity']['test']:.2f}, "
                f"unigram test PPL {info['unigram_perplexity']['test']:.2f}")

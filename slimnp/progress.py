@@ -67,3 +67,25 @@ class Progress:
         if self.enabled and self.tty and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class DownloadBar:
+    """A progress line for downloads of unknown count: ``bar(done, total)``
+    as :func:`slimnp.fetch.fetch`'s ``progress``; a new file (another total)
+    starts a new line.  ``enabled=False``: silent."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar = enabled, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None or self.bar.total != max(total, 1):
+            self.close()
+            self.bar = Progress(max(total, 1), "download")
+        self.bar.update(done, f"{done / 1e6:.1f}/{total / 1e6:.1f} MB", force=done >= total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -449,3 +449,20 @@ def builtin_corpus(log=print):
     log(f"generating the built-in synthetic corpus in {d} ...")
     info = write_corpus(d, DEFAULT_SPEC, *DEFAULT_TOKENS)
     return d, info
+
+
+def write_synthetic(directory, vocab: int = 1000, tokens: int = 1_000_000, eval_tokens=None,
+                    states=None, seed: int = 0) -> dict:
+    """``slimnp data synthetic``: a corpus of ``vocab`` words from the
+    built-in spec's HMM with another seed (and ``states``), ``tokens``
+    training tokens and ``eval_tokens`` (default tokens/12, at least 1000)
+    in valid and test each; returns :func:`write_corpus`'s info."""
+    import dataclasses
+
+    if vocab < 3:
+        raise ValueError(f"--vocab must be >= 3, got {vocab}")
+    spec = dataclasses.replace(DEFAULT_SPEC, vocab=vocab, seed=seed,
+                               support=min(DEFAULT_SPEC.support, vocab - 1),
+                               **({"states": states} if states else {}))
+    ev = eval_tokens or max(1000, tokens // 12)
+    return write_corpus(directory, spec, tokens, ev, ev)
