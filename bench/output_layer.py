@@ -36,7 +36,7 @@ from slimnp.kernels import cpu  # noqa: E402
 from slimnp import kernels  # noqa: E402
 from slimnp.buffers import Workspace  # noqa: E402
 from common import format_machine, machine_info  # noqa: E402  (bench/ is sys.path[0])
-from slimnp.layers import slim_log_probs_t, slim_logits  # noqa: E402
+from slimnp.layers import slim_log_probs_t  # noqa: E402
 from slimnp.mapping import shuffle_assignment_pools  # noqa: E402
 
 
@@ -99,8 +99,6 @@ def main(argv=None):
     rows["slim: gather-sum"] = timeit(lambda: cpu.slim_gather_sum_t(PT, idx_kv, b, zT), a.repeats)
     rows["slim: log-softmax"] = timeit(lambda: kernels.log_softmax_t(zT), a.repeats)  # (idempotent)
     rows["  (NumPy log-softmax)"] = timeit(lambda: log_softmax_columns(zT), a.repeats)
-    # the row-major layout that training uses (N, Mk) per pool, for comparison
-    rows["slim, row-major"] = timeit(lambda: log_softmax_rows(slim_logits(h, A, idx_kv, b)[0]), a.repeats)
 
     if not a.skip_full:
         W = rng.standard_normal((V, H), dtype=np.float32) * 0.02

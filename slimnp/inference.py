@@ -216,18 +216,20 @@ def generate(model, vocab: Vocabulary, prompt: str = "", length: int = 50,
     alive = np.ones(count, dtype=bool)
     ended = np.full(count, length)
     for t in range(length):
-        z, state = model.logits(xp.asarray(cur[None, :]), state)
-        z = np.asarray(to_numpy(z)[0], dtype=np.float64) / temperature  # (C, V)
+        z, state = model.logits(xp.asarray(cur[None, :]), state)  # (1, C, V)
+        # word-major, column j for stream j: the slim layer's logits are a
+        # transposed view of its (V, C) array, so this is their own layout
+        logp = np.array(to_numpy(z)[0].T, dtype=np.float64, order="C")  # (V, C)
+        logp /= temperature
         if 0 < top_k < V:
-            kth = np.partition(z, V - top_k, axis=1)[:, V - top_k][:, None]
-            z = np.where(z >= kth, z, -np.inf)
-        logp = np.ascontiguousarray(z.T)  # (V, C) word-major
+            kth = np.partition(logp, V - top_k, axis=0)[V - top_k]  # (C,)
+            logp = np.where(logp >= kth, logp, -np.inf)
         kernels.log_softmax_t(logp)
-        p = np.exp(logp.T)
+        p = np.exp(logp)
         # inverse-CDF draw per stream: one uniform each, reproducible
         u = rng.random(count)
-        c = np.cumsum(p, axis=1)
-        nxt = np.minimum((c < (u * c[:, -1])[:, None]).sum(axis=1), V - 1).astype(np.int32)
+        c = np.cumsum(p, axis=0)
+        nxt = np.minimum((c < u * c[-1]).sum(axis=0), V - 1).astype(np.int32)
         out[t] = nxt
         cur = nxt
         if stop_at_eos:

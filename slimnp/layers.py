@@ -432,39 +432,51 @@ class SlimEmbedding:
         slim_embedding_backward(g.reshape(self.M, self.d), self._sub, dX)
 
 
-def slim_logits(h, A, idx_kv, b):
+# ----------------------------------------------------------------------------
+# Slim output layer (Li, Kang and Zhang, AAAI 2018, Algorithm 1): logits by
+# dynamic programming
+#
+# Word w's output vector is the concatenation of K sub-vectors, the k-th taken
+# from its own pool A[k] : (Mk, d), Mk = M / K, d = H / K (the layer's
+# parameter A : (K, Mk, d)):
+#
+#     u_w = [ A[0, idx_kv[0, w]] | A[1, idx_kv[1, w]] | ... | A[K-1, idx_kv[K-1, w]] ]
+#
+# so with each hidden vector split the same way, h[n] = [h_0[n] | ... | h_{K-1}[n]],
+#
+#     zT[w, n] = b[w] + sum_k h_k[n] . A[k, idx_kv[k, w]] = b[w] + sum_k PT[k, idx_kv[k, w], n]
+#
+# Step 1: PT[k] = A[k] @ h_k.T, K small GEMMs costing N*M*d in all instead of
+# N*V*H: every distinct partial product, once.  Step 2
+# (kernels.slim_gather_sum_t): gather and sum, N*V*K adds; the V x H matrix
+# is never formed.  Backward (kernels.slim_segment_sum_t): dPT[k, j, n] =
+# the sum of dzT[w, n] over the words w with idx_kv[k, w] == j, then
+# dA[k] = dPT[k] @ h_k and dh_k = dPT[k].T @ A[k].
+#
+#     PT     : (K, Mk, N)  partial dot products, pool-entry major: the N
+#                          partials of one entry lie together, so the
+#                          gather-sum reads one contiguous run per (word, pool)
+#     idx_kv : (K, V) int  pool entry of word w at position k, in [0, Mk)
+#                          (k-major so that one pool's column of indices is
+#                          contiguous: the kernels sweep it once per row)
+#     zT     : (V, N)      the logits, word-major: column n for h[n]; dzT
+#                          its gradient
+#
+# One layout serves every use: training, evaluation and scoring run the
+# column softmax on zT, and generation samples from its columns
+# (SlimSoftmax.logits hands out the (N, V) transposed view).
+# ----------------------------------------------------------------------------
+def slim_logits_t(h, A, idx_kv, b, out=None, ws=None):
     """Logits of the slim output layer by dynamic programming (Algorithm 1),
-    row-major (:meth:`SlimSoftmax.logits`: the ``(N, V)`` scores that
-    generation samples from).
+    word-major: ``zT (V, N)``, column n for ``h[n]``.
 
     h : (N, H);  A : (K, M/K, d) the K disjoint pools;  idx_kv : (K, V);
-    b : (V,).
-    ``z[n, w] = sum_k h_k[n] . A[k, idx_kv[k, w]] + b[w]``:
-    (1) K GEMMs ``P[k] = h_k A[k]^T`` give every distinct partial product,
-    (2) a K-term gather-sum per word.  Cost ``O(N M H / K + N V K)``; the
-    ``V x H`` matrix is never formed.  Returns ``z (N, V)`` and ``h_k``
-    ``(K, N, d)`` (what the backward needs).
-    """
-    xp = array_module(h)
-    K, Mk, d = A.shape
-    N = h.shape[0]
-    hk = h.reshape(N, K, d).transpose(1, 0, 2)  # (K, N, d)
-    P = xp.matmul(hk, A.transpose(0, 2, 1))  # (K, N, Mk)
-    z = xp.empty((N, idx_kv.shape[1]), dtype=h.dtype)
-    kernels.slim_gather_sum(P, idx_kv, b, z)
-    return z, hk
-
-
-def slim_logits_t(h, A, idx_kv, b, out=None, ws=None):
-    """:func:`slim_logits` in the word-major layout: ``zT (V, N)`` (what
-    training, evaluation and scoring use).
-
-    ``PT[k] = A[k] h_k^T`` is ``(M/K, N)``: each pool entry's N partials lie
-    together, so the gather-sum reads one contiguous run per (word, pool)
-    instead of N scattered floats.  ``b`` may be None; ``out`` an optional
-    (V, N) buffer; ``ws`` a :class:`Workspace` holding the partial products
-    (at V = 800K a fresh 60 MB buffer per call costs its page faults every
-    time).  Returns ``zT`` and ``PT``.
+    b : (V,) or None.  ``zT[w, n] = b[w] + sum_k h_k[n] . A[k, idx_kv[k, w]]``
+    from the K GEMMs ``PT[k] = A[k] h_k^T`` ``(K, M/K, N)`` and the K-term
+    gather-sum per word (the notation above).  Cost ``O(N M H / K + N V
+    K)``.  ``out``: an optional (V, N) buffer; ``ws``: a :class:`Workspace`
+    holding the partial products (at V = 800K a fresh 60 MB buffer per call
+    costs its page faults every time).  Returns ``zT`` and ``PT``.
     """
     xp = array_module(h)
     K, Mk, d = A.shape
@@ -475,6 +487,14 @@ def slim_logits_t(h, A, idx_kv, b, out=None, ws=None):
     zT = ws.get("zT", (idx_kv.shape[1], N), h.dtype) if out is None else out
     kernels.slim_gather_sum_t(PT, idx_kv, b, zT)
     return zT, PT
+
+
+def slim_logits(h, A, idx_kv, b):
+    """:func:`slim_logits_t` seen row by row: ``z (N, V)``, a transposed view
+    of the word-major logits (what :meth:`SlimSoftmax.logits` returns; no
+    copy and no second layout).  Returns ``z`` and ``PT``."""
+    zT, PT = slim_logits_t(h, A, idx_kv, b)
+    return zT.T, PT
 
 
 def slim_log_probs_t(h, A, idx_kv, b, out=None, ws=None):

@@ -36,11 +36,52 @@ import gpu_emu
 BACKENDS = ["reference", "cpu", "emu", "emu-rev", pytest.param("cuda", marks=pytest.mark.gpu)]
 COMPILED = BACKENDS[1:]
 GPU = ("emu", "emu-rev", "cuda")  # gpu.py: sums in another order (atomics, chunks), FMAs on CUDA
+DTYPES = [np.float32, np.float64]
 
-# tolerances of the GPU kernels against the reference: elementwise results,
-# and sums of hundreds of terms added in another order
+# Tolerances of a backend's results against the reference's, for
+# elementwise results (``*_TOL``) and for sums of hundreds of terms
+# (``*_SUM_TOL``: a row's loss, a logsumexp, a segment sum).  The CPU kernels
+# follow the reference's formulas in its order but for a vectorised exp and
+# blocked sums; the GPU kernels add in another order (atomics, chunks) and
+# fuse multiply-adds.  :func:`tol` picks the row for a backend.
+CPU_TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+CPU_SUM_TOL = {np.float32: dict(rtol=1e-5, atol=1e-5), np.float64: dict(rtol=1e-12, atol=1e-12)}
 GPU_TOL = {np.float32: dict(rtol=3e-5, atol=3e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}
 GPU_SUM_TOL = {np.float32: dict(rtol=2e-4, atol=2e-4), np.float64: dict(rtol=1e-10, atol=1e-11)}
+
+
+def tol(backend, dtype, sums=False) -> dict:
+    """``assert_allclose`` keywords for ``backend``'s (a :class:`Backend` or
+    its name) results of ``dtype`` against the reference; ``sums`` for sums
+    of many terms."""
+    name = getattr(backend, "name", backend)
+    if name in GPU:
+        table = GPU_SUM_TOL if sums else GPU_TOL
+    else:
+        table = CPU_SUM_TOL if sums else CPU_TOL
+    return table[np.dtype(dtype).type]
+
+
+# The slim output layer's parity cases, word-major (the notation at the top
+# of the slim output layer in slimnp/layers.py).  (K, N, Mk, V, shared):
+# generic; K=1; N=1; pools of one entry; heavy sharing; one word.
+SLIM_CASES = [(3, 7, 5, 40, False), (1, 4, 6, 6, False), (4, 1, 3, 25, False),
+              (2, 5, 1, 30, False), (5, 9, 8, 300, True), (2, 3, 4, 1, False)]
+
+
+def slim_case(rng, dtype, K, N, Mk, V, shared=False):
+    """``(PT (K, Mk, N), idx_kv (K, V) int32, b (V,), dzT (V, N))`` with
+    words 0 and V-1 on the first and the last entry of every pool and, if
+    ``shared``, a third of the vocabulary on one entry of every pool."""
+    PT = rng.standard_normal((K, Mk, N)).astype(dtype)
+    idx_kv = rng.integers(0, Mk, (K, V)).astype(np.int32)
+    idx_kv[:, 0] = 0
+    idx_kv[:, -1] = Mk - 1
+    if shared:
+        idx_kv[:, ::3] = Mk // 2
+    b = rng.standard_normal(V).astype(dtype)
+    dzT = rng.standard_normal((V, N)).astype(dtype)
+    return PT, idx_kv, b, dzT
 
 
 class Backend:

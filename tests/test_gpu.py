@@ -29,15 +29,6 @@ import gpu_emu
 import nvrtc_check
 from backends import need_gpu as _need_gpu
 
-TOL = {np.float32: dict(rtol=3e-5, atol=3e-5), np.float64: dict(rtol=1e-11, atol=1e-12)}
-# sums of hundreds of terms, added in another order (atomics, chunks)
-SUM_TOL = {np.float32: dict(rtol=2e-4, atol=2e-4), np.float64: dict(rtol=1e-10, atol=1e-11)}
-DTYPES = [np.float32, np.float64]
-
-
-def _close(a, b, dtype, tol=TOL):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), **tol[dtype])
-
 
 # ---------------------------------------------------------------------------
 # compile checks

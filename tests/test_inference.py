@@ -117,6 +117,27 @@ def test_top_k_one_is_greedy(lm):
     np.testing.assert_array_equal(np.argmax(z[:, 0], axis=1), ids[1:])
 
 
+def test_generation_samples_the_word_major_logits(lm, monkeypatch):
+    """The slim layer has one layout: each drawn word runs the word-major
+    gather-sum over the C streams, and the (N, V) logits generation reads
+    are the transposed view of slim_logits_t's (V, N) array, the same bits."""
+    from slimnp import kernels
+    from slimnp.layers import slim_logits_t
+
+    out, V = lm.model.output, lm.model.config.vocab_size
+    assert out.strategy == "dp"
+    calls = []
+    gather = kernels.slim_gather_sum_t
+    monkeypatch.setattr(kernels, "slim_gather_sum_t", lambda *a: (calls.append(a[3].shape), gather(*a))[1])
+    lm.generate("", length=6, seed=2, count=3, stop_at_eos=False)
+    assert calls == [(V, 3)] * 6
+    h = np.random.default_rng(0).standard_normal((5, out.H)).astype(lm.model.dtype)
+    z = out.logits(h)
+    zT, _ = slim_logits_t(h, lm.model.store.params["output/A"], out.idx_kv, lm.model.store.params["output/b"])
+    assert z.shape == (5, V) and z.base is not None  # a view, not a second array
+    np.testing.assert_array_equal(z, zT.T)
+
+
 def test_generate_validates(lm):
     for kw in ({"temperature": 0.0}, {"top_k": -1}, {"count": 0}, {"length": -1}):
         with pytest.raises(ValueError):

@@ -224,72 +224,26 @@ def _check_index_table(name, idx, K, upper):
                              f"found range [{lo}, {hi}]")
 
 
-def _check_gather(P, idx_kv, b, z, word_major):
-    """Shared checks of the two gather-sum layouts; returns the arrays to dispatch on."""
-    names = ("PT", "(K, Mk, N)", "zT") if word_major else ("P", "(K, N, Mk)", "z")
-    _check_float(names[0], P)
-    _check_ndim(names[0], P, 3, names[1])
-    K, a, c = P.shape
-    Mk, N = (a, c) if word_major else (c, a)
+def slim_gather_sum_t(PT, idx_kv, b, zT):
+    """Slim output logits ``zT[w, n] = b[w] + sum_k PT[k, idx_kv[k, w], n]``.
+
+    Step 2 of Algorithm 1 in Li et al., AAAI 2018 (the notation is at the top
+    of the slim output layer in :mod:`slimnp.layers`); see
+    :func:`reference.slim_gather_sum_t`.  ``PT : (K, Mk, N)``, ``idx_kv : (K,
+    V)`` int in ``[0, Mk)``, ``b : (V,)`` or None, ``zT : (V, N)`` overwritten.
+    """
+    _check_float("PT", PT)
+    _check_ndim("PT", PT, 3, "(K, Mk, N)")
+    K, Mk, N = PT.shape
     _check_index_table("idx_kv", idx_kv, K, Mk)
     V = idx_kv.shape[1]
     if b is not None:
-        _check_float("b", b, P.dtype)
+        _check_float("b", b, PT.dtype)
         _check_shape("b", b, (V,))
-    _check_float(names[2], z, P.dtype)
-    _check_shape(names[2], z, (V, N) if word_major else (N, V))
-    return (P, idx_kv, z) if b is None else (P, idx_kv, b, z)
-
-
-def slim_gather_sum(P, idx_kv, b, z):
-    """Slim output logits ``z[n, w] = b[w] + sum_k P[k, n, idx_kv[k, w]]``.
-
-    Step 2 of Algorithm 1 in Li et al., AAAI 2018; see
-    :func:`reference.slim_gather_sum`.  ``P : (K, N, Mk)``, ``idx_kv : (K, V)``
-    int in ``[0, Mk)``, ``b : (V,)`` or None, ``z : (N, V)`` overwritten.
-    """
-    _impl(*_check_gather(P, idx_kv, b, z, False)).slim_gather_sum(P, idx_kv, b, z)
-
-
-def slim_gather_sum_t(PT, idx_kv, b, zT):
-    """Word-major slim logits ``zT[w, n] = b[w] + sum_k PT[k, idx_kv[k, w], n]``.
-
-    The layout training, evaluation and scoring use: ``PT : (K, Mk, N)``,
-    ``zT : (V, N)`` overwritten; see :func:`reference.slim_gather_sum_t`.
-    """
-    _impl(*_check_gather(PT, idx_kv, b, zT, True)).slim_gather_sum_t(PT, idx_kv, b, zT)
-
-
-def _check_segment(dz, idx_kv, G, inv, db, word_major):
-    """Shared checks of the two segment-sum layouts; returns the arrays to dispatch on."""
-    names = ("dzT", "GT", "(K, Mk, N)") if word_major else ("dz", "G", "(K, N, Mk)")
-    _check_float(names[1], G)
-    _check_ndim(names[1], G, 3, names[2])
-    K, a, c = G.shape
-    Mk, N = (a, c) if word_major else (c, a)
-    _check_index_table("idx_kv", idx_kv, K, Mk)
-    V = idx_kv.shape[1]
-    _check_float(names[0], dz, G.dtype)
-    _check_shape(names[0], dz, (V, N) if word_major else (N, V))
-    arrays = (dz, idx_kv, G)
-    if inv is not None:
-        _check_inv(inv, K, V, Mk)
-        arrays += (inv,)
-    if db is not None:
-        _check_float("db", db, G.dtype)
-        _check_shape("db", db, (V,))
-        arrays += (db,)
-    return arrays
-
-
-def slim_segment_sum(dz, idx_kv, G):
-    """``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``.
-
-    The backward of :func:`slim_gather_sum` w.r.t. ``P``; see
-    :func:`reference.slim_segment_sum`.  ``dz : (N, V)``, ``idx_kv : (K, V)``
-    int in ``[0, Mk)``, ``G : (K, N, Mk)`` overwritten.
-    """
-    _impl(*_check_segment(dz, idx_kv, G, None, None, False)).slim_segment_sum(dz, idx_kv, G)
+    _check_float("zT", zT, PT.dtype)
+    _check_shape("zT", zT, (V, N))
+    arrays = (PT, idx_kv, zT) if b is None else (PT, idx_kv, b, zT)
+    _impl(*arrays).slim_gather_sum_t(PT, idx_kv, b, zT)
 
 
 def softmax_xent_t(zT, targets, scale=1.0, compute_grad=True, bias=None):
@@ -331,11 +285,29 @@ def _check_inv(inv, K, V, Mk):
 
 
 def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
-    """Word-major :func:`slim_segment_sum`: ``GT[k, j, :] = sum of dzT[w, :]
-    over the words w with idx_kv[k, w] == j``; ``dzT : (V, N)``, ``GT : (K,
-    Mk, N)`` overwritten, ``db (V,)`` (optional) overwritten with
-    ``dzT.sum(axis=1)``; see :func:`reference.slim_segment_sum_t`."""
-    arrays = _check_segment(dzT, idx_kv, GT, inv, db, True)
+    """``GT[k, j, n] = sum of dzT[w, n] over the words w with idx_kv[k, w] == j``.
+
+    The backward of :func:`slim_gather_sum_t` w.r.t. ``PT``; see
+    :func:`reference.slim_segment_sum_t`.  ``dzT : (V, N)``, ``idx_kv : (K,
+    V)`` int in ``[0, Mk)``, ``GT : (K, Mk, N)`` overwritten, ``inv`` the
+    inverted table or None, ``db (V,)`` (optional) overwritten with
+    ``dzT.sum(axis=1)``.
+    """
+    _check_float("GT", GT)
+    _check_ndim("GT", GT, 3, "(K, Mk, N)")
+    K, Mk, N = GT.shape
+    _check_index_table("idx_kv", idx_kv, K, Mk)
+    V = idx_kv.shape[1]
+    _check_float("dzT", dzT, GT.dtype)
+    _check_shape("dzT", dzT, (V, N))
+    arrays = (dzT, idx_kv, GT)
+    if inv is not None:
+        _check_inv(inv, K, V, Mk)
+        arrays += (inv,)
+    if db is not None:
+        _check_float("db", db, GT.dtype)
+        _check_shape("db", db, (V,))
+        arrays += (db,)
     _impl(*arrays).slim_segment_sum_t(dzT, idx_kv, GT, inv, db)
 
 

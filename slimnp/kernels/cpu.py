@@ -551,45 +551,13 @@ def nce_xent(zt, logq_t, ZS, logq_s, scale, compute_grad=True):
     return nll, (dzt if compute_grad else None)
 
 # ---------------------------------------------------------------------------
-# Slim output layer, step 2 of Algorithm 1 (Li et al. 2018); the notation and
-# the meaning of P and idx_kv are in reference.py above slim_gather_sum.
+# Slim output layer, Algorithm 1 of Li et al. 2018, word-major: the notation
+# (PT, idx_kv, zT) is at the top of the slim output layer in slimnp/layers.py.
 # ---------------------------------------------------------------------------
 
 
-_WTILE = 512  # words per tile of the row-layout gather: the z tile stays in L1
-_PREFETCH_WORDS = 8  # word-major gather: prefetch distance in words (K rows each)
+_PREFETCH_WORDS = 8  # gather-sum: prefetch distance in words (K rows each)
 _PREFETCH_ITEMS = 2  # inverse-table segment sum: prefetch distance in entries (F rows each)
-
-
-def _slim_gather_sum_impl(P, idx_kv, b, has_bias, z):
-    # P (K, N, Mk), idx_kv (K, V), b (V,) [read only if has_bias], z (N, V).
-    # Rows n are independent, so prange over n is race-free.  Per row, words
-    # in tiles of _WTILE: the z tile stays in L1 across the K pools, each
-    # pool's row P[k, n, :] (Mk floats) is gathered from L1/L2, and the
-    # zero-based loops over tile views are the form the compiler vectorises
-    # (into hardware gathers).  Accumulation order per entry (bias, k = 0,
-    # 1, ...) matches the reference.
-    K, N, Mk = P.shape
-    V = idx_kv.shape[1]
-    for n in nb.prange(N):
-        zn = z[n]  # (V,)
-        for w0 in range(0, V, _WTILE):
-            zt = zn[w0 : w0 + _WTILE]
-            if has_bias:
-                bt = b[w0 : w0 + _WTILE]
-                for j in range(zt.shape[0]):
-                    zt[j] = bt[j]
-            else:
-                for j in range(zt.shape[0]):
-                    zt[j] = 0.0
-            for k in range(K):
-                pkn = P[k, n]  # (Mk,)
-                it = idx_kv[k, w0 : w0 + _WTILE]
-                for j in range(zt.shape[0]):
-                    zt[j] += pkn[it[j]]
-
-
-_slim_gather_sum_serial, _slim_gather_sum_parallel = _serial_and_parallel(_slim_gather_sum_impl)
 
 
 def _unsigned(idx):
@@ -599,53 +567,11 @@ def _unsigned(idx):
     return idx.view(np.uint32) if idx.dtype == np.int32 else idx.astype(np.uint32)
 
 
-def slim_gather_sum(P, idx_kv, b, z):
-    idx_kv = _unsigned(idx_kv)
-    K, N, _ = P.shape
-    V = idx_kv.shape[1]
-    has_bias = b is not None
-    if not has_bias:  # one compiled signature: pass a dummy array, never read
-        b = np.empty(0, P.dtype)
-    kernel = _slim_gather_sum_parallel if N * V * K > PARALLEL_MIN_GATHER else _slim_gather_sum_serial
-    kernel(P, idx_kv, b, has_bias, z)
-
-
-def _slim_segment_sum_impl(dz, idx_kv, G):
-    # dz (N, V), idx_kv (K, V), G (K, N, Mk) zero-filled here.
-    # The adjoint of the gather: each logit gradient dz[n, w] goes back to the
-    # K partial products it was summed from.  Iteration n writes only
-    # G[:, n, :], so prange over n is race-free; the scattered row G[k, n, :]
-    # (Mk floats) stays in L1 while dz[n, :] and idx_kv[k, :] stream.
-    K, N, Mk = G.shape
-    V = dz.shape[1]
-    for n in nb.prange(N):
-        dzn = dz[n]  # (V,)
-        for k in range(K):
-            gkn = G[k, n]  # (Mk,)
-            for j in range(Mk):
-                gkn[j] = 0.0
-            ik = idx_kv[k]  # (V,)
-            for w in range(V):  # ascending w: same order as the reference
-                gkn[ik[w]] += dzn[w]
-
-
-_slim_segment_sum_serial, _slim_segment_sum_parallel = _serial_and_parallel(_slim_segment_sum_impl)
-
-
-def slim_segment_sum(dz, idx_kv, G):
-    idx_kv = _unsigned(idx_kv)
-    K, N, _ = G.shape
-    V = dz.shape[1]
-    kernel = _slim_segment_sum_parallel if N * V * K > PARALLEL_MIN_GATHER else _slim_segment_sum_serial
-    kernel(dz, idx_kv, G)
-
-
 def _slim_gather_sum_t_impl(PT, idx_kv, b, has_bias, zT):
-    # Word-major layout (training, evaluation, scoring): PT (K, Mk, N),
-    # zT (V, N).  For each word and pool, the N partials PT[k, j, :] are
-    # contiguous (one or two cache lines), so a V*K walk touches V*K lines
-    # instead of the row layout's N*V*K scattered floats, and the inner loop
-    # over n vectorises.  Words are independent: prange over w is race-free.
+    # PT (K, Mk, N), zT (V, N).  For each word and pool, the N partials
+    # PT[k, j, :] are contiguous (one or two cache lines), so a V*K walk
+    # touches V*K lines instead of the N*V*K scattered floats of a row-major
+    # (K, N, Mk) layout, and the inner loop over n vectorises.  Words are independent: prange over w is race-free.
     # The rows of word w + _PREFETCH_WORDS are prefetched while word w is
     # summed: with random tables over partial products larger than the cache,
     # this keeps tens of rows in flight (measured at Table 7 on a quiet

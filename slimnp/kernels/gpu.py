@@ -378,26 +378,12 @@ __global__ void nce_rows(const T* __restrict__ zt, const T* __restrict__ logq_t,
 }
 
 /* ===========================================================================
- * Slim output layer (Li et al. 2018, Algorithm 1, step 2), the notation of
- * reference.py: P (K, N, Mk) or PT (K, Mk, N) partial products, idx (K, V)
- * int in [0, Mk).  The gathers sum bias first, then k = 0 .. K-1, the
- * reference's order (no multiplications, so no FMA: the same float sums).
+ * Slim output layer (Li et al. 2018, Algorithm 1), word-major, the notation
+ * at the top of the slim output layer in slimnp/layers.py: PT (K, Mk, N)
+ * partial products, idx (K, V) int in [0, Mk), zT (V, N) logits.  The gather
+ * sums bias first, then k = 0 .. K-1, the reference's order (no
+ * multiplications, so no FMA: the same float sums).
  * ========================================================================= */
-
-/* z[n, w] = b[w] + sum_k P[k, n, idx[k, w]]: one thread per (n, w), w
- * fastest, so the idx reads are coalesced and the gathers stay within row
- * P[k, n, :] (Mk floats, cached). */
-template <typename T>
-__global__ void slim_gather(const T* __restrict__ P, const int* __restrict__ idx,
-                            const T* __restrict__ b, int has_bias, T* __restrict__ z,
-                            long long K, long long N, long long Mk, long long V) {
-    SX_FOR(e, N * V) {
-        const long long n = e / V, w = e - n * V;
-        T acc = has_bias ? b[w] : T(0);
-        for (long long k = 0; k < K; ++k) acc += P[(k * N + n) * Mk + idx[k * V + w]];
-        z[e] = acc;
-    }
-}
 
 /* zT[w, n] = b[w] + sum_k PT[k, idx[k, w], n]: one thread per (w, n), n
  * fastest: a warp reads a contiguous run of one pool entry's N partials. */
@@ -413,20 +399,9 @@ __global__ void slim_gather_t(const T* __restrict__ PT, const int* __restrict__ 
     }
 }
 
-/* G[k, n, idx[k, w]] += dz[n, w] (G zeroed by the caller): the adjoint of
- * slim_gather.  Atomics: the V/Mk words that share an entry add into one
- * place. */
-template <typename T>
-__global__ void slim_segment(const T* __restrict__ dz, const int* __restrict__ idx, T* G,
-                             long long K, long long N, long long Mk, long long V) {
-    SX_FOR(e, N * V) {
-        const long long n = e / V, w = e - n * V;
-        const T g = dz[e];
-        for (long long k = 0; k < K; ++k) atomicAdd(&G[(k * N + n) * Mk + idx[k * V + w]], g);
-    }
-}
-
-/* GT[k, idx[k, w], n] += dzT[w, n] (GT zeroed by the caller), any table. */
+/* GT[k, idx[k, w], n] += dzT[w, n] (GT zeroed by the caller), any table:
+ * the adjoint of slim_gather_t.  Atomics: the words that share an entry add
+ * into one place. */
 template <typename T>
 __global__ void slim_segment_t(const T* __restrict__ dzT, const int* __restrict__ idx, T* GT,
                                long long K, long long Mk, long long N, long long V) {
@@ -542,9 +517,9 @@ __global__ void adagrad_rows(T* __restrict__ p, T* __restrict__ acc, const T* __
 
 # Every kernel template of SOURCE; each is instantiated for float and double.
 KERNELS = ("lstm_fwd", "lstm_bwd", "scatter_add_rows", "xent_rows_partial", "xent_cols_partial",
-           "xent_finish", "xent_grad", "log_softmax_apply", "nce_rows", "slim_gather",
-           "slim_gather_t", "slim_segment", "slim_segment_t", "slim_segment_t_inv",
-           "sumsq_partial", "sumsq_rows_partial", "axpy", "axpy_rows", "adagrad", "adagrad_rows")
+           "xent_finish", "xent_grad", "log_softmax_apply", "nce_rows", "slim_gather_t",
+           "slim_segment_t", "slim_segment_t_inv", "sumsq_partial", "sumsq_rows_partial", "axpy",
+           "axpy_rows", "adagrad", "adagrad_rows")
 
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
@@ -733,15 +708,6 @@ def nce_xent(zt, logq_t, ZS, logq_s, scale, compute_grad=True):
     return nll, (dzt if compute_grad else None)
 
 
-def slim_gather_sum(P, idx_kv, b, z):
-    """:func:`reference.slim_gather_sum` (the same float sums, in the same order)."""
-    K, N, Mk = P.shape
-    V = idx_kv.shape[1]
-    _launch("slim_gather", P.dtype, N * V, (P, _int32(idx_kv), b if b is not None else P,
-                                             np.int32(b is not None), z, _i64(K), _i64(N), _i64(Mk),
-                                             _i64(V)))
-
-
 def slim_gather_sum_t(PT, idx_kv, b, zT):
     """:func:`reference.slim_gather_sum_t` (the same float sums, in the same order)."""
     K, Mk, N = PT.shape
@@ -749,15 +715,6 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
     _launch("slim_gather_t", PT.dtype, V * N, (PT, _int32(idx_kv), b if b is not None else PT,
                                                 np.int32(b is not None), zT, _i64(K), _i64(Mk),
                                                 _i64(N), _i64(V)))
-
-
-def slim_segment_sum(dz, idx_kv, G):
-    """:func:`reference.slim_segment_sum`: ``G`` zeroed, then atomic adds."""
-    K, N, Mk = G.shape
-    V = dz.shape[1]
-    G.fill(0)
-    _launch("slim_segment", G.dtype, N * V, (dz, _int32(idx_kv), G, _i64(K), _i64(N), _i64(Mk),
-                                              _i64(V)))
 
 
 def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):

@@ -174,71 +174,27 @@ def nce_xent(zt, logq_t, ZS, logq_s, scale, compute_grad=True):
 
 # ---------------------------------------------------------------------------
 # Slim output layer (Li et al., "Slim Embedding Layers for Recurrent Neural
-# Language Models", AAAI 2018, Algorithm 1).
-#
-# Word w's output vector is the concatenation of K sub-vectors, the k-th taken
-# from its own pool A[k] : (Mk, d), Mk = M / K, d = H / K (the layer's
-# parameter A : (K, Mk, d), slimnp.layers.SlimSoftmax):
-#
-#     u_w = [ A[0, idx_kv[0, w]] | A[1, idx_kv[1, w]] | ... | A[K-1, idx_kv[K-1, w]] ]
-#
-# so with h split the same way, h = [h_0 | ... | h_{K-1}],
-#
-#     z[n, w] = b[w] + sum_k  h_k[n] . A[k, idx_kv[k, w]]  =  b[w] + sum_k P[k, n, idx_kv[k, w]]
-#
-# Step 1 (the caller): P[k] = h_k @ A[k].T, K small GEMMs costing N*M*d in all
-# instead of N*V*H.  Step 2 (below): gather and sum, N*V*K adds.
-#
-#     P      : (K, N, Mk)  partial dot products (row-major: one row per h[n])
-#     PT     : (K, Mk, N)  the same, word-major: PT[k] = A[k] @ h_k.T
-#     idx_kv : (K, V) int  pool entry of word w at position k, in [0, Mk)
-#                          (k-major so that one pool's column of indices is
-#                          contiguous: the kernels sweep it once per row)
-#
-# Training, evaluation and scoring use the word-major kernels (``*_t``: PT,
-# zT (V, N), dzT); the row-major ones serve the (N, V) logits that
-# generation samples from (SlimSoftmax.logits).
+# Language Models", AAAI 2018, Algorithm 1), in the word-major layout that
+# every caller uses.  The notation (PT, idx_kv, zT) and the dynamic programme
+# are written out once, at the top of the slim output layer in
+# slimnp/layers.py.
 # ---------------------------------------------------------------------------
 
 
-def slim_gather_sum(P, idx_kv, b, z):
-    """Output logits of the slim layer from the partial products (Algorithm 1, step 2).
-
-    ``z[n, w] = b[w] + sum_k P[k, n, idx_kv[k, w]]``
-
-    Parameters
-    ----------
-    P : (K, N, Mk) float  ``P[k, n, j] = h_k[n] . A[k, j]``
-    idx_kv : (K, V) int32  in ``[0, Mk)``
-    b : (V,) float or None  output bias
-    z : (N, V) float  out, overwritten
-
-    The sum runs bias first, then k = 0, 1, ..., K-1 (the Numba kernel adds
-    in the same order, so float results agree to rounding of equal sums).
-    """
-    xp = array_module(P)
-    if b is None:
-        z[...] = 0
-    else:
-        z[...] = b
-    for k in range(P.shape[0]):
-        # take along the Mk axis: (N, Mk) -> (N, V).  Measured 3-4x faster
-        # than the fancy index P[k][:, idx_kv[k]] and on par with gathering
-        # rows of a transposed (Mk, N) table (see the kernels' report).
-        z += xp.take(P[k], idx_kv[k], axis=1)
-
-
 def slim_gather_sum_t(PT, idx_kv, b, zT):
-    """:func:`slim_gather_sum` in the word-major layout (training, evaluation, scoring).
+    """Output logits of the slim layer from the partial products (Algorithm 1, step 2).
 
     ``zT[w, n] = b[w] + sum_k PT[k, idx_kv[k, w], n]``
 
     Parameters
     ----------
-    PT : (K, Mk, N) float  the partial products, pool entry major
+    PT : (K, Mk, N) float  ``PT[k, j, n] = A[k, j] . h_k[n]``
     idx_kv : (K, V) int32  in ``[0, Mk)``
-    b : (V,) float or None
-    zT : (V, N) float  out, overwritten (the transposed logits)
+    b : (V,) float or None  output bias
+    zT : (V, N) float  out, overwritten (the logits, one column per row of h)
+
+    The sum runs bias first, then k = 0, 1, ..., K-1; the compiled kernels
+    add in the same order (additions only), so they give the same bits.
     """
     xp = array_module(PT)
     if b is None:
@@ -247,30 +203,6 @@ def slim_gather_sum_t(PT, idx_kv, b, zT):
         zT[...] = b[:, None]
     for k in range(PT.shape[0]):
         zT += xp.take(PT[k], idx_kv[k], axis=0)  # rows of (Mk, N) -> (V, N)
-
-
-def slim_segment_sum(dz, idx_kv, G):
-    """Backward of :func:`slim_gather_sum` with respect to ``P``.
-
-    ``G[k, n, j] = sum over w with idx_kv[k, w] == j of dz[n, w]``
-
-    Parameters
-    ----------
-    dz : (N, V) float  gradient of the loss w.r.t. the logits
-    idx_kv : (K, V) int32  in ``[0, Mk)``
-    G : (K, N, Mk) float  out, overwritten (entries no word uses become 0)
-
-    The bias gradient is ``dz.sum(0)`` and is left to the caller.
-    """
-    xp = array_module(dz)
-    K, N, Mk = G.shape
-    # One bincount per pool over the flattened (N, V) table: entry (n, w)
-    # goes to bin n*Mk + idx_kv[k, w], i.e. to G[k, n, idx_kv[k, w]].
-    row_offset = (xp.arange(N) * Mk)[:, None]  # (N, 1)
-    weights = dz.ravel()
-    for k in range(K):
-        bins = (row_offset + idx_kv[k][None, :]).ravel()  # (N*V,)
-        G[k] = xp.bincount(bins, weights=weights, minlength=N * Mk).reshape(N, Mk)
 
 
 def softmax_xent_t(zT, targets, scale, compute_grad=True, bias=None):
@@ -301,14 +233,20 @@ def log_softmax_t(zT, bias=None):
 
 
 def slim_segment_sum_t(dzT, idx_kv, GT, inv=None, db=None):
-    """:func:`slim_segment_sum` in the word-major layout.
+    """Backward of :func:`slim_gather_sum_t` with respect to ``PT``.
 
-    ``GT[k, j, n] = sum over w with idx_kv[k, w] == j of dzT[w, n]``, with
-    ``dzT : (V, N)`` and ``GT : (K, Mk, N)`` overwritten.  ``inv : (K, F,
-    Mk)`` or None is the same table inverted
-    (:func:`slimnp.mapping.inverse_table`, for tables where each entry has F
-    words): fast kernels may use it, the result is the same.  If ``db (V,)``
-    is given it is overwritten with the bias gradient ``dzT.sum(axis=1)``.
+    ``GT[k, j, n] = sum over w with idx_kv[k, w] == j of dzT[w, n]``
+
+    Parameters
+    ----------
+    dzT : (V, N) float  gradient of the loss w.r.t. the logits ``zT``
+    idx_kv : (K, V) int32  in ``[0, Mk)``
+    GT : (K, Mk, N) float  out, overwritten (entries no word uses become 0)
+    inv : (K, F, Mk) int or None  the same table inverted
+        (:func:`slimnp.mapping.inverse_table`, for tables where each entry
+        has F words): fast kernels may use it, the result is the same
+    db : (V,) float or None  if given, overwritten with the bias gradient
+        ``dzT.sum(axis=1)``
     """
     xp = array_module(dzT)
     K, Mk, N = GT.shape
