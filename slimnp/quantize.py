@@ -3,19 +3,19 @@
 :func:`quantize_file` rewrites a model file with its weight matrices as
 symmetric int8, one float32 scale per row (a vector along the last axis):
 
-=====================  ================  ==========================================
-parameter              shape             one scale per
-=====================  ================  ==========================================
-``embedding/W``        ``(V, E)``        word (dense input row)
-``embedding/A``        ``(M, d)``        slim input pool entry
-``output/W``           ``(V, E)``        word (dense output row)
-``output/A``           ``(K, M/K, d)``   slim output pool entry
-``lstm{l}/Wx``, ``Wh`` ``(D, 4H)``       row (one input unit's weights, 4 gates)
-``proj_in/W`` ...      ``(E, H)`` ...    row
-=====================  ================  ==========================================
+======================  ================  ==========================================
+parameter               shape             one scale per
+======================  ================  ==========================================
+``embedding/W``         ``(V, E)``        word (dense input row)
+``embedding/A``         ``(M, d)``        slim input pool entry
+``output/W``            ``(V, E)``        word (dense output row)
+``output/A``            ``(K, M/K, d)``   slim output pool entry
+``lstm{l}/Wx``, ``Wh``  ``(D, 4H)``       row (one input unit's weights, 4 gates)
+``proj_in/W`` ...       ``(E, H)`` ...    row
+======================  ================  ==========================================
 
 What stays float (as stored, float32 for slimnp's models): every 1-D
-parameter (the biases ``lstm{l}/b (4H,)``, ``output/b (V,)``; the adaptive
+parameter (the biases  ``lstm{l}/b (4H,)``, ``output/b (V,)``; the adaptive
 softmax's biases) and any array whose rows have a single element (an int8
 value and its float32 scale, 5 bytes, would outweigh the 4 of the float).
 The biases are a small part of a model's bytes (``4H + V`` of
