@@ -54,7 +54,25 @@ VARIANTS = {
     # not divide H (config D, H = 512)
     "slim": {"input": "slim", "input_k": 10, "input_ratio": 0.1,
              "output": "slim", "output_k": 10, "output_ratio": 0.1},
+    # the adaptive softmax (Grave et al. 2017); PyTorch runs
+    # nn.AdaptiveLogSoftmaxWithLoss with the same cutoffs (TORCH_VARIANTS)
+    "adaptive": {"output": "adaptive", "cutoffs": (2000, 10000), "div_value": 4.0},
 }
+# variants PyTorch has an equivalent of; the others are compared with its dense model
+TORCH_VARIANTS = ("dense", "adaptive")
+
+
+def torch_variant(variant: str) -> str:
+    return variant if variant in TORCH_VARIANTS else "dense"
+
+
+def variant_fields(cfg: dict, variant: str) -> dict:
+    """``VARIANTS[variant]`` for config ``cfg``: adaptive cutoffs at or above
+    V dropped (configs A-C, V = 10K: one tail cluster from 2000 on)."""
+    extra = dict(VARIANTS[variant])
+    if "cutoffs" in extra:
+        extra["cutoffs"] = tuple(c for c in extra["cutoffs"] if c < cfg["V"])
+    return extra
 
 ENGINES = ("slimnp", "torch")
 NO_TORCH_ENV = "SLIMNP_BENCH_NO_TORCH"
@@ -137,20 +155,11 @@ def torch_status(no_torch: bool):
 
 
 def machine_info(threads: int, torch_ok: bool) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                if ln.startswith("model name"):
-                    cpu = ln.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    info = {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable,
+    """slimnp.machine's description of this machine, with the load, the
+    libraries and the thread settings a throughput depends on."""
+    from slimnp import machine
+
+    info = {"cpu": machine.cpu_name(), "cores": os.cpu_count(), "usable_cores": machine.usable_cores(),
             "loadavg": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "numpy": np.__version__}
     try:
@@ -163,7 +172,7 @@ def machine_info(threads: int, torch_ok: bool) -> dict:
         info["blas_kernel"] = arch[-1] if arch else "unknown"
     except Exception:
         info["blas"], info["blas_kernel"] = "unknown", "unknown"
-    info["l3_cache"] = l3_cache()
+    info["l3_cache"] = machine.l3_cache()
     try:
         import numba
 
@@ -183,21 +192,6 @@ def machine_info(threads: int, torch_ok: bool) -> dict:
                                               "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
                    if k in os.environ}
     return info
-
-
-def l3_cache() -> str:
-    """The L3 cache size Linux reports for CPU 0 ('32768K'), or 'unknown'."""
-    base = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for entry in sorted(e for e in os.listdir(base) if e.startswith("index")):
-            with open(f"{base}/{entry}/level") as f:
-                if f.read().strip() != "3":
-                    continue
-            with open(f"{base}/{entry}/size") as f:
-                return f.read().strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def format_machine(m: dict, short: bool = False) -> str:
@@ -234,14 +228,17 @@ def slimnp_config(cfg: dict, variant: str):
     try:
         from slimnp.options import slim_settings
 
-        extra = dict(VARIANTS[variant])
+        extra = variant_fields(cfg, variant)
         for side in ("input", "output"):
             # K must divide H: where 10 does not (D: H = 512), the largest
             # divisor of H up to K (8 for D, the paper's Table 7 choice)
             k = extra.get(f"{side}_k")
             if k and cfg["H"] % k:
                 extra[f"{side}_k"] = max(j for j in range(1, k + 1) if cfg["H"] % j == 0)
-        d.update(slim_settings(extra, cfg["V"]) if extra else {})
+        settings = slim_settings(extra, cfg["V"]) if extra else {}
+        d.update(settings)
+        # fields slim_settings does not translate (the adaptive softmax's) pass as they are
+        d.update({k: v for k, v in extra.items() if k not in settings and not k.endswith("_ratio")})
         mc = ModelConfig.from_dict(d)
         mc.validate()
     except (TypeError, ValueError) as exc:
@@ -258,9 +255,36 @@ def build_slimnp(cfg: dict, variant: str):
     return model
 
 
-def build_torch(cfg: dict):
-    """The Zaremba model in PyTorch: Embedding -> L-layer LSTM -> Linear, float32."""
+def slimnp_trainer(model, B: int, lr: float = 1.0, optimizer: str = "sgd", sampled=None):
+    """A :class:`slimnp.trainer.Trainer` around ``model`` whose ``step`` the
+    benchmarks time: the trainer's own training step on B streams (zero the
+    gradients, forward + BPTT from the carried state, clip at 5, update with
+    ``optimizer`` at ``lr``; the loss summed over time, averaged over the
+    batch).  ``sampled``: a :class:`slimnp.sampled_losses.Sampled` objective
+    (its own noise law and generator) instead of the full softmax.  The
+    trainer has no text of its own (the benchmarks pass their segments to
+    ``step``) and writes no file."""
+    from slimnp.data import EOS, UNK, Vocabulary
+    from slimnp.trainer import TrainConfig, Trainer
+
+    V = model.config.vocab_size
+    vocab = Vocabulary([EOS, UNK] + [f"w{i}" for i in range(V - 2)])
+    loss = "softmax" if sampled is None else sampled.kind
+    cfg = TrainConfig(batch_size=B, lr=lr, optimizer=optimizer, clip=5.0, loss=loss,
+                      samples=1 if sampled is None else sampled.S)
+    trainer = Trainer(model, vocab, np.zeros(2 * B, np.int32), None, cfg, os.devnull,
+                      log=lambda m: None, progress=False)
+    trainer.sampled = sampled
+    return trainer
+
+
+def build_torch(cfg: dict, variant: str = "dense"):
+    """The Zaremba model in PyTorch: Embedding -> L-layer LSTM -> Linear, float32;
+    for ``variant`` 'adaptive' an ``nn.AdaptiveLogSoftmaxWithLoss`` (the slimnp
+    variant's cutoffs and div_value) instead of the Linear.  ``nll_sum(x, y,
+    state)`` gives the segment's summed NLL and the final state."""
     import torch
+    import torch.nn.functional as F
     from torch import nn
 
     class ZarembaLM(nn.Module):
@@ -268,11 +292,23 @@ def build_torch(cfg: dict):
             super().__init__()
             self.embedding = nn.Embedding(V, H)
             self.lstm = nn.LSTM(H, H, L)  # time-major (T, B, H)
-            self.output = nn.Linear(H, V)
+            if variant == "adaptive":
+                a = variant_fields(cfg, "adaptive")
+                self.output = nn.AdaptiveLogSoftmaxWithLoss(H, V, list(a["cutoffs"]),
+                                                            div_value=a["div_value"])
+            else:
+                self.output = nn.Linear(H, V)
 
         def forward(self, x, state):
             h, state = self.lstm(self.embedding(x), state)
             return self.output(h), state
+
+        def nll_sum(self, x, y, state):
+            h, state = self.lstm(self.embedding(x), state)
+            h = h.reshape(-1, h.shape[-1])
+            if variant == "adaptive":
+                return -self.output(h, y.reshape(-1)).output.sum(), state
+            return F.cross_entropy(self.output(h), y.reshape(-1), reduction="sum"), state
 
     torch.manual_seed(0)
     model = ZarembaLM(cfg["V"], cfg["H"], cfg["L"]).float()
@@ -372,7 +408,7 @@ def _measure(bench, engine: str, cfg: dict, variant: str, args, segs) -> dict:
     if engine == "slimnp":
         step = bench.slimnp_step(build_slimnp(cfg, variant), cfg, args)
     else:
-        step = bench.torch_step(build_torch(cfg), cfg, args)
+        step = bench.torch_step(build_torch(cfg, variant), cfg, args)
     first = []
     times = time_steps(step, segs, args.warmup, args.steps, first)
     return {"times": times, "first_loss": first[0] if first else None}
@@ -455,10 +491,10 @@ def run(bench, description: str, script: str, argv=None, extra=None, extra_keys=
         except Unavailable as exc:
             unavailable[v] = str(exc)
             out("NOTE: " + str(exc))
-    # (engine, variant) jobs per config; torch does not depend on the variant
+    # (engine, variant) jobs per config; torch: its equivalent of each variant
     jobs = [("slimnp", v) for v in variants if v not in unavailable]
     if torch_ok:
-        jobs.append(("torch", "dense"))
+        jobs += [("torch", t) for t in dict.fromkeys(torch_variant(v) for v in variants)]
     acc = {(n, e, v): {"times": []} for n in names for e, v in jobs}
 
     if args.isolate:
@@ -477,7 +513,7 @@ def run(bench, description: str, script: str, argv=None, extra=None, extra_keys=
             for e, v in jobs:  # build and warm up every engine once
                 set_threads(args.threads, e)
                 try:
-                    model = build_slimnp(cfg, v) if e == "slimnp" else build_torch(cfg)
+                    model = build_slimnp(cfg, v) if e == "slimnp" else build_torch(cfg, v)
                 except Unavailable as exc:
                     acc[(n, e, v)]["unavailable"] = str(exc)
                     continue
@@ -500,9 +536,9 @@ def run(bench, description: str, script: str, argv=None, extra=None, extra_keys=
     for n in names:
         cfg = CONFIGS[n]
         tokens = cfg["T"] * cfg["B"]
-        tacc = acc.get((n, "torch", "dense"), {"times": []})
-        tsum = summarize(tacc["times"], tokens) if tacc["times"] else None
         for v in variants:
+            tacc = acc.get((n, "torch", torch_variant(v)), {"times": []})
+            tsum = summarize(tacc["times"], tokens) if tacc["times"] else None
             row = {"benchmark": bench.KIND, "config": n, "shape": shape_str(cfg), **cfg,
                    "variant": v, "slimnp_tok_s": None, "torch_tok_s": None, "ratio": None,
                    "slimnp": None, "torch": tsum,
@@ -540,7 +576,7 @@ def run(bench, description: str, script: str, argv=None, extra=None, extra_keys=
 
 
 def _progress(r, rounds, name, engine, variant, res, cfg):
-    label = f"  round {r + 1}/{rounds} {name} {engine:6s}" + (f" ({variant})" if engine == "slimnp" else "")
+    label = f"  round {r + 1}/{rounds} {name} {engine:6s}" + (f" ({variant})" if variant != "dense" else "")
     if res.get("times"):
         s = summarize(res["times"], cfg["T"] * cfg["B"])
         rss = f", peak RSS {res['peak_rss_mb']:.0f} MB" if res.get("peak_rss_mb") else ""

@@ -3,7 +3,8 @@
 
 slimnp: ``model.nll(x, y, state)`` over a (T, B) segment, state carried.
 PyTorch: the same Zaremba model under ``torch.inference_mode()``, summed
-cross-entropy.  Same configs, data and options as ``train_throughput.py``.
+cross-entropy (``--variant adaptive``: ``nn.AdaptiveLogSoftmaxWithLoss``).
+Same configs, data and options as ``train_throughput.py``.
 
     python bench/eval_throughput.py --configs A,B
     python bench/eval_throughput.py --configs A --steps 3 --rounds 1 --json
@@ -31,17 +32,15 @@ def slimnp_step(model, cfg, args):
 
 def torch_step(model, cfg, args):
     import torch
-    import torch.nn.functional as F
 
     model.eval()
-    V = cfg["V"]
     state = [common.torch_zero_state(cfg)]
 
     def step(x, y):
         xt, yt = common.torch_ids(x, y)
         with torch.inference_mode():
-            logits, state[0] = model(xt, state[0])
-            return F.cross_entropy(logits.view(-1, V), yt.view(-1), reduction="sum").item()
+            nll, state[0] = model.nll_sum(xt, yt, state[0])
+            return nll.item()
 
     return step
 

@@ -116,19 +116,12 @@ def time_steps(step, segs, warmup, steps):
 # engines
 # ---------------------------------------------------------------------------
 def slimnp_train_step(model, B, lr=1.0, optimizer="sgd", sampled=None):
-    from slimnp.optim import make_optimizer
-
-    opt = make_optimizer(optimizer, 5.0)
-    xp = model.xp
-    state = [model.zero_state(B)]
+    """:meth:`slimnp.trainer.Trainer.step` on the GPU (the host segment is
+    copied to the device inside the step, as in training)."""
+    trainer = common.slimnp_trainer(model, B, lr=lr, optimizer=optimizer, sampled=sampled)
 
     def step(x, y):
-        model.store.zero_grad(lazy=True)
-        nll, new_state, _ = model.forward_backward(xp.asarray(x), xp.asarray(y), state[0], 1.0 / B,
-                                                   sampled=sampled)
-        opt.step(model.store.data, model.store.grad, lr, model.store.segments())
-        state[0] = new_state
-        return nll
+        return trainer.step(x, y).nll
 
     return step
 

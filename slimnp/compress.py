@@ -399,7 +399,7 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
         report["output"] = {"K": K, "M": K * (Mk + F), "clustered_M": K * Mk,
                             "private_entries": K * F, "seeding": stats[0].seeding,
                             "search": stats[0].search, "iterations": [s.iterations for s in stats],
-                            "distortion": _distortion(params["output/W"], A, idx, pools=True)}
+                            "distortion": _distortion(params["output/W"], A, idx)}
         log(f"output: K={K}, {K}x{Mk} clustered + {K}x{F} private entries, "
             f"relative distortion {report['output']['distortion']:.4f}")
     if input_k:
@@ -419,7 +419,7 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
         report["input"] = {"K": K, "M": M + F * K, "clustered_M": M, "private_entries": F * K,
                            "seeding": stats[0].seeding, "search": stats[0].search,
                            "iterations": [stats[0].iterations],
-                           "distortion": _distortion(params["embedding/W"], A, idx, pools=False)}
+                           "distortion": _distortion(params["embedding/W"], A, idx)}
         log(f"input: K={K}, {M} clustered + {F * K} private entries, "
             f"relative distortion {report['input']['distortion']:.4f}")
     report["seconds"] = time.perf_counter() - t0
@@ -442,11 +442,59 @@ def compress_model(model, counts, *, input_k=None, input_ratio=None, output_k=No
     return slim, report
 
 
-def _distortion(W, A, idx, pools: bool) -> float:
-    """``|W - W_hat|_F / |W|_F`` of the rebuilt vectors."""
-    V, K = idx.shape
-    if pools:
-        What = np.concatenate([A[k][idx[:, k]] for k in range(K)], axis=1)
-    else:
-        What = A[idx].reshape(V, -1)
+def _distortion(W, A, idx) -> float:
+    """``|W - W_hat|_F / |W|_F`` of the vectors rebuilt from the pools
+    (:func:`slimnp.layers.slim_matrix`: ``A`` one pool or K of them)."""
+    from .layers import slim_matrix
+
+    What = slim_matrix(A, idx)
     return float(np.linalg.norm(W - What) / max(np.linalg.norm(W), 1e-30))
+
+
+def compress_file(model_path, out, *, input_k=None, input_ratio=None, output_k=None,
+                  output_ratio=None, frequent: int = 0, valid=None, seed: int = 0, iters=None,
+                  force: bool = False, log=print, progress: bool = True) -> dict:
+    """``slimnp compress``: the dense model in file ``model_path`` as a slim
+    model with learned tables (:func:`compress_model`), written to ``out``.
+
+    ``valid``: a text file to report the perplexity on before and after
+    (batch 10).  Returns the report; ``log`` gets a summary line.  ``out`` is
+    checked before the k-means (a folder that cannot be written costs
+    seconds) and is not overwritten unless ``force``.
+    """
+    from pathlib import Path
+
+    from ._atomic import check_output, file_sha256
+    from .evaluate import evaluate_ids
+    from .modelfile import load_model, save_model
+    from .trainer import TrainingError
+
+    out = Path(out)
+    check_output(out)
+    if out.exists() and not force:
+        raise TrainingError(f"{out} exists; pass --force to overwrite it")
+    dense, vocab, _ = load_model(model_path)
+    counts = vocab.counts if vocab.counts is not None else np.ones(len(vocab), np.int64)
+    valid_ids = vocab.encode_file(valid).ids if valid else None
+    report = {}
+    if valid_ids is not None:
+        report["valid_ppl_before"] = evaluate_ids(dense, valid_ids, vocab.eos_id, batch_size=10).perplexity
+    slim, rep = compress_model(dense, counts, input_k=input_k, input_ratio=input_ratio,
+                               output_k=output_k, output_ratio=output_ratio, frequent=frequent,
+                               seed=seed, source_sha256=file_sha256(model_path), log=log, iters=iters,
+                               progress=progress)
+    report.update(rep)
+    if valid_ids is not None:
+        report["valid_ppl_after"] = evaluate_ids(slim, valid_ids, vocab.eos_id, batch_size=10).perplexity
+    save_model(out, slim, vocab, compressed_from={"file": str(Path(model_path).resolve()), **rep})
+    p = report["parameters"]
+    line = (f"wrote {out}: {p['after']:,} parameters (dense {p['before']:,}, "
+            f"{p['after'] / p['before']:.3f}); k-means {report['seconds']:.1f} s")
+    if frequent:
+        line += (f"; {report['frequent']} frequent words ({report['frequent_token_share'] * 100:.1f}% "
+                 f"of the training tokens) kept exact")
+    if valid_ids is not None:
+        line += (f"; valid ppl {report['valid_ppl_before']:.2f} -> {report['valid_ppl_after']:.2f} "
+                 "(batch 10, before fine-tuning)")
+    log(line)
+    return report

@@ -256,6 +256,7 @@ def expand_dense(model):
     ``V x H`` matrices slim layers avoid: a check and a conversion, not a
     way to serve the model.
     """
+    from .layers import slim_matrix
     from .model import LanguageModel
 
     c = model.config
@@ -266,25 +267,16 @@ def expand_dense(model):
     for name in dst:
         if name.startswith(("lstm", "proj_")):
             dst[name][...] = src[name]
-    V, H = c.vocab_size, c.word_size
-    xp = model.xp
     # output layer
     if c.output == "slim":
-        out = model.output
-        A = src["output/A"]  # (K, Mk, d)
-        W = xp.empty((V, H), dtype=model.dtype)
-        for k in range(out.K):
-            W[:, k * out.d : (k + 1) * out.d] = A[k][xp.asarray(out.idx_kv[k])]
-        dst["output/W"][...] = W
+        dst["output/W"][...] = slim_matrix(src["output/A"], model.output.idx_kv.T)  # (K, Mk, d) pools
     else:
         dst["output/W"][...] = src["output/W"]
     dst["output/b"][...] = src["output/b"]
     # input layer
     emb = model.embedding
     if c.input == "slim":
-        pool = emb._pool()  # (M, d)
-        sub = xp.asarray(emb.idx)  # (V, K)
-        dst["embedding/W"][...] = pool[sub].reshape(V, H)
+        dst["embedding/W"][...] = slim_matrix(emb._pool(), emb.idx)  # one (M, d) pool
     else:
         dst["embedding/W"][...] = src[emb.param]
     return dense

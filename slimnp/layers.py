@@ -401,6 +401,41 @@ def slim_embedding_backward(dA, sub, dX):
     kernels.embedding_scatter_add(dA, sub.reshape(-1), dX.reshape(-1, d))
 
 
+def slim_matrix(A, idx, out=None):
+    """The ``V x H`` word vectors that a slim layer's pools and table stand for.
+
+    A : (M, d) the input layer's one shared pool, or (K, M/K, d) the output
+    layer's K disjoint pools;  idx : (V, K) integer table (the layouts of
+    :mod:`slimnp.mapping`).  Returns ``W : (V, K*d)`` with
+
+    * one pool:  ``W[w] = [A[idx[w, 0]] | ... | A[idx[w, K-1]]]``
+    * K pools:   ``W[w] = [A[0, idx[w, 0]] | ... | A[K-1, idx[w, K-1]]]``
+
+    one gather of ``V*K`` pool rows (the K pools are read as one ``(M, d)``
+    array, pool k's rows starting at ``k*M/K``).  ``out``: an optional
+    C-contiguous ``(V, K*d)`` buffer of A's dtype, written and returned.
+    The slim layers exist not to hold this matrix: it is built to check or
+    convert a model (:func:`slimnp.inference.expand_dense`, the distortion
+    of :mod:`slimnp.compress`) and by the output layer's ``dense`` strategy.
+    """
+    xp = array_module(A)
+    V, K = idx.shape
+    if A.ndim == 3:
+        if A.shape[0] != K:
+            raise ValueError(f"{A.shape[0]} pools but the table has K = {K} columns")
+        _, Mk, d = A.shape
+        idx = idx + xp.arange(K) * Mk  # (V, K) rows of the pools seen as one
+        A = A.reshape(K * Mk, d)
+    d = A.shape[1]
+    if out is None:
+        out = xp.empty((V, K * d), dtype=A.dtype)
+    elif out.shape != (V, K * d) or out.dtype != A.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous ({V}, {K * d}) {A.dtype} array, got "
+                         f"{out.shape} {out.dtype}")
+    xp.take(A, idx.reshape(-1), axis=0, out=out.reshape(V * K, d))
+    return out
+
+
 class SlimEmbedding:
     """Input layer: each word is K sub-vectors from ONE shared pool ``A: (M, H/K)``.
 
@@ -622,11 +657,10 @@ class SlimSoftmax:
 
     def _weights(self):
         """The ``(V, H)`` word vectors, gathered from the pools into the workspace."""
-        xp = self.store.xp
         A = self.store.params[f"{self.name}/A"].reshape(self.K * self.Mk, self.d)
         W = self.ws.get("W", (self.V, self.H), A.dtype)
-        xp.take(A, self._all_rows, axis=0, out=W.reshape(self.V * self.K, self.d))
-        return W
+        # the rows cached as one pool's: no (V, K) table of offsets per call
+        return slim_matrix(A, self._all_rows.reshape(self.V, self.K), out=W)
 
     def _dense_loss(self, h, targets, scale, compute_grad, chunk):
         """:meth:`loss` with the ``V x H`` matrix rebuilt: the full softmax's

@@ -1,61 +1,20 @@
-"""Slim embeddings: assignment tables, DP output layer, gradients, files, CLI."""
+"""Slim embedding layers (slimnp.layers): the DP output layer and its dense
+strategy against the full softmax, gradients, no-sharing limits; the CLI's
+slim options.  (Tables: test_mapping.py; the model: test_model.py.)"""
 import json
 
-import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from slimnp import io as sio
-from slimnp.backend import make_rng
 from slimnp.cli import main
 from slimnp import layers
 from slimnp.layers import (SlimSoftmax, Softmax, slim_embedding_backward, slim_embedding_forward,
                            slim_logits, slim_output_strategy)
 from slimnp.mapping import hash_assignment, shuffle_assignment, shuffle_assignment_pools
-from slimnp.model import LanguageModel, ModelConfig
-from slimnp.modelfile import load_model, mapping_fields
 
 from gradcheck import assert_grad, layer
-from helpers import cycle_losses, tiny_corpus
-
-
-# -- tables -------------------------------------------------------------------
-@pytest.mark.parametrize("V,K,M", [(4, 2, 3), (1000, 10, 777), (50, 3, 150), (7, 1, 1)])
-def test_shuffle_table_uses_pool_uniformly(V, K, M):
-    t = shuffle_assignment(V, K, M, seed=1)
-    assert t.shape == (V, K) and t.min() >= 0 and t.max() < M
-    use = np.bincount(t.ravel(), minlength=M)
-    assert use.min() == (K * V) // M and use.max() == -(-K * V // M)
-    np.testing.assert_array_equal(t, shuffle_assignment(V, K, M, seed=1))
-    if M > 1 and V * K > 4:
-        assert not np.array_equal(t, shuffle_assignment(V, K, M, seed=2))
-
-
-def test_output_table_columns_are_uniform_per_pool():
-    V, K, Mk = 1000, 5, 128
-    t = shuffle_assignment_pools(V, K, Mk, seed=0)
-    for k in range(K):
-        use = np.bincount(t[:, k], minlength=Mk)
-        assert use.min() == V // Mk and use.max() == -(-V // Mk)
-    assert not np.array_equal(t[:, 0], t[:, 1])
-
-
-def test_table_errors():
-    with pytest.raises(ValueError, match="K\\*V"):
-        shuffle_assignment(10, 2, 21, 0)
-    with pytest.raises(ValueError, match="V=10"):
-        shuffle_assignment_pools(10, 2, 11, 0)
-
-
-def test_hash_table_is_a_function_of_seed():
-    a = hash_assignment(5000, 8, 300, seed=3, salt=0)
-    np.testing.assert_array_equal(a, hash_assignment(5000, 8, 300, seed=3, salt=0))
-    assert not np.array_equal(a, hash_assignment(5000, 8, 300, seed=4, salt=0))
-    assert a.min() >= 0 and a.max() < 300
-    use = np.bincount(a.ravel(), minlength=300)
-    # hashing is uniform in expectation (mean 133.3), not exactly
-    assert use.min() > 80 and use.max() < 190
+from helpers import tiny_corpus
 
 
 # -- layers -------------------------------------------------------------------
@@ -73,6 +32,39 @@ def test_dp_logits_equal_materialised_matrix(rng):
     idx = shuffle_assignment_pools(V, K, Mk, 0)
     z, _ = slim_logits(h, A, np.ascontiguousarray(idx.T), b)
     np.testing.assert_allclose(z, h @ _dense_from_pools(A, idx).T + b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("table", ["shuffle", "hash"])
+def test_slim_matrix_equals_the_word_by_word_loop(rng, table):
+    """slim_matrix rebuilds W[w] = [A[idx[w, 0]] | ...] for one pool and
+    [A[0, idx[w, 0]] | ... | A[K-1, idx[w, K-1]]] for K pools, exactly (a
+    gather: every number is a pool's own), ids 0 and V-1 and shared rows
+    included; ``out`` receives it."""
+    V, K, M, Mk, d = 37, 4, 29, 6, 3
+    if table == "shuffle":
+        idx_in, idx_out = shuffle_assignment(V, K, M, 1), shuffle_assignment_pools(V, K, Mk, 2)
+    else:
+        idx_in, idx_out = hash_assignment(V, K, M, seed=3, salt=0), hash_assignment(V, K, Mk, seed=3, salt=1)
+    pool, pools = rng.standard_normal((M, d)).astype(np.float32), rng.standard_normal((K, Mk, d))
+    want_in, want_out = np.zeros((V, K * d), np.float32), np.zeros((V, K * d))
+    for w in range(V):
+        for k in range(K):
+            want_in[w, k * d : (k + 1) * d] = pool[idx_in[w, k]]
+            want_out[w, k * d : (k + 1) * d] = pools[k, idx_out[w, k]]
+    for A, idx, want in ((pool, idx_in, want_in), (pools, idx_out, want_out)):
+        got = layers.slim_matrix(A, idx)
+        assert got.dtype == A.dtype
+        np.testing.assert_array_equal(got, want)
+        out = np.full((V, K * d), np.nan, A.dtype)
+        assert layers.slim_matrix(A, idx, out=out) is out
+        np.testing.assert_array_equal(out, want)
+    # the K pools seen as one (M, d) pool with global rows: the same matrix
+    rows = idx_out + np.arange(K) * Mk
+    np.testing.assert_array_equal(layers.slim_matrix(pools.reshape(K * Mk, d), rows), want_out)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        layers.slim_matrix(pool, idx_in, out=np.empty((K * d, V), np.float32).T)
+    with pytest.raises(ValueError, match="3 pools but the table has K = 4"):
+        layers.slim_matrix(pools[:3], idx_out)
 
 
 def _slim_and_full(rng, V, H, K, Mk, idx, strategy="dp"):
@@ -203,73 +195,6 @@ def test_slim_embedding_gradient(rng):
     assert_grad(dA, loss, A)
 
 
-SLIM = dict(input="slim", input_k=2, input_m=12, output="slim", output_k=3, output_m=15)
-
-
-@pytest.mark.parametrize("extra", [SLIM, dict(SLIM, mapping="hash"),
-                                   dict(output="slim", output_k=2, output_m=10, input="slim", tie=True),
-                                   dict(tie=True), "hashnet-dense", "tied-dense"])
-def test_model_gradients_slim(extra, rng, monkeypatch):
-    V, H, L, T, B = 13, 6, 2, 3, 2
-    if isinstance(extra, str):  # the output layer on the dense strategy (forced: the model is tiny)
-        monkeypatch.setattr(layers, "DENSE_MIN_ELEMENTS", 0)
-        extra = {"hashnet-dense": dict(SLIM, mapping="hash", output_k=6, output_m=18),
-                 "tied-dense": dict(output="slim", output_k=3, output_m=15, input="slim", tie=True)}[extra]
-        dense = True
-    else:
-        dense = False
-    m = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=L, init_scale=0.4,
-                                  dtype="float64", **extra))
-    if extra.get("output") == "slim":
-        assert m.output.strategy == ("dense" if dense else "dp")
-    m.init_params(np.random.default_rng(0))
-    x = rng.integers(0, V, (T, B)).astype(np.int32)
-    y = rng.integers(0, V, (T, B)).astype(np.int32)
-    state = rng.standard_normal((L, 2, B, H)) * 0.5
-
-    def loss():
-        return float(m.nll(x, y, state)[0].sum()) / B
-
-    m.store.zero_grad()
-    m.forward_backward(x, y, state)
-    for name, p in m.store.params.items():
-        idx = rng.choice(p.size, size=min(p.size, 20), replace=False)
-        assert_grad(m.store.grads[name], loss, p, idx)
-
-
-def test_parameter_counts():
-    V, H = 1000, 20
-    dense = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=1))
-    slim = LanguageModel(ModelConfig(vocab_size=V, hidden=H, layers=1, input="slim", input_k=4,
-                                     input_m=400, output="slim", output_k=5, output_m=500))
-    shapes = slim.param_shapes()
-    assert np.prod(shapes["embedding/A"]) == 400 * H // 4  # M*H/K
-    assert np.prod(shapes["output/A"]) == 500 * H // 5
-    assert dense.num_parameters - slim.num_parameters == 2 * V * H - 400 * 5 - 500 * 4
-
-
-@pytest.mark.parametrize("mapping", ["shuffle", "hash"])
-def test_slim_save_load_round_trip(tmp_path, mapping):
-    cfg = ModelConfig(vocab_size=30, hidden=6, layers=1, mapping=mapping, mapping_seed=7, **SLIM)
-    m = LanguageModel(cfg)
-    m.init_params(make_rng(1))
-    ck = sio.Checkpoint(config={"model": cfg.to_dict()},
-                        vocab=["<eos>", "<unk>"] + [f"w{i}" for i in range(28)],
-                        params=m.params_numpy(), **mapping_fields(m))
-    sio.save(tmp_path / "m.h5", ck)
-    with h5py.File(tmp_path / "m.h5") as f:
-        names = list(f["mapping"].keys()) if "mapping" in f else []
-        if mapping == "shuffle":
-            assert f["mapping/output/idx"].dtype == np.uint8  # smallest dtype that fits
-        else:
-            assert names == []  # hash: nothing stored but the seed
-    m2, _, _ = load_model(tmp_path / "m.h5")
-    x = np.arange(8, dtype=np.int32).reshape(4, 2)
-    np.testing.assert_array_equal(m.logits(x, m.zero_state(2))[0], m2.logits(x, m2.zero_state(2))[0])
-    for k in m.mapping:
-        np.testing.assert_array_equal(m.mapping[k], m2.mapping[k])
-
-
 @pytest.mark.parametrize("args,needle", [
     (["--input", "slim", "--input-k", "3", "--input-m", "10"], "must divide hidden"),
     (["--output", "slim", "--output-k", "4", "--output-m", "10"], "multiple of K"),
@@ -302,7 +227,7 @@ def test_cli_trains_slim_model(tmp_path):
     assert info["config"]["model"]["output_m"] % 4 == 0
 
 
-# -- no-sharing limits, stability, learning, inspect -------------------------------
+# -- no-sharing limits ----------------------------------------------------------
 def test_slim_input_without_sharing_is_a_dense_embedding(rng):
     """K=1, M=V, identity table: exactly the dense embedding (forward and backward)."""
     from slimnp.layers import embedding_backward, embedding_forward
@@ -325,50 +250,6 @@ def test_slim_output_with_identity_pools_is_the_full_softmax(rng):
     V, K, d = 11, 3, 2
     _assert_same_softmax(rng, V, K * d, K, V, np.tile(np.arange(V, dtype=np.int32)[:, None], (1, K)),
                          scale=1.0)
-
-
-def test_hash_mapping_is_stable_across_processes():
-    import hashlib
-    import subprocess
-    import sys
-
-    code = ("import hashlib; from slimnp.mapping import hash_assignment; "
-            "print(hashlib.sha256(hash_assignment(5000, 8, 300, 11, 1).tobytes()).hexdigest())")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-            for _ in range(2)}
-    here = hashlib.sha256(hash_assignment(5000, 8, 300, 11, 1).tobytes()).hexdigest()
-    assert outs == {here + "\n"}
-
-
-def test_tiny_slim_model_loss_falls():
-    m = LanguageModel(ModelConfig(vocab_size=20, hidden=12, layers=1, **dict(SLIM, input_m=20, output_m=30)))
-    m.init_params(make_rng(0))
-    first, last = cycle_losses(m)
-    assert last < 0.5 * first
-
-
-def test_inspect_reports_slim_layers(tmp_path):
-    tiny_corpus(tmp_path / "c", tokens=3000)
-    args = ["train", "--data", str(tmp_path / "c"), "--layers", "1", "--hidden", "16", "--epochs", "1",
-            "--input", "slim", "--input-k", "4", "--input-m", "50", "--output", "slim",
-            "--output-k", "4", "--output-m", "40", "-q"]
-    for mapping in ("shuffle", "hash"):
-        out = str(tmp_path / f"{mapping}.h5")
-        assert CliRunner().invoke(main, args + ["--mapping", mapping, "--out", out]).exit_code == 0
-        info = json.loads(CliRunner().invoke(main, ["inspect", out, "--json"]).output)
-        V = info["vocab_size"]
-        r_in, r_out = info["slim"]["input"], info["slim"]["output"]
-        assert r_in["pool_parameters"] == 50 * 4 and r_in["dense_parameters"] == V * 16
-        assert r_out["pool_parameters"] == 40 * 4
-        assert r_in["compression"] == pytest.approx(200 / (V * 16))
-        assert r_in["mapping"] == mapping
-        if mapping == "shuffle":
-            assert r_in["uses_min"] == (4 * V) // 50 and r_in["uses_max"] == -(-4 * V // 50)
-            assert r_in["table_bytes"] > 0
-        else:
-            assert r_in["table_bytes"] == 0 and r_in["uses_max"] >= r_in["uses_min"]
-        text = CliRunner().invoke(main, ["inspect", out]).output
-        assert "slim input: K=4 M=50" in text
 
 
 def test_word_major_logits_equal_row_major(rng):
