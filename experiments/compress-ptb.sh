@@ -14,11 +14,10 @@
 # has no run for.
 #
 #   bash experiments/compress-ptb.sh [FREQUENT]      # FREQUENT words kept exact (default 0)
-#   SLIMNP=.venv/bin/slimnp PYTHON=.venv/bin/python bash experiments/compress-ptb.sh
+#   SLIMNP=.venv/bin/slimnp bash experiments/compress-ptb.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SLIMNP=${SLIMNP:-slimnp}
-PYTHON=${PYTHON:-python3}  # one that imports this slimnp
 PTB=${PTB:-../shared/data/ptb}
 N=${1:-0}
 DENSE=experiments/runs/sweeps-ptb/uncompressed.best.h5
@@ -31,7 +30,7 @@ record() {  # record STEP COMMAND... : run it, append its results line (run = ST
   local step=$1; shift
   local json
   json=$("$@")
-  "$PYTHON" -m slimnp.results command "$OUT" experiments/compress-ptb.sh "$step" "$*" "$json"
+  $SLIMNP experiment record "$OUT" experiments/compress-ptb.sh "$step" "$*" "$json"
 }
 record dense-test $SLIMNP evaluate $DENSE $PTB/ptb.test.txt --json --quiet
 record compress $SLIMNP compress $DENSE --out $SLIM --force --input-k 10 --input-ratio 0.125 \

@@ -564,6 +564,54 @@ def experiment_status(plan, sets, as_json):
                    f"{v} {t}  {r['state']}{m}")
 
 
+@experiment.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@friendly_errors
+def experiment_check(files):
+    """Check every line of results FILES against the schema (slimnp.results)."""
+    from .results import file_problems
+
+    bad = 0
+    for f in files:
+        problems = file_problems(f)
+        for run, pr in problems:
+            click.echo(f"{f}: run {run!r}: {'; '.join(pr)}")
+        bad += len(problems)
+        if not problems:
+            click.echo(f"{f}: every line current")
+    sys.exit(1 if bad else 0)
+
+
+@experiment.command("rewrite")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@friendly_errors
+def experiment_rewrite(files):
+    """Rewrite results FILES in the current form (paths relative to the
+    plan, older line forms converted); every number is kept, and a current
+    file is left untouched.  Run it while no runner appends to FILES."""
+    from .results import rewrite
+
+    for f in files:
+        n = rewrite(f)
+        click.echo(f"{f}: {n} line(s) rewritten" if n else f"{f}: current")
+
+
+@experiment.command("record")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("script", type=click.Path(dir_okay=False))
+@click.argument("run")
+@click.argument("command")
+@click.argument("output")
+@friendly_errors
+def experiment_record(out, script, run, command, output):
+    """Append to results file OUT the line of one COMMAND of SCRIPT, named
+    RUN, from its printed OUTPUT (last line: its --json object); for scripts
+    such as experiments/compress-ptb.sh."""
+    from .results import record_command
+
+    record_command(out, script, run, command, output)
+
+
 @experiment.command("worker", hidden=True)
 @click.argument("spec", type=click.Path(dir_okay=False, exists=True))
 @friendly_errors

@@ -495,45 +495,29 @@ def rewrite(path) -> int:
     return sum(a != b for a, b in zip(old, new))
 
 
-def main(argv=None) -> int:
-    """``python -m slimnp.results rewrite FILE...`` (old lines to the current
-    form), ``check FILE...``, and ``command OUT PLAN RUN COMMAND OUTPUT``:
-    append the line of one command of a script run from the current folder
-    (``experiments/compress-ptb.sh``)."""
-    import argparse
+def file_problems(path) -> list:
+    """``[(run, [problem, ...])]`` of the lines of ``path`` that are not in
+    the current form (``slimnp experiment check``)."""
+    bad = [(r.get("run"), check(r)) for r in read_lines(path)]
+    return [(run, pr) for run, pr in bad if pr]
 
-    p = argparse.ArgumentParser(prog="python -m slimnp.results", description=main.__doc__)
-    sub = p.add_subparsers(dest="what", required=True)
-    sub.add_parser("rewrite", help="rewrite files in the current form").add_argument("files", nargs="+")
-    sub.add_parser("check", help="check every line of files").add_argument("files", nargs="+")
-    c = sub.add_parser("command", help="append the line of a script's command")
-    for name in ("out", "plan", "run", "command", "output"):
-        c.add_argument(name)
-    a = p.parse_args(argv)
+
+def record_command(out, plan, run: str, command: str, output: str, cwd=None) -> dict:
+    """Append the results line of one command of a script (``slimnp
+    experiment record``, for ``experiments/compress-ptb.sh``): ``output`` is
+    the command's printed text, whose last line is its ``--json`` object;
+    ``plan`` the script's path, relative paths from ``cwd`` (default: the
+    current folder).  Returns the record."""
+    plan = Path(plan)
+    lines = output.strip().splitlines()
     try:
-        if a.what == "rewrite":
-            for f in a.files:
-                n = rewrite(f)
-                print(f"{f}: {n} line(s) rewritten" if n else f"{f}: current")
-        elif a.what == "check":
-            for f in a.files:
-                bad = [(r.get("run"), check(r)) for r in read_lines(f)]
-                bad = [(run, pr) for run, pr in bad if pr]
-                for run, pr in bad:
-                    print(f"{f}: run {run!r}: {'; '.join(pr)}")
-                if bad:
-                    return 1
-                print(f"{f}: every line current")
-        else:
-            plan = Path(a.plan)
-            out = json.loads(a.output.strip().splitlines()[-1])
-            append(a.out, from_command(a.run, a.command, out, plan=plan.name,
-                                       plan_dir=plan.resolve().parent, cwd=os.getcwd()))
-    except (ResultsError, OSError) as exc:
-        print(f"error: {exc}")
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        obj = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise ResultsError(f"{run}: the command's last line is no JSON object: "
+                           f"{lines[-1][:80] if lines else '(no output)'!r}")
+    rec = from_command(run, command, obj, plan=plan.name, plan_dir=plan.resolve().parent,
+                       cwd=str(cwd or os.getcwd()))
+    append(out, rec)
+    return rec

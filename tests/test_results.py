@@ -213,15 +213,27 @@ def test_append_needs_every_required_key(tmp_path, key):
 
 
 def test_the_script_command_appends_a_record(tmp_path, monkeypatch):
-    """experiments/compress-ptb.sh: `python -m slimnp.results command ...`."""
+    """experiments/compress-ptb.sh: `slimnp experiment record ...`."""
+    from click.testing import CliRunner
+
+    from slimnp.cli import main
+
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "s.sh").write_text("")
     monkeypatch.chdir(tmp_path)
     out = json.dumps({"model": "experiments/runs/m.h5", "file": str(tmp_path / "test.txt"),
                       "perplexity": 112.5, "tokens": 100})
-    code = R.main(["command", "experiments/results/s.jsonl", "experiments/s.sh", "dense-test",
-                   "/x/bin/slimnp evaluate experiments/runs/m.h5 test.txt --json", "log line\n" + out])
-    assert code == 0
+    r = CliRunner().invoke(main, ["experiment", "record", "experiments/results/s.jsonl", "experiments/s.sh",
+                                  "dense-test", "/x/bin/slimnp evaluate experiments/runs/m.h5 test.txt --json",
+                                  "log line\n" + out])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["experiment", "check", "experiments/results/s.jsonl"])
+    assert r.exit_code == 0 and "every line current" in r.output
+    r = CliRunner().invoke(main, ["experiment", "rewrite", "experiments/results/s.jsonl"])
+    assert r.exit_code == 0 and r.output.strip().endswith(": current")
+    r = CliRunner().invoke(main, ["experiment", "record", "experiments/results/s.jsonl", "experiments/s.sh",
+                                  "x", "cmd", "no json here"])
+    assert r.exit_code == 1 and "no JSON object" in r.output
     rec = R.read("experiments/results/s.jsonl")["dense-test"]
     assert R.check(rec) == []
     assert (rec["test_ppl"], rec["test_tokens"], rec["valid_ppl"]) == (112.5, 100, None)
