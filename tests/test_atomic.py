@@ -79,6 +79,20 @@ def test_file_sha256_reads_in_blocks(tmp_path):
 # ---------------------------------------------------------------------------
 # output paths checked before any work
 # ---------------------------------------------------------------------------
+def test_check_output_fails_fast(tmp_path):
+    _atomic.check_output(tmp_path / "m.h5")  # fine, and leaves nothing behind
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(WriteError, match=r"cannot write .*x\.h5 \(--out\): folder .*missing/dir does "
+                                         r"not exist; create it first \(nothing was done\)"):
+        _atomic.check_output(tmp_path / "missing" / "dir" / "x.h5")
+    (tmp_path / "d.h5").mkdir()
+    with pytest.raises(WriteError, match="it is a folder"):
+        _atomic.check_output(tmp_path / "d.h5")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(WriteError, match="is not a folder"):
+        _atomic.check_output(tmp_path / "f" / "x.h5")
+
+
 def test_a_missing_output_folder_fails_before_training(trained, tmp_path, monkeypatch):
     d, files = trained
     from slimnp import trainer

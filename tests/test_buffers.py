@@ -2,14 +2,14 @@
 another, handed out as views; gradients that add or overwrite; scratch
 arrays kept per name.
 
-(Lazy zeroing with row-tracked embedding gradients, and a Workspace reusing
-its buffer, are tested with the fast paths in test_fast_paths.py; the
-model's parameters living in the store in test_model.py.)
+(The model's parameters living in the store, and its lazily zeroed,
+row-tracked step equal to the plain one, are tested in test_model.py.)
 """
 import numpy as np
 import pytest
 
 from slimnp.buffers import ParamStore, Workspace
+from slimnp.optim import global_norm
 
 SHAPES = {"emb": (5, 3), "lstm0/b": (8,), "out/A": (2, 3, 2)}
 
@@ -83,6 +83,32 @@ def test_accumulate_adds_unless_the_gradient_is_lazily_zero(rng):
     np.testing.assert_array_equal(store.grads["lstm0/b"], 2 * x)
 
 
+def test_lazy_zero_and_row_tracking():
+    store = ParamStore()
+    store.add("emb", (10, 3))
+    store.add("w", (3, 2))
+    store.allocate()
+    store.grad[:] = 7  # stale values from an earlier step
+    store.zero_grad(lazy=True)
+    g = store.grad_rows("emb", np.array([2, 5]))
+    g[[2, 5]] += 1
+    a, b = np.ones((3, 4), np.float32), np.ones((4, 2), np.float32)
+    store.accumulate("w", a, b)  # written, not added to the stale 7s
+    store.settle_grad()
+    assert np.all(store.grads["w"] == 4)
+    np.testing.assert_array_equal(store.grads["emb"].sum(axis=1), [0, 0, 3, 0, 0, 3, 0, 0, 0, 0])
+    assert [s[0] for s in store.segments()] == ["rows", "dense"]
+    # next step: only rows 2 and 5 needed clearing; a second scatter unions rows
+    store.zero_grad(lazy=True)
+    store.grad_rows("emb", np.array([1]))[1] += 1
+    store.grad_rows("emb", np.array([9]))[9] += 1
+    store.settle_grad()
+    np.testing.assert_array_equal(store.grads["emb"].sum(axis=1), [0, 3, 0, 0, 0, 0, 0, 0, 0, 3])
+    np.testing.assert_array_equal(store.segments()[0][3], [1, 9])
+    assert np.all(store.grads["w"] == 0)  # settled: nobody wrote it this step
+    assert global_norm(store.grad, store.segments()) == pytest.approx(np.sqrt(6))
+
+
 def test_a_dense_write_ends_row_tracking():
     """After ``grad_rows`` the optimizer visits only the rows touched; a dense
     ``accumulate`` into the same gradient makes it dense again (non-zero
@@ -109,3 +135,10 @@ def test_workspace_keeps_one_buffer_per_name_shape_and_dtype():
     c = ws.get("logits", (4, 5), np.float64)
     assert c.dtype == np.float64 and c is not a  # a new dtype: a new buffer
     assert ws.get("logits", (4, 5), np.float64) is c
+
+
+def test_workspace_reuses_buffers():
+    ws = Workspace()
+    a = ws.get("x", (4, 5), np.float32)
+    assert ws.get("x", (4, 5), np.float32) is a
+    assert ws.get("x", (4, 6), np.float32).shape == (4, 6)

@@ -1,4 +1,5 @@
-"""The command line through click's CliRunner: help, a whole run, error paths."""
+"""The command line through click's CliRunner: help, a whole run, error paths,
+the slim layers' options."""
 import json
 
 import h5py
@@ -211,3 +212,33 @@ def test_data_fetch_ptb_from_local_mirror(tmp_path):
         assert not list((tmp_path / "ptb2").glob("ptb.*.txt"))
     finally:
         srv.shutdown()
+
+
+# -- the slim layers' options ---------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["--input", "slim", "--input-k", "3", "--input-m", "10"], "must divide hidden"),
+    (["--output", "slim", "--output-k", "4", "--output-m", "10"], "multiple of K"),
+    (["--input", "slim", "--input-k", "4", "--input-m", "100000"], "K*V"),
+    (["--input", "slim", "--input-m", "10"], "--input-k"),
+    (["--input-k", "4"], "need --input slim"),
+    (["--tie", "--output", "slim", "--output-k", "4", "--output-ratio", "0.5"], "same kind"),
+])
+def test_cli_rejects_bad_combinations(tmp_path, args, needle):
+    tiny_corpus(tmp_path / "c", tokens=2000)
+    r = run("train", "--data", tmp_path / "c", "--out", tmp_path / "m.h5", "--hidden", "16", "-q", *args)
+    assert r.exit_code == 1, r.output
+    assert needle in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m.h5").exists()
+
+
+def test_cli_trains_slim_model(tmp_path):
+    tiny_corpus(tmp_path / "c", tokens=4000)
+    r = run("train", "--data", tmp_path / "c", "--out", tmp_path / "m.h5", *TINY,
+            "--input", "slim", "--input-k", "4", "--input-ratio", "0.25",
+            "--output", "slim", "--output-k", "4", "--output-ratio", "0.25", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output.strip().splitlines()[-1])
+    assert np.isfinite(s["test_ppl"])
+    info = json.loads(run("inspect", tmp_path / "m.h5", "--json").output)
+    assert info["config"]["model"]["input"] == "slim"
+    assert info["config"]["model"]["output_m"] % 4 == 0

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from slimnp import kernels
-from slimnp.kernels import reference
+from slimnp.kernels import cpu, reference
+from slimnp.mapping import shuffle_assignment_pools
 
 from backends import DTYPES, GPU, SLIM_CASES, slim_case, tol
 
@@ -383,6 +384,14 @@ def test_dispatcher_validates():
         kernels.use("fast")
 
 
+def test_inverse_table_shape_checked():
+    V, K, Mk = 40, 2, 10
+    idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, 0).T)
+    with pytest.raises(ValueError, match="inv"):
+        kernels.slim_segment_sum_t(np.zeros((V, 3), np.float32), idx_kv, np.empty((K, Mk, 3), np.float32),
+                                   inv=np.zeros((K, 3, Mk), np.int32))
+
+
 def test_lstm_segment_kernels_validate_once():
     gates = np.zeros((3, 2, 8), np.float32)
     fwd, bwd = kernels.lstm_segment_kernels(gates, np.zeros((4, 2, 2), np.float32))
@@ -393,3 +402,26 @@ def test_lstm_segment_kernels_validate_once():
         kernels.lstm_segment_kernels(gates, np.zeros((4, 2, 2), np.float64))
     with kernels.using("reference"):
         assert kernels.lstm_segment_kernels(gates, np.zeros((4, 2, 2), np.float32))[0] is reference.lstm_pointwise_forward
+
+
+# ---------------------------------------------------------------------------
+# the Numba kernels' float32 exp
+# ---------------------------------------------------------------------------
+def test_exp32_accuracy_and_no_subnormals():
+    import numba as nb
+
+    @nb.njit
+    def run(x, out):
+        for i in range(x.shape[0]):
+            out[i] = cpu._exp(x[i])
+
+    x = np.linspace(-80, 80, 200_001, dtype=np.float32)
+    out = np.empty_like(x)
+    run(x, out)
+    rel = np.abs(out / np.exp(x.astype(np.float64)) - 1)
+    assert rel.max() < 3e-6
+    # clamped at the ends instead of under/overflowing
+    ext = np.array([-1e4, -200, 200, 1e4], np.float32)
+    out = np.empty_like(ext)
+    run(ext, out)
+    assert np.all(out >= np.finfo(np.float32).tiny) and np.all(np.isfinite(out))

@@ -1,16 +1,15 @@
-"""slimnp.mapping: the slim layers' assignment tables (shuffle and hash) and
-the report of their pool usage.
+"""slimnp.mapping: the slim layers' assignment tables (shuffle and hash), the
+inverted output table, and the report of their pool usage.
 
-(The inverted output table, ``inverse_table``, is tested beside the kernels
-that use it, in test_fast_paths.py.)
+(The kernels reading the inverted table are tested in test_kernels.py.)
 """
 import json
 
 import numpy as np
 import pytest
 
-from slimnp.mapping import (hash_assignment, hash_index, input_table, output_table, shuffle_assignment,
-                            shuffle_assignment_pools)
+from slimnp.mapping import (hash_assignment, hash_index, input_table, inverse_table, output_table,
+                            shuffle_assignment, shuffle_assignment_pools)
 
 from helpers import run_cli, tiny_corpus
 
@@ -108,6 +107,22 @@ def test_input_and_output_tables_by_kind():
     for build in (input_table, output_table):
         with pytest.raises(ValueError, match="unknown mapping 'random'; expected 'shuffle' or 'hash'"):
             build(V, K, Mk, "random", 0)
+
+
+# -- the inverted output table ----------------------------------------------------
+def test_inverse_table():
+    V, K, Mk = 60, 3, 12
+    idx_kv = np.ascontiguousarray(shuffle_assignment_pools(V, K, Mk, 4).T)
+    inv = inverse_table(idx_kv, Mk)
+    assert inv.shape == (K, V // Mk, Mk)
+    for k in range(K):
+        for j in range(Mk):
+            words = inv[k, :, j]
+            assert np.all(np.diff(words) > 0)  # ascending
+            assert np.array_equal(np.flatnonzero(idx_kv[k] == j), words)
+    # uneven fan-out (hash mapping, or Mk not dividing V): no inverse
+    assert inverse_table(np.ascontiguousarray(hash_assignment(V, K, Mk, 0, 1).T), Mk) is None
+    assert inverse_table(idx_kv[:, :-1], Mk) is None
 
 
 # -- the report (slimnp inspect) ---------------------------------------------------

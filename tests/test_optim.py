@@ -1,8 +1,7 @@
 """slimnp.optim: SGD's clipped update (dense and row-wise); Adagrad's update
 rule, row-wise sparse updates, clipping, the Numba kernels against their NumPy
-form, checkpoints and a bit-exact resume.
-
-(The learning-rate schedules are tested with the trainer, test_trainer.py.)"""
+form, checkpoints and a bit-exact resume; global-norm clipping and the
+learning-rate schedules."""
 import math
 import signal
 
@@ -12,7 +11,7 @@ import pytest
 from slimnp import io as sio
 from slimnp import kernels
 from slimnp.kernels import adagrad_update, cpu, reference
-from slimnp.optim import SGD, Adagrad, make_optimizer
+from slimnp.optim import SGD, Adagrad, Schedule, clip_global_norm, make_optimizer
 from slimnp.trainer import TrainConfig, resume_training, run_training
 from slimnp.options import configs
 
@@ -70,6 +69,19 @@ def test_sgd_state_dict_and_the_wrong_optimizer():
     assert other.clip == 2.5
     with pytest.raises(ValueError, match="checkpoint optimizer is 'adagrad', not 'sgd'"):
         other.load_state_dict(Adagrad(clip=1.0).state_dict())
+
+
+# -- clipping and the learning-rate schedules ---------------------------------
+def test_clip_and_schedules():
+    g = np.array([3.0, 4.0])
+    assert clip_global_norm(g, 1.0) == 5.0
+    np.testing.assert_allclose(g, [0.6, 0.8])
+    z = Schedule("epoch", 1.0, 0.5, start=4)
+    assert [z.next_lr(None, e, None, None) for e in range(1, 8)] == [1, 1, 1, 0.5, 0.25, 0.125, 0.0625]
+    k = Schedule("plateau", 1.0, 0.5, threshold=1.0)
+    assert k.next_lr(1.0, 1, float("inf"), 100.0) == 1.0
+    assert k.next_lr(1.0, 2, 100.0, 99.5) == 0.5
+    assert k.next_lr(1.0, 2, 100.0, 90.0) == 1.0
 
 
 # -- Adagrad ------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """slimnp.threaded_lstm: the LSTM stack as a pipeline over layers equals the
-plain stack, layer after layer, of slimnp.layers' forward/backward pair.
-
-(Through the model -- ``forward_backward`` with the pipeline on and off --,
-a failing stage and the on/off heuristic are tested in test_fast_paths.py.)
+plain stack, layer after layer, of slimnp.layers' forward/backward pair, and
+through the model (``forward_backward`` with the pipeline on and off); a
+failing stage; the on/off heuristic.
 """
+import threading
+
 import numpy as np
 import pytest
 
 from slimnp import threaded_lstm
+from slimnp.backend import make_rng
 from slimnp.layers import lstm_backward_gates, lstm_forward
+from slimnp.model import LanguageModel, ModelConfig
 
 
 def _stack(rng, L, D, H, dtype=np.float64):
@@ -88,3 +91,76 @@ def test_pipeline_does_not_depend_on_thread_timing(rng):
                  *zip(first[4], second[4])):
         assert a.dtype == np.float32
         np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------
+# through the model
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dropout,T", [(0.0, 23), (0.3, 10), (0.3, 31)])
+def test_pipelined_stack_equals_sequential(monkeypatch, dropout, T):
+    cfg = ModelConfig(vocab_size=50, hidden=8, layers=3, dropout=dropout, dtype="float64")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, (T, 4)).astype(np.int32)
+    y = rng.integers(0, 50, (T, 4)).astype(np.int32)
+    state = rng.standard_normal((3, 2, 4, 8)) * 0.1
+    out = []
+    for piped in (True, False):
+        monkeypatch.setattr(threaded_lstm, "enabled", lambda *a, piped=piped: piped)
+        m = LanguageModel(cfg)
+        m.init_params(make_rng(1))
+        masks = m._masks(make_rng(5), T, 4)
+        m.store.zero_grad()
+        nll, new_state, dstate = m.forward_backward(x, y, state, 0.25, masks=masks)
+        out.append((nll, new_state, dstate, m.store.grad.copy(), m.nll(x, y, state)[0]))
+    for a, b in zip(*out):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_pipeline_error_propagates_without_hanging(monkeypatch):
+    """A failure in a pool thread's layer surfaces in the caller, the other
+    layers stop waiting, and the BLAS thread count is restored."""
+    real = threaded_lstm.kernels.lstm_segment_kernels
+
+    def kernels_failing_off_main_thread(G, cs):
+        fwd, bwd = real(G, cs)
+
+        def step(*args):
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("kernel failed")
+            return fwd(*args)
+
+        return step, bwd
+
+    monkeypatch.setattr(threaded_lstm, "enabled", lambda *a: True)
+    monkeypatch.setattr(threaded_lstm.kernels, "lstm_segment_kernels", kernels_failing_off_main_thread)
+    m = LanguageModel(ModelConfig(vocab_size=20, hidden=4, layers=3))
+    m.init_params(make_rng(0))
+    before = threaded_lstm.blas_threads()
+    x = np.zeros((12, 2), np.int32)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        m.nll(x, x, m.zero_state(2))
+    assert threaded_lstm.blas_threads() == before
+
+
+# ----------------------------------------------------------------------------
+# when the pipeline is on
+# ----------------------------------------------------------------------------
+def test_pipeline_heuristic(monkeypatch):
+    # a 2-core machine whose OpenBLAS runs 2 threads, whatever runs the test
+    monkeypatch.setattr(threaded_lstm.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threaded_lstm, "blas_threads", lambda: 2)
+    monkeypatch.delenv("SLIMNP_PIPELINE", raising=False)
+    assert threaded_lstm.enabled(np, 2, 35, 20, 300)  # config B: pipelined
+    assert threaded_lstm.enabled(np, 3, 10, 20, 200)  # two chunks, B*H = MIN_BH
+    assert not threaded_lstm.enabled(np, 1, 35, 20, 300)  # one layer: nothing to overlap
+    assert not threaded_lstm.enabled(np, 2, 5, 20, 300)  # a single chunk
+    assert not threaded_lstm.enabled(np, 2, 35, 1, 200)  # steps too small (exact B=1 evaluation)
+    assert not threaded_lstm.enabled(object(), 2, 35, 20, 300)  # not NumPy (CuPy)
+    monkeypatch.setattr(threaded_lstm, "blas_threads", lambda: 1)
+    assert not threaded_lstm.enabled(np, 2, 35, 20, 300)  # a single-threaded BLAS: no cores to share
+    monkeypatch.setattr(threaded_lstm, "blas_threads", lambda: 2)
+    monkeypatch.setenv("SLIMNP_PIPELINE", "1")
+    assert threaded_lstm.enabled(np, 2, 35, 1, 200)  # on whenever possible ...
+    assert not threaded_lstm.enabled(np, 1, 35, 1, 200)  # ... and only then
+    monkeypatch.setenv("SLIMNP_PIPELINE", "0")
+    assert not threaded_lstm.enabled(np, 2, 35, 20, 300)

@@ -2,7 +2,7 @@
 kernels), which ``--threads N`` sets together.
 
 (The pipeline over layers restoring OpenBLAS's count after a failure is
-tested in test_fast_paths.py.)
+tested in test_threaded_lstm.py.)
 """
 import numba
 import pytest

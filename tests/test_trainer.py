@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from slimnp import io as sio
-from slimnp.optim import SGD, Schedule, clip_global_norm
+from slimnp.optim import SGD
 from slimnp.model import ModelConfig
 from slimnp.options import configs
 from slimnp.trainer import TrainConfig, TrainingError, resume_training, run_training
@@ -233,18 +233,6 @@ def test_step_stops_on_a_nan_loss_before_the_update(tmp_path, monkeypatch):
     assert t.state.segment == 0
 
 
-def test_clip_and_schedules():
-    g = np.array([3.0, 4.0])
-    assert clip_global_norm(g, 1.0) == 5.0
-    np.testing.assert_allclose(g, [0.6, 0.8])
-    z = Schedule("epoch", 1.0, 0.5, start=4)
-    assert [z.next_lr(None, e, None, None) for e in range(1, 8)] == [1, 1, 1, 0.5, 0.25, 0.125, 0.0625]
-    k = Schedule("plateau", 1.0, 0.5, threshold=1.0)
-    assert k.next_lr(1.0, 1, float("inf"), 100.0) == 1.0
-    assert k.next_lr(1.0, 2, 100.0, 99.5) == 0.5
-    assert k.next_lr(1.0, 2, 100.0, 90.0) == 1.0
-
-
 # ---------------------------------------------------------------------------
 # checkpoints inside an epoch
 # ---------------------------------------------------------------------------
@@ -411,20 +399,3 @@ def test_best_epoch_before_the_last_is_the_one_tested(tmp_path, monkeypatch):
     final = sio.load(tmp_path / "m.h5").params
     for k, v in seen[0].model.params_numpy().items():  # the final parameters again
         np.testing.assert_array_equal(v, final[k], err_msg=k)
-
-
-def test_check_output_fails_fast(tmp_path):
-    from slimnp.errors import WriteError
-    from slimnp._atomic import check_output
-
-    check_output(tmp_path / "m.h5")  # fine, and leaves nothing behind
-    assert list(tmp_path.iterdir()) == []
-    with pytest.raises(WriteError, match=r"cannot write .*x\.h5 \(--out\): folder .*missing/dir does "
-                                         r"not exist; create it first \(nothing was done\)"):
-        check_output(tmp_path / "missing" / "dir" / "x.h5")
-    (tmp_path / "d.h5").mkdir()
-    with pytest.raises(WriteError, match="it is a folder"):
-        check_output(tmp_path / "d.h5")
-    (tmp_path / "f").write_text("")
-    with pytest.raises(WriteError, match="is not a folder"):
-        check_output(tmp_path / "f" / "x.h5")
