@@ -425,9 +425,8 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
         ``out_path`` cannot be written (checked before anything is built)
     """
     onnx = _import_onnx()
-    from ._atomic import atomic_path
+    from ._atomic import atomic_path, check_output, file_sha256
     from .io import QUANTIZATION
-    from .trainer import check_output, file_sha256
 
     newest = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:

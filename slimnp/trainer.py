@@ -38,8 +38,7 @@ import numpy as np
 from . import distributed as dist
 from . import io as sio
 from . import memory
-from ._atomic import append_line
-from ._atomic import check_output, file_sha256  # noqa: F401 (their old home: callers import them here)
+from ._atomic import append_line, check_output, file_sha256
 from .backend import make_rng, to_numpy
 from .data import Vocabulary, batchify, num_segments, segment
 from .evaluate import evaluate_ids
