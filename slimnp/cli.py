@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import click
-import numpy as np
 
 from ._version import __version__
 from .options import TRAIN_OPTIONS, Option, OptionError, option
@@ -361,7 +360,7 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet, d
     <eos>), OOV words, perplexity, the sentence -- then, with --words, one
     indented line per token.  Totals and the perplexity go to stderr.
     """
-    from .inference import LOG10_E
+    from .inference import score_totals
     from .progress import Progress
 
     lm = _load_lm(model, device)
@@ -371,27 +370,16 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet, d
     scores = lm.score(lines, batch_size=batch_size, continuous=continuous,
                       progress=lambda done: prog.update(done, f"{done:,} sentences"))
     prog.close()
-    secs = time.perf_counter() - t0
+    summary = score_totals(scores, time.perf_counter() - t0, continuous)
     for i, (line, s) in enumerate(zip(lines, scores)):
-        if as_json:
-            click.echo(_json({"sentence": i, "text": line, **s.to_dict(words)}))
-            continue
-        click.echo(f"{s.logprob:.4f}\t{s.log10prob:.4f}\t{s.tokens}\t{s.oov}\t{s.perplexity:.2f}\t{line}")
-        if words:
-            for w, lp in zip(s.words, s.logprobs):
-                click.echo(f"\t{w}\t{lp:.4f}\t{lp * LOG10_E:.4f}")
-    tokens = sum(s.tokens for s in scores)
-    total = sum(s.logprob for s in scores)
-    summary = {"sentences": len(scores), "tokens": tokens, "oov": sum(s.oov for s in scores),
-               "logprob": total, "log10prob": total * LOG10_E,
-               "perplexity": float(np.exp(-total / tokens)) if tokens else float("nan"),
-               "continuous": continuous, "seconds": secs,
-               "sentences_per_s": len(scores) / max(secs, 1e-9)}
+        for text in ([_json({"sentence": i, "text": line, **s.to_dict(words)})] if as_json
+                     else s.text_lines(line, words)):
+            click.echo(text)
     if as_json:
         click.echo(_json({"total": summary}))
     else:
-        click.echo(f"{summary['sentences']:,} sentences, {tokens:,} tokens, {summary['oov']:,} OOV; "
-                   f"logprob {total:.2f} (log10 {summary['log10prob']:.2f}), "
+        click.echo(f"{summary['sentences']:,} sentences, {summary['tokens']:,} tokens, "
+                   f"{summary['oov']:,} OOV; logprob {summary['logprob']:.2f} (log10 {summary['log10prob']:.2f}), "
                    f"perplexity {summary['perplexity']:.3f}; "
                    f"{summary['sentences_per_s']:,.0f} sentences/s", err=True)
 

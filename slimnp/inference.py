@@ -74,6 +74,28 @@ class SentenceScore:
         return out
 
 
+    def text_lines(self, sentence: str, words: bool = False) -> list:
+        """``slimnp score``'s text: a tab-separated line (natural-log and
+        log10 probability, tokens, OOV words, perplexity, the sentence), then
+        with ``words`` one indented line per token."""
+        out = [f"{self.logprob:.4f}\t{self.log10prob:.4f}\t{self.tokens}\t{self.oov}\t"
+               f"{self.perplexity:.2f}\t{sentence}"]
+        if words:
+            out += [f"\t{w}\t{lp:.4f}\t{lp * LOG10_E:.4f}" for w, lp in zip(self.words, self.logprobs)]
+        return out
+
+
+def score_totals(scores, seconds: float, continuous: bool = False) -> dict:
+    """The totals ``slimnp score`` reports over its :class:`SentenceScore` list."""
+    tokens = sum(s.tokens for s in scores)
+    total = sum(s.logprob for s in scores)
+    return {"sentences": len(scores), "tokens": tokens, "oov": sum(s.oov for s in scores),
+            "logprob": total, "log10prob": total * LOG10_E,
+            "perplexity": float(np.exp(-total / tokens)) if tokens else float("nan"),
+            "continuous": continuous, "seconds": seconds,
+            "sentences_per_s": len(scores) / max(seconds, 1e-9)}
+
+
 def _check_sentences(sentences) -> list:
     if isinstance(sentences, str):
         raise ValueError("expected a list of sentences, got a single str; wrap it in a list")
