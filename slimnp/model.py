@@ -15,9 +15,14 @@ V x E softmax::
 
 The output layer is the full softmax, the slim one (K pools, logits by
 dynamic programming) or the adaptive softmax (:mod:`slimnp.adaptive`: a head
-over the ``cutoffs[0]`` most frequent words and clusters of rarer ones).  All
-three act on the E-sized vectors, after the PM projection; the adaptive
-softmax has no ``V x E`` matrix, so it cannot be tied to the input.
+over the ``cutoffs[0]`` most frequent words and clusters of rarer ones, the
+clusters' vectors dense or slim).  All three act on the E-sized vectors,
+after the PM projection.  The input layer is a dense table, a slim one (K
+sub-vectors from one pool) or the adaptive input (the same frequency bands,
+smaller vectors for rarer words, projected to E).  Tying shares the output's
+parameters with the input of the same kind: the ``V x E`` matrix (dense),
+the pools (slim), or band by band (adaptive: the adaptive softmax has no
+``V x E`` matrix).
 """
 from __future__ import annotations
 
@@ -28,8 +33,9 @@ import numpy as np
 
 from . import threaded_lstm
 from .backend import get_xp, to_numpy
-from .adaptive import DEFAULT_CUTOFFS, DEFAULT_DIV_VALUE, AdaptiveSoftmax
+from .adaptive import DEFAULT_CUTOFFS, DEFAULT_DIV_VALUE, AdaptiveEmbedding, AdaptiveSoftmax, clusters
 from .adaptive import config_problems as adaptive_problems
+from .adaptive import tail_problems
 from .buffers import ParamStore
 from .layers import LSTM, Embedding, Projection, SlimEmbedding, SlimSoftmax, Softmax, dropout_mask
 from .mapping import input_table, output_table
@@ -44,7 +50,9 @@ class ModelConfig:
     init_scale: float = 0.1  # every parameter starts uniform in +-init_scale
     dtype: str = "float32"  # parameter and activation dtype (float64 for checks)
     # slim embeddings (Li et al. 2018); see slimnp.mapping for the tables
-    input: str = "dense"  # 'dense': a (V, H) table; 'slim': K parts from one pool of M
+    # 'dense': a (V, H) table; 'slim': K parts from one pool of M; 'adaptive':
+    # the adaptive input (Baevski & Auli 2019) on the bands of cutoffs/div_value
+    input: str = "dense"
     input_k: int = 1  # K on the input side (must divide hidden)
     input_m: int = 0  # M: pool size on the input side (<= K*V)
     # 'full' softmax, 'slim' (K disjoint pools, DP logits) or 'adaptive'
@@ -56,7 +64,9 @@ class ModelConfig:
     # (k-means tables made by slimnp.compress; stored)
     mapping: str = "shuffle"
     mapping_seed: int = 0  # seed of the assignment tables
-    tie: bool = False  # input shares the output's parameters (same kind both sides)
+    # input shares the output's parameters (same kind both sides: dense+full,
+    # slim+slim, adaptive+adaptive band by band with the projections)
+    tie: bool = False
     # dropout on the embedding -> LSTM connection alone; None: the same as
     # `dropout` (Tables 2-3 of the paper vary it with `dropout` fixed at 0.5)
     input_dropout: float | None = None
@@ -66,19 +76,24 @@ class ModelConfig:
     # how learned tables were made (JSON: k-means settings, source model's
     # sha256); empty for shuffle and hash
     mapping_info: str = ""
-    # adaptive softmax (output='adaptive' only): word ids < cutoffs[0] form the
-    # head, [cutoffs[i], cutoffs[i+1]) tail cluster i (the last ends at V);
+    # adaptive softmax and adaptive input (one set of bands for both sides):
+    # word ids < cutoffs[0] form the head (input band 0), [cutoffs[i],
+    # cutoffs[i+1]) tail cluster i (input band i+1; the last ends at V);
     # cluster i's vectors have size E // div_value**(i+1); head_bias: a bias
     # on the head's logits (PyTorch's head_bias, default off there too)
     cutoffs: tuple = DEFAULT_CUTOFFS
     div_value: float = DEFAULT_DIV_VALUE
     head_bias: bool = False
+    # slim tail clusters (output='adaptive'): M of each tail cluster, the
+    # total of its K = output_k pools; empty: dense (V_i, d_i) tails
+    tail_m: tuple = ()
 
     def __post_init__(self):
         # a JSON list (a stored config) or any sequence becomes a tuple: the
         # config stays hashable and equal to the one it was made from
-        if isinstance(self.cutoffs, (list, range)):
-            object.__setattr__(self, "cutoffs", tuple(self.cutoffs))
+        for name in ("cutoffs", "tail_m"):
+            if isinstance(getattr(self, name), (list, range)):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def word_size(self) -> int:
@@ -94,8 +109,8 @@ class ModelConfig:
         problems = []
         V, H = self.vocab_size, self.word_size
         size = f"hidden={H}" if H == self.hidden else f"the word-vector size embedding_size={H}"
-        if self.input not in ("dense", "slim"):
-            problems.append(f"input must be 'dense' or 'slim', got {self.input!r}")
+        if self.input not in ("dense", "slim", "adaptive"):
+            problems.append(f"input must be 'dense', 'slim' or 'adaptive', got {self.input!r}")
         if self.output not in ("full", "slim", "adaptive"):
             problems.append(f"output must be 'full', 'slim' or 'adaptive', got {self.output!r}")
         if self.mapping not in ("shuffle", "hash", "learned"):
@@ -114,12 +129,29 @@ class ModelConfig:
                 problems.append(f"output M={M} must be a positive multiple of K={K}")
             elif M // K > V:
                 problems.append(f"output M/K={M // K} must be <= V={V} (each pool entry needs a word)")
+        bands = []
+        if "adaptive" in (self.input, self.output):
+            bands = adaptive_problems(V, H, self.cutoffs, self.div_value)
+            problems += bands
         if self.output == "adaptive":
-            problems += adaptive_problems(V, H, self.cutoffs, self.div_value)
-            if self.tie:
+            if not bands and (self.tail_m or self.output_k != 1):
+                problems += tail_problems(V, H, self.cutoffs, self.div_value, self.output_k, self.tail_m)
+            if self.tail_m and self.mapping == "learned":
+                problems.append("slim tail clusters take mapping 'shuffle' or 'hash' (slimnp compress "
+                                "makes no learned tables for them)")
+            if self.output_m:
+                problems.append(f"output M={self.output_m} sizes the slim output; the adaptive "
+                                f"softmax's slim tails take tail_m (one M per tail cluster)")
+            if self.tie and self.input != "adaptive":
                 problems.append("tie needs a V x E output matrix to share; the adaptive softmax "
-                                "has none (drop tie, or use output 'full')")
-        elif self.tie and (self.input == "slim") != (self.output == "slim"):
+                                "has none (drop tie, use output 'full', or input 'adaptive' to "
+                                "share its bands)")
+        elif self.tail_m:
+            problems.append(f"tail_m (slim tail clusters) needs output 'adaptive', got {self.output!r}")
+        if self.input == "adaptive" and self.tie and self.output != "adaptive":
+            problems.append("tie with input 'adaptive' needs output 'adaptive' (input band i shares "
+                            "the output's head (i = 0) or tail cluster i-1)")
+        elif self.output != "adaptive" and self.tie and (self.input == "slim") != (self.output == "slim"):
             problems.append("tie needs the same kind on both sides (dense+full or slim+slim)")
         if self.vocab_size < 2:
             problems.append(f"vocab_size must be >= 2, got {self.vocab_size}")
@@ -143,8 +175,9 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if isinstance(self.cutoffs, tuple):
-            d["cutoffs"] = list(self.cutoffs)  # as JSON gives it back
+        for name in ("cutoffs", "tail_m"):
+            if isinstance(d[name], tuple):
+                d[name] = list(d[name])  # as JSON gives it back
         return d
 
     @classmethod
@@ -168,7 +201,27 @@ def make_mapping(config: ModelConfig) -> dict:
         tables["output/idx"] = output_table(V, K, config.output_m // K, config.mapping, seed)
     if config.input == "slim" and not config.tie:
         tables["input/idx"] = input_table(V, config.input_k, config.input_m, config.mapping, seed)
+    if config.output == "adaptive" and config.tail_m:  # slim tails: the clusters' own tables
+        K = config.output_k
+        for i, (lo, hi) in enumerate(clusters(V, config.cutoffs)):
+            tables[f"output/tail{i}/idx"] = output_table(hi - lo, K, config.tail_m[i] // K,
+                                                         config.mapping, seed)
     return tables
+
+
+def table_shapes(config: ModelConfig) -> dict:
+    """``{name: (rows, K, n)}``: the ``(rows, K)`` assignment tables a config
+    implies (:func:`make_mapping`), entries in ``[0, n)``."""
+    c, V = config, config.vocab_size
+    need = {}
+    if c.output == "slim":
+        need["output/idx"] = (V, c.output_k, c.output_m // c.output_k)
+    if c.input == "slim" and not c.tie:
+        need["input/idx"] = (V, c.input_k, c.input_m)
+    if c.output == "adaptive" and c.tail_m:
+        for i, (lo, hi) in enumerate(clusters(V, c.cutoffs)):
+            need[f"output/tail{i}/idx"] = (hi - lo, c.output_k, c.tail_m[i] // c.output_k)
+    return need
 
 
 def _declare(store: ParamStore, config: ModelConfig, mapping: dict | None):
@@ -178,11 +231,16 @@ def _declare(store: ParamStore, config: ModelConfig, mapping: dict | None):
         K, M = config.output_k, config.output_m
         output = SlimSoftmax(store, "output", V, H, K, M, mapping["output/idx"])
     elif config.output == "adaptive":
+        tails = [mapping[f"output/tail{i}/idx"] for i in range(len(config.cutoffs))] \
+            if config.tail_m else None
         output = AdaptiveSoftmax(store, "output", V, H, config.cutoffs, config.div_value,
-                                 config.head_bias)
+                                 config.head_bias, config.output_k, config.tail_m, tails)
     else:
         output = Softmax(store, "output", V, H)
-    if config.input == "slim" and config.tie:
+    if config.input == "adaptive":
+        embedding = AdaptiveEmbedding(store, "embedding", V, H, config.cutoffs, config.div_value,
+                                      tied=output if config.tie else None)
+    elif config.input == "slim" and config.tie:
         # rows of the K output pools seen as one (M, d) pool
         K, Mk = config.output_k, config.output_m // config.output_k
         idx = mapping["output/idx"] + (np.arange(K) * Mk)[None, :]
@@ -207,6 +265,8 @@ def param_shapes(config: ModelConfig) -> dict:
     store = ParamStore()
     # shapes do not depend on the tables' contents: zeros stand in for them
     dummy = {k: np.zeros((config.vocab_size, 1), np.int32) for k in ("input/idx", "output/idx")}
+    dummy.update({k: np.zeros((rows, K), np.int32) for k, (rows, K, _) in table_shapes(config).items()
+                  if k not in dummy})
     _declare(store, config, dummy)
     return dict(store.shapes)
 
@@ -234,18 +294,14 @@ class LanguageModel:
         """Stored tables (from a model file) against what the config implies."""
         c = self.config
         want = make_mapping(c) if c.mapping == "hash" else None
-        need = {}
-        if c.output == "slim":
-            need["output/idx"] = (c.output_k, c.output_m // c.output_k)
-        if c.input == "slim" and not c.tie:
-            need["input/idx"] = (c.input_k, c.input_m)
+        need = table_shapes(c)
         problems = []
-        for name, (K, n) in need.items():
+        for name, (rows, K, n) in need.items():
             t = mapping.get(name)
             if t is None:
                 problems.append(f"missing table {name}")
-            elif t.shape != (c.vocab_size, K):
-                problems.append(f"{name}: expected shape ({c.vocab_size}, {K}), found {t.shape}")
+            elif t.shape != (rows, K):
+                problems.append(f"{name}: expected shape ({rows}, {K}), found {t.shape}")
             elif t.size and (t.min() < 0 or t.max() >= n):
                 problems.append(f"{name}: entries must lie in [0, {n})")
             elif want is not None and not np.array_equal(t, want[name]):

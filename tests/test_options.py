@@ -117,7 +117,7 @@ def test_slim_sizes_from_ratios():
 
 def test_adaptive_options_need_the_adaptive_output():
     hp = O.settings(O.complete({"data": "d", "cutoffs": "20,60", "div_value": 2}))
-    with pytest.raises(ValueError, match="^--cutoffs, --div-value need --output adaptive$"):
+    with pytest.raises(ValueError, match="^--cutoffs, --div-value need --input adaptive or --output adaptive$"):
         O.model_config(hp, 100)
     hp = O.settings(O.complete({"data": "d", "output_kind": "adaptive", "loss": "nce"}))
     with pytest.raises(ValueError, match="exact loss"):
