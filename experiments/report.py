@@ -172,18 +172,26 @@ def fig4_wt2(res: dict) -> str:
     """Figure 4 on WikiText-2: SE (shuffle), SE learned, SM, PM per ratio, and the margins."""
     base = res.get("uncompressed")
     ppl = lambda r: r and r["test_ppl"]  # noqa: E731
-    rows = []
+    rows, adaptive = [], []
     for c in WT2_RATIOS:
         se, le, sm, pm = (res.get(f"{m}-{c}") for m in ("se", "learned", "sm", "pm"))
         margin = lambda r, ref: _f(ppl(r) - ppl(ref), "{:+.2f}") if ppl(r) and ppl(ref) else "-"  # noqa: E731
         rows.append([f"1/{c}", _f(ppl(se)), _f(ppl(le)), _f(ppl(sm)), _f(ppl(pm)), margin(sm, se),
                      margin(pm, se), margin(le, se), margin(sm, le),
                      f"{se['parameters']:,}" if se else "-"])
+        at, asl = res.get(f"adaptive-tied-{c}"), res.get(f"adaptive-slim-{c}")
+        size = lambda r: f"{r['parameters']:,}" if r else "-"  # noqa: E731
+        adaptive.append([f"1/{c}", _f(ppl(se)), _f(ppl(at)), size(at), margin(at, se), _f(ppl(asl)),
+                         size(asl) if c != 8 else "(not run)", margin(asl, se)])
     head = (f"Uncompressed (2x200, V = {base['config']['model']['vocab_size']:,}, "
             f"{base['parameters']:,} parameters): test {base['test_ppl']:.2f}, valid "
             f"{base['valid_ppl']:.2f}.\n\n" if base else "Uncompressed: not run yet.\n\n")
     table = _table(["compression", "SE", "SE learned", "SM", "PM", "SM - SE", "PM - SE",
                     "learned - SE", "SM - learned", "SE parameters"], rows)
+    table += ("\n\nAgainst the adaptive softmax with tied adaptive input embeddings (sizes matched to SE's "
+              "by the cutoffs and div value; the plan lists them):\n\n"
+              + _table(["SE point", "SE", "adaptive tied", "parameters", "- SE", "+ slim tails",
+                        "parameters", "- SE"], adaptive))
     fig = FIGURES / "fig4-wt2.png"
     return head + table + (f"\n\n.. image:: {fig.relative_to(ROOT).as_posix()}" if fig.exists() else "")
 
