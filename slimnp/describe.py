@@ -28,7 +28,24 @@ def describe(path) -> dict:
         nbytes = {d["name"][len("/mapping/"):]: d["nbytes"] for d in info["datasets"]
                   if d["name"].startswith("/mapping/")}
         info["slim"] = slim_report(mcfg, tables, nbytes)
+    if mcfg and "adaptive" in (mcfg.get("input"), mcfg.get("output")):
+        info["adaptive"] = adaptive_report(mcfg)
     return info
+
+
+def adaptive_report(mcfg: dict) -> dict:
+    """The adaptive layers' bands: the head's words, and per tail cluster
+    its word range, vector size and (slim tails) its K pools' total size."""
+    from .adaptive import clusters, tail_dims
+    from .model import ModelConfig
+
+    mc = ModelConfig.from_dict(mcfg)
+    bands = clusters(mc.vocab_size, mc.cutoffs)
+    dims = tail_dims(mc.word_size, len(bands), mc.div_value)
+    tails = [{"words": [lo, hi], "size": d, **({"K": mc.output_k, "M": m} if mc.tail_m else {})}
+             for (lo, hi), d, m in zip(bands, dims, mc.tail_m or [None] * len(bands))]
+    return {"input": mc.input == "adaptive", "output": mc.output == "adaptive", "tied": mc.tie,
+            "head_words": int(mc.cutoffs[0]), "div_value": mc.div_value, "tails": tails}
 
 
 def _fmt_value(value: Any) -> str:
@@ -84,7 +101,7 @@ def describe_text(info: dict) -> str:
             lines += ["", f"{title}:"]
             kw = max(len(k) for k in values)
             lines += [f"  {k:<{kw}}  {_fmt_value(v)}" for k, v in values.items()]
-    return "\n".join(lines + _slim_lines(info))
+    return "\n".join(lines + _slim_lines(info) + _adaptive_lines(info))
 
 
 def _slim_lines(info: dict) -> list:
@@ -100,3 +117,13 @@ def _slim_lines(info: dict) -> list:
             line += ", tied to the output pools"
         lines.append(line)
     return lines
+
+
+def _adaptive_lines(info: dict) -> list:
+    a = info.get("adaptive")
+    if not a:
+        return []
+    sides = " and ".join(side for side in ("input", "output") if a[side]) + (", tied" if a["tied"] else "")
+    tails = "; ".join(f"words {t['words'][0]:,}-{t['words'][1] - 1:,} in {t['size']}"
+                      + (f" (slim: K={t['K']}, M={t['M']:,})" if "K" in t else "") for t in a["tails"])
+    return [f"adaptive {sides}: head of {a['head_words']:,} words, div {a['div_value']:g}; tails: {tails}"]

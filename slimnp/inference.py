@@ -282,6 +282,10 @@ def expand_dense(model):
     from .model import LanguageModel
 
     c = model.config
+    if "adaptive" in (c.input, c.output):
+        raise ValueError("an adaptive softmax or adaptive input layer has no dense equivalent "
+                         "(its clusters score in lower dimensions); expand_dense takes dense and "
+                         "slim layers")
     cfg = dataclasses.replace(c, input="dense", input_k=1, input_m=0, output="full",
                               output_k=1, output_m=0, tie=False)
     dense = LanguageModel(cfg, device=model.device)

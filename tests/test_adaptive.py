@@ -313,6 +313,8 @@ def test_trained_file_loads_scores_and_generates(trained):
     a = lm.generate("", length=8, seed=3, count=2)
     assert a == lm.generate("", length=8, seed=3, count=2) and len(a) == 2
     assert np.isfinite(summary["test_ppl"]) and summary["test_ppl"] < 100
+    with pytest.raises(ValueError, match="no dense equivalent"):
+        lm.dense()  # a clear error, not a missing-parameter KeyError
 
 
 def test_trained_file_resumes_and_inspects(trained, tmp_path):

@@ -38,3 +38,22 @@ def test_slim_layers_are_reported(tmp_path):
     assert info["slim"]["input"]["K"] == 2 and info["slim"]["input"]["M"] == 20
     text = describe_text(info)
     assert "slim input: K=2 M=20" in text and "slim output: K=2 M=10" in text
+
+
+def test_adaptive_layers_are_reported(tmp_path):
+    """An adaptive model with slim tails: its bands, their sizes and pools."""
+    from slimnp.data import Vocabulary
+    from slimnp.model import LanguageModel, ModelConfig
+    from slimnp.modelfile import save_model
+
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(98)]
+    mc = ModelConfig(vocab_size=100, hidden=16, layers=1, input="adaptive", output="adaptive", tie=True,
+                     cutoffs=(20, 60), div_value=2.0, output_k=2, tail_m=(20, 20))
+    save_model(tmp_path / "a.h5", LanguageModel(mc), Vocabulary.from_words(words, np.ones(100, np.int64)))
+    info = describe(tmp_path / "a.h5")
+    a = info["adaptive"]
+    assert a["input"] and a["output"] and a["tied"] and a["head_words"] == 20
+    assert a["tails"] == [{"words": [20, 60], "size": 8, "K": 2, "M": 20},
+                          {"words": [60, 100], "size": 4, "K": 2, "M": 20}]
+    assert ("adaptive input and output, tied: head of 20 words, div 2; tails: words 20-59 in 8 "
+            "(slim: K=2, M=20); words 60-99 in 4 (slim: K=2, M=20)") in describe_text(info)
