@@ -356,22 +356,9 @@ def test_sampled_loss_training_is_refused(trained, tmp_path):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_training_step_parity(dev, dtype, monkeypatch):
     """Two SGD steps (dropout, clipping, carried state) agree with the reference kernels."""
-    from slimnp import kernels
-
-    from test_gpu import _train_steps
+    from test_gpu import assert_step_parity
 
     monkeypatch.setenv("SLIMNP_PIPELINE", "0")  # the emulator is single-threaded
-    if dev.name == "emu-rev":
-        pytest.skip("the kernels' own tests cover the reversed order")
     cfg = ModelConfig(vocab_size=25, hidden=8, layers=2, dropout=0.2, dtype=dtype, output="adaptive",
                       cutoffs=(6, 12), div_value=2.0, head_bias=True)
-    with kernels.using("reference"):
-        want = _train_steps(LanguageModel(cfg), "softmax", "sgd")
-    got = _train_steps(LanguageModel(cfg, device="gpu" if dev.name == "cuda" else "cpu"), "softmax", "sgd")
-    tol = dict(rtol=1e-9, atol=1e-11) if dtype == "float64" else dict(rtol=2e-4, atol=2e-5)
-    for (n1, g1, gr1, ds1, p1), (n2, g2, gr2, ds2, p2) in zip(got, want):
-        assert n1 == pytest.approx(n2, rel=tol["rtol"] * 10)
-        assert g1 == pytest.approx(g2, rel=tol["rtol"] * 10)
-        np.testing.assert_allclose(gr1, gr2, **tol)
-        np.testing.assert_allclose(ds1, ds2, **tol)
-        np.testing.assert_allclose(p1, p2, **tol)
+    assert_step_parity(dev, cfg)

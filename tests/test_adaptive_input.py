@@ -379,25 +379,12 @@ def test_memory_estimate_counts_the_new_layers():
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_training_step_parity(dev, dtype, variant, monkeypatch):
     """Two SGD steps (dropout, clipping, carried state) agree with the reference kernels."""
-    from slimnp import kernels
-
-    from test_gpu import _train_steps
+    from test_gpu import assert_step_parity
 
     monkeypatch.setenv("SLIMNP_PIPELINE", "0")  # the emulator is single-threaded
-    if dev.name == "emu-rev":
-        pytest.skip("the kernels' own tests cover the reversed order")
     kw = {"dropout": 0.2, **MODELS[variant]}
     cfg = ModelConfig(vocab_size=V, hidden=16, layers=2, dtype=dtype, cutoffs=CUTOFFS, div_value=DIV, **kw)
-    with kernels.using("reference"):
-        want = _train_steps(LanguageModel(cfg), "softmax", "sgd")
-    got = _train_steps(LanguageModel(cfg, device="gpu" if dev.name == "cuda" else "cpu"), "softmax", "sgd")
-    tol = dict(rtol=1e-9, atol=1e-11) if dtype == "float64" else dict(rtol=2e-4, atol=2e-5)
-    for (n1, g1, gr1, ds1, p1), (n2, g2, gr2, ds2, p2) in zip(got, want):
-        assert n1 == pytest.approx(n2, rel=tol["rtol"] * 10)
-        assert g1 == pytest.approx(g2, rel=tol["rtol"] * 10)
-        np.testing.assert_allclose(gr1, gr2, **tol)
-        np.testing.assert_allclose(ds1, ds2, **tol)
-        np.testing.assert_allclose(p1, p2, **tol)
+    assert_step_parity(dev, cfg)
 
 
 def test_onnx_export_refuses_the_adaptive_layers(tmp_path):

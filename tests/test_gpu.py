@@ -175,21 +175,29 @@ def _train_steps(model, loss, optimizer, steps=2, seed=3):
 def test_training_step_parity(dev, dtype, name, loss, optimizer, monkeypatch):
     """Loss, gradient buffer, state gradient, norm and updated parameters of
     two steps (dropout, clipping, carried state) agree with the CPU."""
-    from slimnp.model import LanguageModel, ModelConfig
+    from slimnp.model import ModelConfig
 
     monkeypatch.setenv("SLIMNP_PIPELINE", "0")  # the emulator is single-threaded
     if name == "hashnet":
         from slimnp import layers
         monkeypatch.setattr(layers, "DENSE_MIN_ELEMENTS", 0)
     cfg = ModelConfig(vocab_size=25, hidden=8, layers=2, dropout=0.2, dtype=dtype, **MODELS[name])
+    assert_step_parity(dev, cfg, loss, optimizer)
+
+
+def assert_step_parity(dev, cfg, loss="softmax", optimizer="sgd"):
+    """Two training steps of a model of ``cfg`` through backend ``dev``'s
+    kernels (Numba, or gpu.py on NumPy arrays -- the emulator, dispatcher
+    mode 'gpu' -- or on CuPy arrays) equal the NumPy reference's: loss,
+    norm, gradient buffer, state gradient and updated parameters."""
+    from slimnp.model import LanguageModel
+
     if dev.name == "emu-rev":
         pytest.skip("the kernels' own tests cover the reversed order")
     with kernels.using("reference"):
         want = _train_steps(LanguageModel(cfg), loss, optimizer)
-    # every kernel through the backend's module: Numba, or gpu.py on NumPy
-    # arrays (the emulator, dispatcher mode 'gpu'), or on CuPy arrays
     got = _train_steps(LanguageModel(cfg, device="gpu" if dev.name == "cuda" else "cpu"), loss, optimizer)
-    tol = dict(rtol=1e-9, atol=1e-11) if dtype == "float64" else dict(rtol=2e-4, atol=2e-5)
+    tol = dict(rtol=1e-9, atol=1e-11) if cfg.dtype == "float64" else dict(rtol=2e-4, atol=2e-5)
     for (n1, g1, gr1, ds1, p1), (n2, g2, gr2, ds2, p2) in zip(got, want):
         assert n1 == pytest.approx(n2, rel=tol["rtol"] * 10)
         assert g1 == pytest.approx(g2, rel=tol["rtol"] * 10)
