@@ -62,3 +62,37 @@ def softmax_expected(h, W, b, targets, scale):
     dz[rows, targets] -= 1
     dz *= scale
     return -logp[rows, targets], (dz @ W, dz.T @ h, dz.sum(axis=0))
+
+
+def assert_output_layer_grads(store, out, h, targets, scale=0.3):
+    """An output layer's ``loss``: its value equals the loss without
+    gradients, and ``dh`` and every parameter's gradient equal finite
+    differences (float64)."""
+
+    def loss():
+        return scale * float(out.loss(h, targets, compute_grad=False)[0].sum())
+
+    store.zero_grad()
+    nll, dh = out.loss(h, targets, scale, True)
+    assert abs(scale * nll.sum() - loss()) < 1e-12
+    assert_grad(dh.copy(), loss, h)
+    for name, p in store.params.items():
+        assert_grad(store.grads[name], loss, p)
+
+
+def assert_model_grads(m, x, y, state, masks, scale, rng, per_param=25):
+    """A whole model's BPTT: ``forward_backward``'s loss equals ``nll``'s, and
+    the carried state's and (``per_param`` sampled entries of) every
+    parameter's gradients equal finite differences (float64)."""
+
+    def loss():
+        nll, _ = m.nll(x, y, state, masks)
+        return scale * float(nll.sum())
+
+    m.store.zero_grad()
+    nll_sum, _, dstate = m.forward_backward(x, y, state, scale=scale, masks=masks)
+    assert abs(scale * nll_sum - loss()) < 1e-10
+    assert_grad(dstate, loss, state)
+    for name, p in m.store.params.items():
+        idx = rng.choice(p.size, size=min(p.size, per_param), replace=False)
+        assert_grad(m.store.grads[name], loss, p, idx)

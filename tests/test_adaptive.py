@@ -10,7 +10,7 @@ from slimnp import adaptive, layers
 from slimnp.adaptive import AdaptiveSoftmax
 from slimnp.model import LanguageModel, ModelConfig
 
-from gradcheck import assert_grad, layer
+from gradcheck import assert_model_grads, assert_output_layer_grads, layer
 
 V, E = 23, 8
 CUTOFFS = (5, 9, 15)  # head 0..4 (+3 cluster logits), clusters 5..8, 9..14, 15..22
@@ -40,18 +40,7 @@ def test_layer_gradients(rng, head_bias, targets, chunked, monkeypatch):
         _small_chunks(monkeypatch)
     store, out = _layer(rng, head_bias)
     t = np.array(TARGETS[targets], np.int32)
-    h = rng.standard_normal((len(t), E))
-    scale = 0.3
-
-    def loss():
-        return scale * float(out.loss(h, t, compute_grad=False)[0].sum())
-
-    store.zero_grad()
-    nll, dh = out.loss(h, t, scale, True)
-    assert abs(scale * nll.sum() - loss()) < 1e-12
-    assert_grad(dh.copy(), loss, h)
-    for name, p in store.params.items():
-        assert_grad(store.grads[name], loss, p)
+    assert_output_layer_grads(store, out, rng.standard_normal((len(t), E)), t)
     if targets == "no-last-cluster":
         assert not store.grads["out/tail2/W"].any() and not store.grads["out/tail2/proj"].any()
 
@@ -229,19 +218,7 @@ def test_model_gradients(variant, rng):
     y[0] = [0, 9, V - 1]
     state = rng.standard_normal((L, 2, B, H)) * 0.5
     masks = m._masks(np.random.default_rng(5), T, B)
-    scale = 1.0 / B
-
-    def loss():
-        nll, _ = m.nll(x, y, state, masks)
-        return scale * float(nll.sum())
-
-    m.store.zero_grad()
-    nll_sum, new_state, dstate = m.forward_backward(x, y, state, scale=scale, masks=masks)
-    assert abs(scale * nll_sum - loss()) < 1e-10
-    assert_grad(dstate, loss, state)
-    for name, p in m.store.params.items():
-        idx = rng.choice(p.size, size=min(p.size, 25), replace=False)
-        assert_grad(m.store.grads[name], loss, p, idx)
+    assert_model_grads(m, x, y, state, masks, 1.0 / B, rng)
     # without dropout: the per-token NLL is minus the scored log-probability
     nll, s1 = m.nll(x, y, state)
     logp, s2 = m.logits(x, state)  # (T, B, V) log-probabilities

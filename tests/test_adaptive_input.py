@@ -12,7 +12,7 @@ from slimnp.buffers import ParamStore
 from slimnp.mapping import output_table
 from slimnp.model import LanguageModel, ModelConfig, param_shapes
 
-from gradcheck import assert_grad, layer
+from gradcheck import assert_grad, assert_model_grads, layer
 
 V, E = 23, 8
 CUTOFFS = (5, 9, 15)  # bands 0..4, 5..8, 9..14, 15..22
@@ -210,19 +210,7 @@ def test_model_gradients(variant, rng):
     x[0], y[0] = [0, 9, V - 1], [4, 15, V - 1]
     state = rng.standard_normal((L, 2, B, H)) * 0.5
     masks = m._masks(np.random.default_rng(5), T, B)
-    scale = 1.0 / B
-
-    def loss():
-        nll, _ = m.nll(x, y, state, masks)
-        return scale * float(nll.sum())
-
-    m.store.zero_grad()
-    nll_sum, new_state, dstate = m.forward_backward(x, y, state, scale=scale, masks=masks)
-    assert abs(scale * nll_sum - loss()) < 1e-10
-    assert_grad(dstate, loss, state)
-    for name, p in m.store.params.items():
-        idx = rng.choice(p.size, size=min(p.size, 25), replace=False)
-        assert_grad(m.store.grads[name], loss, p, idx)
+    assert_model_grads(m, x, y, state, masks, 1.0 / B, rng)
     nll, s1 = m.nll(x, y, state)
     logp, s2 = m.logits(x, state)
     if cfg.output == "full":
