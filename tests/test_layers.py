@@ -15,7 +15,7 @@ from slimnp.layers import (LSTM, SlimSoftmax, Softmax, embedding_backward, embed
 from slimnp.mapping import hash_assignment, inverse_table, shuffle_assignment, shuffle_assignment_pools
 from slimnp.model import LanguageModel, ModelConfig
 
-from gradcheck import assert_grad, layer, softmax_expected
+from gradcheck import assert_grad, assert_model_grads, layer, softmax_expected
 
 
 def _lstm(rng, D, H):
@@ -114,19 +114,7 @@ def test_model_gradients_two_layers(variant, rng):
         assert all((mk is None) == (cfg.dropout == 0) for mk in masks[1:])
     else:
         assert masks is None
-    scale = 1.0 / B
-
-    def loss():
-        nll, _ = m.nll(x, y, state, masks)
-        return scale * float(nll.sum())
-
-    m.store.zero_grad()
-    nll_sum, _, dstate = m.forward_backward(x, y, state, scale=scale, masks=masks)
-    assert abs(scale * nll_sum - loss()) < 1e-10
-    assert_grad(dstate, loss, state)
-    for name, p in m.store.params.items():
-        idx = rng.choice(p.size, size=min(p.size, 25), replace=False)
-        assert_grad(m.store.grads[name], loss, p, idx)
+    assert_model_grads(m, x, y, state, masks, 1.0 / B, rng)
 
 
 def test_sequential_equals_batch(rng):
