@@ -38,9 +38,12 @@ Initializers keep slimnp's parameter names (``output/A`` ``(K, M/K, d)``,
 ``embedding/idx (V, K)`` as stored, and ``output/rows (K, V)``, the output
 table turned into rows of the K pools seen as one ``(M, d)`` array
 (``idx_out[w, k] + k M/K``), which the DP's ``Gather`` reads.  Tables are
-int32 (``Gather`` takes int32 or int64 indices): ``4 V K`` bytes per slim
-side.  A ``hash`` mapping, which the model file stores as a seed only,
-costs those bytes here too: the tables are written out expanded.
+stored in the smallest unsigned type their values fit (uint16 up to 65,536
+pool rows: ``2 V K`` bytes per slim side) and cast to int32 in the graph
+(``Gather`` takes int32 or int64 indices; the cast of a constant is folded
+when ONNX Runtime loads the file).  A ``hash`` mapping, which the model file
+stores as a seed only, costs those bytes here too: the tables are written
+out expanded.
 
 The vocabulary and where the model came from travel in the file's
 ``metadata_props`` (:data:`META_VOCAB` ... below).
@@ -162,6 +165,19 @@ class _Graph:
         self.inits[name] = self.nh.from_array(np.asarray(arr, order="C"), name)
         return name
 
+    def index_table(self, name: str, arr: np.ndarray) -> str:
+        """An integer table stored in the smallest unsigned type its values
+        fit (uint8, uint16; else int32) and cast to int32 for ``Gather``
+        (which takes int32 or int64 indices); returns the int32 tensor's
+        name.  The cast runs on a constant: ONNX Runtime folds it at load."""
+        arr = np.asarray(arr)
+        hi = int(arr.max()) if arr.size else 0
+        small = next((t for t in (np.uint8, np.uint16) if hi <= np.iinfo(t).max), None)
+        if small is None:
+            return self.init(name, arr.astype(np.int32))
+        stored = self.init(f"{name}/{np.dtype(small).name}", arr.astype(small))
+        return self.op("Cast", [stored], out=name, to=self.onnx.TensorProto.INT32)
+
     def const(self, values, dtype=np.int64) -> str:
         """A small constant (shapes, axes, indices) as an initializer."""
         self._n += 1
@@ -184,6 +200,11 @@ def _tables(model) -> dict:
     return {k: np.ascontiguousarray(np.asarray(v), dtype=np.int32) for k, v in model.mapping.items()}
 
 
+def _index_bytes(hi: int) -> int:
+    """Bytes per entry of a table whose largest value is ``hi`` (:meth:`_Graph.index_table`)."""
+    return 1 if hi <= 0xFF else 2 if hi <= 0xFFFF else 4
+
+
 def _global_rows(idx_vk: np.ndarray, Mk: int) -> np.ndarray:
     """``rows (K, V)``: word w's k-th output sub-vector as a row of the K
     pools seen as one ``(M, d)`` array, ``idx_out[w, k] + k M/K``."""
@@ -201,12 +222,12 @@ def _input_layer(g: _Graph, c, p: dict, tables: dict, ids: str) -> tuple[str, di
     if not c.tie:
         K, M = c.input_k, c.input_m
         d = E // K
-        idx = g.init("embedding/idx", tables["input/idx"])  # (V, K) rows of the pool
+        idx = g.index_table("embedding/idx", tables["input/idx"])  # (V, K) rows of the pool
         A = g.weight("embedding/A", p["embedding/A"].reshape(M, d))  # (M, d)
         sub = g.op("Gather", [idx, ids], axis=0)  # (B, K)
         X = g.op("Gather", [A, sub], axis=0)  # (B, K, d)
         info = {"kind": "slim", "K": K, "M": M, "pool": [M, d], "table": [V, K], "tied": False,
-                "table_bytes": V * K * 4}
+                "table_bytes": V * K * _index_bytes(M - 1)}
         return g.op("Reshape", [X, g.const([0, E])]), info  # (B, K*d): the K parts side by side
     # tied: the rows of the K output pools A (K, M/K, d).  GatherND picks
     # A[k, idx_out[w, k]] straight from the (K, M/K, d) initializer the DP
@@ -254,7 +275,7 @@ def _output_layer(g: _Graph, c, p: dict, tables: dict, top: str) -> tuple[str, d
     K, M = c.output_k, c.output_m
     Mk, d = M // K, E // K
     A = g.weight("output/A", p["output/A"])  # (K, Mk, d): K disjoint pools
-    rows = g.init("output/rows", _global_rows(tables["output/idx"], Mk))  # (K, V)
+    rows = "output/rows"  # (K, V) int32, cast from its stored table by build_graph
     b = g.init("output/b", p["output/b"])
     # (1) the K GEMMs as one batched MatMul: PT[k] = A[k] h_k^T, every
     #     distinct partial product, word-major as slimnp computes it
@@ -264,7 +285,7 @@ def _output_layer(g: _Graph, c, p: dict, tables: dict, top: str) -> tuple[str, d
     Z = g.op("Gather", [PT, rows], axis=0)  # (K, V, B)
     zT = g.op("ReduceSum", [Z, g.const([0])], keepdims=0)  # (V, B)
     info = {"kind": "slim", "K": K, "M": M, "pools": [K, Mk, d], "table": [K, V],
-            "table_bytes": V * K * 4}
+            "table_bytes": V * K * _index_bytes(M - 1)}
     return g.op("Add", [g.op("Transpose", [zT], perm=[1, 0]), b]), info
 
 
@@ -283,6 +304,8 @@ def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET
     tables = _tables(model)
     L, H, V = c.layers, c.hidden, c.vocab_size
     g = _Graph(onnx, quant, ftype)
+    if c.output == "slim":  # first: a tied slim input layer reads it too
+        g.index_table("output/rows", _global_rows(tables["output/idx"], c.output_m // c.output_k))
     # a tied slim input layer reads the output layer's initializers by name
     x, in_info = _input_layer(g, c, p, tables, "ids")  # (B, E)
     if c.embedding_size and c.embedding_size != H:

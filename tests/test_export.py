@@ -32,8 +32,10 @@ KINDS = {
     "tied_slim": dict(input="slim", output="slim", output_k=4, output_ratio=0.25, tie=True),
     "pm": {"embedding_size": 16},  # E = 16 < H = 32: the PM projections
     "pm_slim": {**SLIM, "embedding_size": 16},
+    # pools of over 256 rows: the tables are stored as uint16
+    "wide": dict(input="slim", input_k=4, input_m=300, output="slim", output_k=4, output_ratio=0.8),
 }
-SLIM_KINDS = ["shuffle", "hash", "learned", "tied_slim", "pm_slim"]
+SLIM_KINDS = ["shuffle", "hash", "learned", "tied_slim", "pm_slim", "wide"]
 TOL = 1e-4  # float32, natural log
 
 
@@ -116,7 +118,8 @@ def test_onnxruntime_scores_equal_slimnp_score(models, kind, tmp_path):
 @pytest.mark.parametrize("kind", SLIM_KINDS)
 def test_slim_export_stays_compressed(models, kind, tmp_path):
     """No V x E matrix in the file: the only float initializer with a V axis
-    is the output bias; the file is the parameters, the int32 tables and the
+    is the output bias; the file is the parameters, the tables (uint8, or
+    uint16 for pools of over 256 rows; cast to int32 in the graph) and the
     metadata, and less than 10% more."""
     paths, _ = models
     model, vocab, _ = load_model(paths[kind])
@@ -131,9 +134,19 @@ def test_slim_export_stays_compressed(models, kind, tmp_path):
     assert [n for n, s in floats.items() if V in s] == ["output/b"], floats
     assert not any(s in ((V, E), (E, V)) for s in floats.values())
     # what the file must hold: every parameter once (float32), the integer
-    # tables as int32 (V*K each; a tied input layer shares the output's),
-    # and the metadata's keys and values
-    tables = 4 * V * (c.output_k + (0 if c.tie else c.input_k))
+    # tables in the smallest unsigned type of their largest row (V*K each; a
+    # tied input layer shares the output's), and the metadata's keys and values
+    def width(hi):
+        return 1 if hi <= 0xFF else 2 if hi <= 0xFFFF else 4
+
+    tables = V * c.output_k * width(c.output_m - 1)
+    tables += 0 if c.tie else V * c.input_k * width(c.input_m - 1)
+    stored = {t.name: t.data_type for t in m.graph.initializer}
+    small = "uint8" if c.output_m <= 256 else "uint16"
+    assert stored[f"output/rows/{small}"] == getattr(onnx.TensorProto, small.upper())
+    assert "output/rows" not in stored
+    casts = {n.output[0] for n in m.graph.node if n.op_type == "Cast"}
+    assert "output/rows" in casts and (c.tie or "embedding/idx" in casts)
     meta = sum(len(p.key.encode()) + len(p.value.encode()) for p in m.metadata_props)
     expected = 4 * model.num_parameters + tables + meta
     size = out.stat().st_size
