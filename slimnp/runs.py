@@ -14,18 +14,17 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from .options import MODEL_OPTIONS, OptionError, complete, configs, settings
+from .options import (MODEL_KIND_OPTIONS, MODEL_OPTIONS, TRAIN_OPTIONS, OptionError, complete,
+                      configs, option, settings)
 
 __all__ = ["train", "data_files"]
 
 # what a fresh run's model kind is when no option changes it
-_KIND_DEFAULTS = {"input_kind": "dense", "output_kind": "full", "mapping": "shuffle",
-                  "mapping_seed": 0, "tie": False, "head_bias": False}
-# --resume takes everything but the data from the checkpoint
-_RESUME_FIXED = ("loss", "samples", "optimizer", "layers", "hidden", "dropout", "input_dropout",
-                 "embedding_size", "init_scale", "bptt", "batch_size", "lr", "schedule", "lr_decay",
-                 "decay_start", "decay_threshold", "clip", "input_k", "input_m", "input_ratio",
-                 "output_k", "output_m", "output_ratio", "cutoffs", "div_value")
+_KIND_DEFAULTS = {k: option(k).default for k in MODEL_KIND_OPTIONS}
+# --resume takes everything but the data from the checkpoint: every model and
+# training option whose default is the recipe's (--epochs alone may change)
+_RESUME_FIXED = tuple(o.name for o in TRAIN_OPTIONS if o.feeds in ("model", "train")
+                      and o.default is None and o.name != "epochs")
 
 
 def data_files(params: dict) -> dict | None:
