@@ -172,28 +172,45 @@ def fig4_wt2(res: dict) -> str:
     """Figure 4 on WikiText-2: SE (shuffle), SE learned, SM, PM per ratio, and the margins."""
     base = res.get("uncompressed")
     ppl = lambda r: r and r["test_ppl"]  # noqa: E731
-    rows, adaptive = [], []
+    rows = []
     for c in WT2_RATIOS:
         se, le, sm, pm = (res.get(f"{m}-{c}") for m in ("se", "learned", "sm", "pm"))
         margin = lambda r, ref: _f(ppl(r) - ppl(ref), "{:+.2f}") if ppl(r) and ppl(ref) else "-"  # noqa: E731
         rows.append([f"1/{c}", _f(ppl(se)), _f(ppl(le)), _f(ppl(sm)), _f(ppl(pm)), margin(sm, se),
                      margin(pm, se), margin(le, se), margin(sm, le),
                      f"{se['parameters']:,}" if se else "-"])
-        at, asl = res.get(f"adaptive-tied-{c}"), res.get(f"adaptive-slim-{c}")
-        size = lambda r: f"{r['parameters']:,}" if r else "-"  # noqa: E731
-        adaptive.append([f"1/{c}", _f(ppl(se)), _f(ppl(at)), size(at), margin(at, se), _f(ppl(asl)),
-                         size(asl) if c != 8 else "(not run)", margin(asl, se)])
     head = (f"Uncompressed (2x200, V = {base['config']['model']['vocab_size']:,}, "
             f"{base['parameters']:,} parameters): test {base['test_ppl']:.2f}, valid "
             f"{base['valid_ppl']:.2f}.\n\n" if base else "Uncompressed: not run yet.\n\n")
     table = _table(["compression", "SE", "SE learned", "SM", "PM", "SM - SE", "PM - SE",
                     "learned - SE", "SM - learned", "SE parameters"], rows)
-    table += ("\n\nAgainst the adaptive softmax with tied adaptive input embeddings (sizes matched to SE's "
-              "by the cutoffs and div value; the plan lists them):\n\n"
-              + _table(["SE point", "SE", "adaptive tied", "parameters", "- SE", "+ slim tails",
-                        "parameters", "- SE"], adaptive))
     fig = FIGURES / "fig4-wt2.png"
     return head + table + (f"\n\n.. image:: {fig.relative_to(ROOT).as_posix()}" if fig.exists() else "")
+
+
+ADAPTIVE_METHODS = (("SE", "se"), ("SE learned", "learned"), ("SM", "sm"), ("PM", "pm"),
+                    ("adaptive tied", "adaptive-tied"),
+                    ("adaptive tied + slim tails", "adaptive-slim"))
+
+
+def adaptive_table(corpora) -> str:
+    """Slim layers against the adaptive softmax with tied adaptive input
+    embeddings (and with slim tail clusters) at SE's sizes, per corpus:
+    ``corpora`` is ``[(name, results by run), ...]``; seeds as mean +- sd."""
+    rows = []
+    for corpus, res in corpora:
+        for c in (32, 128):
+            se = [r["test_ppl"] for r in _seeds(res, f"se-{c}")]
+            for label, stem in ADAPTIVE_METHODS:
+                runs = _seeds(res, f"{stem}-{c}")
+                ppl = [r["test_ppl"] for r in runs]
+                diff = (_f(sum(ppl) / len(ppl) - sum(se) / len(se), "{:+.2f}")
+                        if ppl and se and stem != "se" else "-")
+                rows.append([corpus, f"1/{c}", label, _pm(ppl), diff,
+                             f"{runs[0]['parameters']:,}" if runs else "-",
+                             f"{runs[0]['tokens_per_s']:,.0f}" if runs else "-"])
+    return _table(["corpus", "SE point", "method", "test PPL", "- SE", "parameters",
+                   "train tok/s"], rows)
 
 
 def fig2(res: dict) -> str:
@@ -259,14 +276,16 @@ def figures(sweeps: Path) -> list:
     except ImportError:
         return []
     learned = HERE / "results" / "learned-ptb.jsonl"
-    rows = load_rows([p for p in (sweeps, learned) if p.exists()])
+    adaptive = HERE / "results" / "adaptive-ptb.jsonl"
+    rows = load_rows([p for p in (sweeps, learned, adaptive) if p.exists()])
     wt2 = HERE / "results" / "fig4-wt2.jsonl"
     wt2_rows = load_rows([wt2]) if wt2.exists() else []
     FIGURES.mkdir(exist_ok=True)
     keep = lambda *m: [r for r in rows if r.get("method") in (*m, "uncompressed")]  # noqa: E731
     out = []
     for name, draw in (
-            ("fig4-ptb", lambda: plot_ratio(keep("SE", "SM", "PM", "SE learned"), FIGURES / "fig4-ptb.png",
+            ("fig4-ptb", lambda: plot_ratio(keep("SE", "SM", "PM", "SE learned", "adaptive tied",
+                                                 "adaptive tied + slim tails"), FIGURES / "fig4-ptb.png",
                                             title="Figure 4 on PTB: both layers, K = 8")),
             ("fig2-ptb", lambda: plot_ratio(keep("SE input only"), FIGURES / "fig2-ptb.png",
                                             title="Figure 2 on PTB: input layer only, K = 8")),
@@ -309,9 +328,13 @@ def main() -> None:
     doc = fill(doc, "table3", table3(t3))
     wt2 = results.read(HERE / "results" / "fig4-wt2.jsonl")
     doc = fill(doc, "fig4-wt2", fig4_wt2(wt2))
+    adaptive = results.read(HERE / "results" / "adaptive-ptb.jsonl")
+    doc = fill(doc, "adaptive", adaptive_table((("PTB", {**sw, **learned, **adaptive}),
+                                                       ("WikiText-2", wt2))))
     plans = (("sweeps-ptb", sw, "the sweeps plan"), ("table2-ptb", res, "Table 2's"),
              ("learned-ptb", learned, "the learned-assignment plan"), ("table3-ptb", t3, "Table 3's"),
-             ("fig4-wt2", wt2, "Figure 4 on WikiText-2"))
+             ("fig4-wt2", wt2, "Figure 4 on WikiText-2"),
+             ("adaptive-ptb", adaptive, "the adaptive plan on PTB"))
     done = sum(len(r) for _, r, _ in plans)
     doc = fill(doc, "status", "Runs finished: " + ", ".join(
         f"{len(r)} of {len(load_plan(HERE / f'{name}.toml').runs)} in {what}" for name, r, what in plans) + ".")
