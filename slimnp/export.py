@@ -2,7 +2,8 @@
 
 :func:`export_onnx` writes the model's *step* -- one token per stream in,
 the next token's distribution and the new state out -- with the slim layers
-kept as they are in the model file (Li, Kang and Zhang, AAAI 2018):
+(Li, Kang and Zhang, AAAI 2018) and the adaptive layers kept as they are in
+the model file, no ``V x E`` matrix formed:
 
 * input, slim: ``Gather`` of each word's K pool rows by the stored table,
   then a ``Reshape`` that concatenates them -- the ``(V, H)`` matrix is
@@ -10,7 +11,24 @@ kept as they are in the model file (Li, Kang and Zhang, AAAI 2018):
 * output, slim: the paper's dynamic programming (Algorithm 1) -- one batched
   ``MatMul`` gives the K pools' partial products ``P[k] = A[k] h_k^T``, a
   ``Gather`` by the word -> pool-row table and a ``ReduceSum`` over K give
-  the logits, then ``+ b`` and ``LogSoftmax``.
+  the logits, then ``+ b`` and ``LogSoftmax``;
+* output, adaptive (Grave et al., ICML 2017; :mod:`slimnp.adaptive`): the
+  head's ``Gemm`` (``+ head/b`` with ``head_bias``) and ``LogSoftmax`` give
+  ``g (B, c_0 + n)``; tail cluster ``i`` is ``h P_i^T`` (a ``Gemm``, ``(B,
+  d_i)``), then its words' logits -- a ``Gemm`` against ``tail{i}/W``, or
+  with slim tails the DP above on the cluster's own K pools ``tail{i}/A``
+  and table ``output/tail{i}/rows (K, V_i)`` -- then ``LogSoftmax`` and
+  ``+ g[c_0 + i]``; a ``Concat`` puts ``g[:c_0]`` and the n clusters side by
+  side in word order: exact log-probabilities of all ``V`` words, already
+  normalised (no ``LogSoftmax`` follows);
+* input, adaptive (Baevski and Auli, ICLR 2019): every band ``j`` is computed
+  for every id -- the id less the band's first word, ``Clip``-ped into the
+  band, a ``Gather`` from ``embedding/band{j}/W`` (and, ``j >= 1``, a
+  ``MatMul`` by ``band{j}/proj``) -- and a chain of ``Where(ids >= c_{j-1})``
+  keeps each id's own band.  Tied to an adaptive output, band 0 reads the
+  first ``c_0`` rows of ``output/head/W`` and band ``j`` cluster ``j - 1``'s
+  ``tail{j-1}/W`` (or its pools, through the same table as the DP) and
+  ``tail{j-1}/proj`` (``e P``): each shared array is stored once.
 
 The graph, for ``L`` layers, hidden size ``H``, word-vector size ``E``
 (``E < H``: the PM baseline's projections) and a dynamic batch ``B``::
@@ -24,6 +42,14 @@ The graph, for ``L`` layers, hidden size ``H``, word-vector size ``E``
 
     ids -> embedding (B, E) [-> @ proj_in/W (E, H)] -> L LSTM steps
         [-> @ proj_out/W (H, E)] -> output layer -> logits (B, V) -> LogSoftmax
+                                  (adaptive: -> log_probs (B, V) directly)
+
+``logits`` of an adaptive output: the adaptive softmax has no single
+``(B, V)`` matrix of scores whose softmax is the distribution (each cluster
+normalises its own), so ``logits`` there is the log-probabilities again --
+what slimnp's own ``AdaptiveSoftmax.logits`` gives for sampling; their
+softmax is the model's distribution, so a sampler that takes logits (with a
+temperature, top-k) works unchanged.
 
 Each LSTM step is ``G = [x, h] @ [[Wx], [Wh]] + b`` (one ``Gemm``), gates
 ``[i f o g]`` in slimnp's order (:mod:`slimnp.kernels.reference`),
@@ -37,8 +63,12 @@ Initializers keep slimnp's parameter names (``output/A`` ``(K, M/K, d)``,
 (``Wx`` and ``Wh`` stacked, ``(D+H, 4H)``) and the integer tables:
 ``embedding/idx (V, K)`` as stored, and ``output/rows (K, V)``, the output
 table turned into rows of the K pools seen as one ``(M, d)`` array
-(``idx_out[w, k] + k M/K``), which the DP's ``Gather`` reads.  Tables are
-stored in the smallest unsigned type their values fit (uint16 up to 65,536
+(``idx_out[w, k] + k M/K``), which the DP's ``Gather`` reads, and for slim
+tails likewise ``output/tail{i}/rows (K, V_i)`` of cluster ``i``'s table
+(rows of its ``(M_i, d_i/K)`` pools).  The adaptive layers' parameters keep
+their names: ``output/head/W``, ``output/head/b``, ``output/tail{i}/proj``,
+``output/tail{i}/W`` or ``/A``, ``embedding/band{j}/W``, ``/proj``.
+Tables are stored in the smallest unsigned type their values fit (uint16 up to 65,536
 pool rows: ``2 V K`` bytes per slim side) and cast to int32 in the graph
 (``Gather`` takes int32 or int64 indices; the cast of a constant is folded
 when ONNX Runtime loads the file).  A ``hash`` mapping, which the model file
@@ -56,6 +86,10 @@ shape ``(..., n)`` becomes the initializers ``P/int8 (R, n)`` int8 and
 a ``Reshape`` back to ``(..., n)`` where needed, is the float value ``P``
 every other node reads, so the file shrinks as the model file did.
 ``lstm{l}/W`` stacks the int8 rows of ``Wx`` and ``Wh`` and their scales.
+The adaptive layers' matrices (``head/W``, the tails' ``proj``, ``W`` and
+pools ``A``, the bands' ``W`` and ``proj``) are int8 the same way wherever
+the quantized file has them so (pools whose rows have one number stay float,
+as ``slimnp quantize`` leaves them; the head bias always does).
 ``DequantizeLinear`` computes ``float32(q) * scale``, exactly the weights
 slimnp scores the quantized file with.  (ONNX Runtime may fold the
 dequantization into float initializers when it loads the graph: the memory
@@ -217,8 +251,8 @@ def _input_layer(g: _Graph, c, p: dict, tables: dict, ids: str) -> tuple[str, di
     V, E = c.vocab_size, c.word_size
     if c.input == "dense":
         W = "output/W" if c.tie else g.weight("embedding/W", p["embedding/W"])  # (V, E)
-        return g.op("Gather", [W, ids], axis=0), {"kind": "dense", "shape": [V, E], "tied": c.tie,
-                                                  "table_bytes": 0}
+        return g.op("Gather", [W, ids], axis=0), {"kind": "dense", "slim": False, "shape": [V, E],
+                                                  "tied": c.tie, "table_bytes": 0}
     if not c.tie:
         K, M = c.input_k, c.input_m
         d = E // K
@@ -226,24 +260,46 @@ def _input_layer(g: _Graph, c, p: dict, tables: dict, ids: str) -> tuple[str, di
         A = g.weight("embedding/A", p["embedding/A"].reshape(M, d))  # (M, d)
         sub = g.op("Gather", [idx, ids], axis=0)  # (B, K)
         X = g.op("Gather", [A, sub], axis=0)  # (B, K, d)
-        info = {"kind": "slim", "K": K, "M": M, "pool": [M, d], "table": [V, K], "tied": False,
+        info = {"kind": "slim", "slim": True, "K": K, "M": M, "pool": [M, d], "table": [V, K], "tied": False,
                 "table_bytes": V * K * _index_bytes(M - 1)}
         return g.op("Reshape", [X, g.const([0, E])]), info  # (B, K*d): the K parts side by side
-    # tied: the rows of the K output pools A (K, M/K, d).  GatherND picks
-    # A[k, idx_out[w, k]] straight from the (K, M/K, d) initializer the DP
-    # multiplies (ONNX Runtime folds a Reshape of an initializer into a
-    # second, reshaped initializer: two copies of the pools in memory).
+    # tied: the rows of the K output pools A (K, M/K, d), read in place
     K, Mk = c.output_k, c.output_m // c.output_k
-    rows = g.op("Gather", ["output/rows", ids], axis=1)  # (K, B) int32, global rows
-    local = g.op("Sub", [g.op("Cast", [rows], to=g.onnx.TensorProto.INT64),
+    X = _pool_vectors(g, "output/A", "output/rows", ids, K, Mk)  # (B, E)
+    info = {"kind": "slim", "slim": True, "K": K, "M": c.output_m, "pool": "output/A",
+            "table": "output/rows", "tied": True, "table_bytes": 0}
+    return X, info
+
+
+def _pool_vectors(g: _Graph, A: str, rows: str, ids: str, K: int, Mk: int) -> str:
+    """``(B, K d)``: each id's K sub-vectors read from the pools ``A (K, Mk,
+    d)`` by the global rows ``rows (K, V)`` (``idx[w, k] + k Mk``, what the
+    DP's ``Gather`` reads), side by side.  ``GatherND`` picks ``A[k,
+    idx[w, k]]`` straight from the ``(K, Mk, d)`` initializer the DP
+    multiplies (ONNX Runtime folds a ``Reshape`` of an initializer into a
+    second, reshaped initializer: two copies of the pools in memory)."""
+    glob = g.op("Gather", [rows, ids], axis=1)  # (K, B) int32, global rows
+    local = g.op("Sub", [g.op("Cast", [glob], to=g.onnx.TensorProto.INT64),
                          g.const(np.arange(K)[:, None] * Mk)])  # (K, B) rows within pool k
     kk = g.op("Expand", [g.const(np.arange(K)[:, None]), g.op("Shape", [local])])  # (K, B): k
     ind = g.op("Concat", [g.op("Unsqueeze", [kk, g.const([2])]),
                           g.op("Unsqueeze", [local, g.const([2])])], axis=2)  # (K, B, 2)
-    X = g.op("Transpose", [g.op("GatherND", ["output/A", ind])], perm=[1, 0, 2])  # (B, K, d)
-    info = {"kind": "slim", "K": K, "M": c.output_m, "pool": "output/A", "table": "output/rows",
-            "tied": True, "table_bytes": 0}
-    return g.op("Reshape", [X, g.const([0, E])]), info
+    X = g.op("Transpose", [g.op("GatherND", [A, ind])], perm=[1, 0, 2])  # (B, K, d)
+    return g.op("Reshape", [X, g.const([0, -1])])  # (B, K*d): the K parts side by side
+
+
+def _slim_scores(g: _Graph, x: str, A: str, rows: str, K: int, M: int, d: int) -> str:
+    """Logits ``(B, V')`` (no bias) of ``x (B, K d)`` against the words whose
+    sub-vectors ``rows (K, V')`` picks from the pools ``A (K, M/K, d)``:
+    the paper's dynamic programming (Li et al. 2018, Algorithm 1)."""
+    # (1) the K GEMMs as one batched MatMul: PT[k] = A[k] x_k^T, every
+    #     distinct partial product, word-major as slimnp computes it
+    xT = g.op("Transpose", [g.op("Reshape", [x, g.const([0, K, d])])], perm=[1, 2, 0])  # (K, d, B)
+    PT = g.op("Reshape", [g.op("MatMul", [A, xT]), g.const([M, -1])])  # (K*M/K, B)
+    # (2) the K-term gather-sum per word: z[w] = sum_k PT[rows[k, w]]
+    Z = g.op("Gather", [PT, rows], axis=0)  # (K, V', B)
+    zT = g.op("ReduceSum", [Z, g.const([0])], keepdims=0)  # (V', B)
+    return g.op("Transpose", [zT], perm=[1, 0])  # (B, V')
 
 
 def _lstm_step(g: _Graph, l: int, x: str, state: str, p: dict, H: int) -> tuple[str, str]:
@@ -271,22 +327,117 @@ def _output_layer(g: _Graph, c, p: dict, tables: dict, top: str) -> tuple[str, d
     if c.output == "full":
         W = g.weight("output/W", p["output/W"])  # (V, E)
         b = g.init("output/b", p["output/b"])  # (V,)
-        return g.op("Gemm", [top, W, b], transB=1), {"kind": "dense", "shape": [V, E], "table_bytes": 0}
+        return g.op("Gemm", [top, W, b], transB=1), {"kind": "dense", "slim": False, "shape": [V, E],
+                                                     "table_bytes": 0}
     K, M = c.output_k, c.output_m
     Mk, d = M // K, E // K
     A = g.weight("output/A", p["output/A"])  # (K, Mk, d): K disjoint pools
-    rows = "output/rows"  # (K, V) int32, cast from its stored table by build_graph
     b = g.init("output/b", p["output/b"])
-    # (1) the K GEMMs as one batched MatMul: PT[k] = A[k] h_k^T, every
-    #     distinct partial product, word-major as slimnp computes it
-    hT = g.op("Transpose", [g.op("Reshape", [top, g.const([0, K, d])])], perm=[1, 2, 0])  # (K, d, B)
-    PT = g.op("Reshape", [g.op("MatMul", [A, hT]), g.const([M, -1])])  # (K*Mk, B)
-    # (2) the K-term gather-sum per word: z[w] = sum_k PT[rows[k, w]]
-    Z = g.op("Gather", [PT, rows], axis=0)  # (K, V, B)
-    zT = g.op("ReduceSum", [Z, g.const([0])], keepdims=0)  # (V, B)
-    info = {"kind": "slim", "K": K, "M": M, "pools": [K, Mk, d], "table": [K, V],
+    z = _slim_scores(g, top, A, "output/rows", K, M, d)  # (B, V); rows: cast by build_graph
+    info = {"kind": "slim", "slim": True, "K": K, "M": M, "pools": [K, Mk, d], "table": [K, V],
             "table_bytes": V * K * _index_bytes(M - 1)}
-    return g.op("Add", [g.op("Transpose", [zT], perm=[1, 0]), b]), info
+    return g.op("Add", [z, b]), info
+
+
+# ----------------------------------------------------------------------------
+# the adaptive layers (slimnp.adaptive): the same bands on both sides
+# ----------------------------------------------------------------------------
+def _bands(c) -> tuple[list, list]:
+    """``([c_0, ..., c_n = V], [d_0, ..., d_{n-1}])``: the adaptive layers'
+    cutoffs and tail clusters' vector sizes (:mod:`slimnp.adaptive`)."""
+    from .adaptive import tail_dims
+
+    cut = [int(x) for x in c.cutoffs] + [c.vocab_size]
+    return cut, tail_dims(c.word_size, len(c.cutoffs), c.div_value)
+
+
+def _tail_rows_name(i: int) -> str:
+    """The int32 ``(K, V_i)`` global-row table of slim tail cluster ``i``."""
+    return f"output/tail{i}/rows"
+
+
+def _adaptive_input(g: _Graph, c, p: dict, ids: str) -> tuple[str, dict]:
+    """Word vectors ``(B, E)`` of ``ids`` through the adaptive input's bands.
+
+    Every band is computed for every id, its local id clipped into the band
+    (``B`` rows of a ``d_j x E`` projection each: the step's cost is the
+    LSTM's, not this), and ``Where`` keeps each id's own band: ids at or
+    above band ``j``'s first word take band ``j``'s vector, so after the
+    last band each id holds the band it falls in.  A selection, not a sum
+    of masked terms: each id's vector is its own band's alone, computed as
+    slimnp computes it."""
+    E = c.word_size
+    cut, dims = _bands(c)
+    lo = [0] + cut[:-1]  # band j: [lo[j], cut[j]); band 0 the head words
+    slim = c.tie and bool(c.tail_m)
+    K = c.output_k
+    x = None
+    for j, d in enumerate([E] + dims):
+        local = ids if j == 0 else g.op("Sub", [ids, g.const(lo[j])])
+        local = g.op("Clip", [local, g.const(0), g.const(cut[j] - lo[j] - 1)])  # (B,) in the band
+        if not c.tie:
+            W = g.weight(f"embedding/band{j}/W", p[f"embedding/band{j}/W"])  # (V_j, d_j)
+            proj = g.weight(f"embedding/band{j}/proj", p[f"embedding/band{j}/proj"]) if j else None
+            e = g.op("Gather", [W, local], axis=0)  # (B, d_j)
+        elif j == 0:  # the head words' rows come first in head/W (c_0 + n, E)
+            proj, e = None, g.op("Gather", ["output/head/W", local], axis=0)
+        else:  # tail cluster j - 1's vectors (or pools) and projection (d, E), used as e P
+            t = f"output/tail{j - 1}"
+            proj = f"{t}/proj"
+            e = _pool_vectors(g, f"{t}/A", _tail_rows_name(j - 1), local, K,
+                              c.tail_m[j - 1] // K) if slim else \
+                g.op("Gather", [f"{t}/W", local], axis=0)  # (B, d)
+        if proj is not None:
+            e = g.op("MatMul", [e, proj])  # (B, E)
+        if x is None:
+            x = e
+        else:
+            mine = g.op("Unsqueeze", [g.op("GreaterOrEqual", [ids, g.const(lo[j])]), g.const([1])])
+            x = g.op("Where", [mine, e, x])  # (B, E): band j's vector from its first word on
+    info = {"kind": "adaptive", "slim": slim, "bands": [[cut[j] - lo[j], d] for j, d in
+                                                         enumerate([E] + dims)],
+            "tied": bool(c.tie), "table_bytes": 0}
+    if slim:
+        info["K"] = K
+    return x, info
+
+
+def _adaptive_output(g: _Graph, c, p: dict, top: str) -> tuple[str, dict]:
+    """Log-probabilities ``(B, V)`` of the top hidden states ``(B, E)`` under
+    the adaptive softmax, every word's: with ``g = log_softmax(h head/W^T +
+    head/b)``, the head words' ``g[w]``, then per tail cluster ``i`` (in
+    word order) ``g[c_0 + i] + log_softmax(h P_i^T W_i^T)`` -- or, with slim
+    tails, the cluster's logits by the DP on its own pools.  Already
+    normalised: no ``LogSoftmax`` follows."""
+    E = c.word_size
+    cut, dims = _bands(c)
+    n, c0, K = len(dims), cut[0], c.output_k
+    head = [top, g.weight("output/head/W", p["output/head/W"])]  # (c_0 + n, E)
+    if c.head_bias:
+        head.append(g.init("output/head/b", p["output/head/b"]))  # (c_0 + n,)
+    lp = g.op("LogSoftmax", [g.op("Gemm", head, transB=1)], axis=1)  # (B, c_0 + n)
+    parts = g.op("Split", [lp, g.const([c0] + [1] * n)], n_out=n + 1, axis=1)  # (B, c_0), n x (B, 1)
+    out, tails, table_bytes = [parts[0]], [], 0
+    for i, d in enumerate(dims):
+        Vi, t = cut[i + 1] - cut[i], f"output/tail{i}"
+        q = g.op("Gemm", [top, g.weight(f"{t}/proj", p[f"{t}/proj"])], transB=1)  # (B, d): h P^T
+        if c.tail_m:
+            M = int(c.tail_m[i])
+            A = g.weight(f"{t}/A", p[f"{t}/A"])  # (K, M/K, d/K)
+            u = _slim_scores(g, q, A, _tail_rows_name(i), K, M, d // K)  # (B, V_i)
+            tails.append({"words": Vi, "size": d, "M": M})
+            table_bytes += Vi * K * _index_bytes(M - 1)
+        else:
+            u = g.op("Gemm", [q, g.weight(f"{t}/W", p[f"{t}/W"])], transB=1)  # (B, V_i)
+            tails.append({"words": Vi, "size": d})
+        # the cluster's own log-softmax, plus the head's log-probability of the cluster
+        out.append(g.op("Add", [g.op("LogSoftmax", [u], axis=1), parts[i + 1]]))
+    info = {"kind": "adaptive", "slim": bool(c.tail_m), "cutoffs": cut[:-1], "div_value": c.div_value,
+            "head": [c0 + n, E], "head_bias": bool(c.head_bias), "tails": tails,
+            "table_bytes": table_bytes}
+    if c.tail_m:
+        info["K"] = K
+    return g.op("Concat", out, axis=1), info  # (B, V): the words in id order
 
 
 def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET, quant=None):
@@ -295,19 +446,26 @@ def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET
     int8 rows of a quantized model file (their dequantized values must be
     ``model``'s parameters)."""
     c = model.config
-    if c.input not in ("dense", "slim") or c.output not in ("full", "slim"):
-        raise ExportError(f"ONNX export knows dense and slim layers (input dense or slim, output "
-                          f"full or slim); this model has input {c.input!r}, output {c.output!r}")
+    if c.input not in ("dense", "slim", "adaptive") or c.output not in ("full", "slim", "adaptive"):
+        raise ExportError(f"ONNX export knows dense, slim and adaptive layers; this model has "
+                          f"input {c.input!r}, output {c.output!r}")
     helper, TP = onnx.helper, onnx.TensorProto
     ftype = TP.DOUBLE if np.dtype(c.dtype) == np.float64 else TP.FLOAT  # the model's dtype
     p = model.params_numpy()
     tables = _tables(model)
     L, H, V = c.layers, c.hidden, c.vocab_size
     g = _Graph(onnx, quant, ftype)
-    if c.output == "slim":  # first: a tied slim input layer reads it too
+    # the output's tables first: a tied input layer reads them too
+    if c.output == "slim":
         g.index_table("output/rows", _global_rows(tables["output/idx"], c.output_m // c.output_k))
-    # a tied slim input layer reads the output layer's initializers by name
-    x, in_info = _input_layer(g, c, p, tables, "ids")  # (B, E)
+    if c.output == "adaptive" and c.tail_m:
+        for i, m in enumerate(c.tail_m):
+            g.index_table(_tail_rows_name(i), _global_rows(tables[f"output/tail{i}/idx"], m // c.output_k))
+    # a tied input layer reads the output layer's initializers by name
+    if c.input == "adaptive":
+        x, in_info = _adaptive_input(g, c, p, "ids")  # (B, E)
+    else:
+        x, in_info = _input_layer(g, c, p, tables, "ids")  # (B, E)
     if c.embedding_size and c.embedding_size != H:
         x = g.op("MatMul", [x, g.weight("proj_in/W", p["proj_in/W"])])  # (B, H)
     news = []
@@ -319,12 +477,18 @@ def build_graph(onnx, model, *, logits: bool = False, opset: int = DEFAULT_OPSET
     g.op("Concat", news, out="new_state", axis=0)  # (L, 2, B, H)
     if c.embedding_size and c.embedding_size != H:
         x = g.op("MatMul", [x, g.weight("proj_out/W", p["proj_out/W"])])  # (B, E)
-    z, out_info = _output_layer(g, c, p, tables, x)  # (B, V)
     outputs = [helper.make_tensor_value_info("log_probs", ftype, ["B", V])]
+    if c.output == "adaptive":
+        # log-probabilities already; `logits` repeats them, as slimnp's own
+        # AdaptiveSoftmax.logits does (module docstring)
+        z, out_info = _adaptive_output(g, c, p, x)  # (B, V)
+        g.op("Identity", [z], out="log_probs")
+    else:
+        z, out_info = _output_layer(g, c, p, tables, x)  # (B, V)
+        g.op("LogSoftmax", [z], out="log_probs", axis=1)
     if logits:
         g.op("Identity", [z], out="logits")
         outputs.append(helper.make_tensor_value_info("logits", ftype, ["B", V]))
-    g.op("LogSoftmax", [z], out="log_probs", axis=1)
     outputs.append(helper.make_tensor_value_info("new_state", ftype, [L, 2, "B", H]))
     inputs = [helper.make_tensor_value_info("ids", TP.INT64, ["B"]),
               helper.make_tensor_value_info("state", ftype, [L, 2, "B", H])]
@@ -418,7 +582,11 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
     H)`` out, ``B`` dynamic.  A slim input layer is a ``Gather`` from its
     pool; a slim output layer the K-pool dynamic programming of Li et al.
     (2018), Algorithm 1, so no ``V x H`` matrix is stored or computed.  The
-    file's ``metadata_props`` hold the vocabulary (``slimnp.vocab``, a JSON
+    adaptive softmax and adaptive input are exported band by band (slim
+    tails by the same DP per cluster); an adaptive output's ``log_probs``
+    are the exact factorised log-probabilities of all ``V`` words, and its
+    ``logits`` (no single score matrix exists) those log-probabilities
+    again.  The file's ``metadata_props`` hold the vocabulary (``slimnp.vocab``, a JSON
     list), ``slimnp.eos_id``, ``slimnp.unk_id``, the model config
     (``slimnp.config``, JSON) and the model file's sha256
     (``slimnp.source_sha256``).
@@ -427,12 +595,14 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
     -------
     dict : ``path``, ``bytes`` (the file), ``opset``, ``inputs`` and
         ``outputs`` (name -> shape, ``"B"`` dynamic), ``layers`` (input and
-        output: kind, K, M, table shapes and bytes), ``compressed`` (the
-        layers that stayed slim), ``parameter_bytes`` (the parameters'
-        initializers: float, or int8 and their scales), ``table_bytes``
-        (integer tables), ``quantized`` (None, or for a quantized model file:
-        ``scheme``, ``int8`` (the model file's int8 parameters), ``int8_bytes``,
-        ``scale_bytes``), ``metadata_bytes``,
+        output: kind, slim, K, M, table shapes and bytes; adaptive: the
+        bands, the head, the tails' sizes), ``compressed`` (the layers that
+        keep slim pools and tables: a slim layer, an adaptive output with
+        slim tails, an adaptive input tied to one), ``parameter_bytes``
+        (the parameters' initializers: float, or int8 and their scales),
+        ``table_bytes`` (integer tables), ``quantized`` (None, or for a
+        quantized model file: ``scheme``, ``int8`` (the model file's int8
+        parameters), ``int8_bytes``, ``scale_bytes``), ``metadata_bytes``,
         ``source_sha256``.
 
     Raises
@@ -440,7 +610,7 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
     OnnxUnavailable (an ExportError)
         the ``onnx`` package is missing: ``pip install 'slimnp[onnx]'``
     ExportError (a ValueError)
-        a layer ONNX export does not know (the adaptive softmax), a bad ``opset``,
+        a layer ONNX export does not know, a bad ``opset``,
         no vocabulary, or a model over protobuf's 2 GB limit
     slimnp.io.FormatError (a ValueError)
         the model file is missing, not a slimnp model, or damaged
@@ -495,13 +665,12 @@ def export_onnx(model_path_or_model, out_path, *, logits: bool = False, opset: i
     return {"path": str(out_path), "bytes": len(data), "opset": opset,
             "inputs": shapes(proto.graph.input), "outputs": shapes(proto.graph.output),
             "layers": layers,
-            "compressed": [side for side in ("input", "output") if layers[side]["kind"] == "slim"],
+            "compressed": [side for side in ("input", "output") if layers[side]["slim"]],
             "parameter_bytes": fl + i8, "table_bytes": it,
             "quantized": {"scheme": QUANTIZATION, "int8": sorted(quant), "int8_bytes": i8,
                           "scale_bytes": sum(int(s.nbytes) for _, s in quant.values())} if quant else None,
             "metadata_bytes": sum(len(k.encode()) + len(v.encode()) for k, v in meta.items()),
-            "mapping": c.mapping if layers["input"]["kind"] == "slim" or
-            layers["output"]["kind"] == "slim" else None,
+            "mapping": c.mapping if layers["input"]["slim"] or layers["output"]["slim"] else None,
             "source_sha256": sha}
 
 
@@ -513,6 +682,17 @@ def summary_line(info: dict) -> str:
     from .errors import human_bytes
 
     def layer(side, d):
+        if d["kind"] == "adaptive" and side == "input":
+            sizes = ",".join(str(s) for _, s in d["bands"])
+            how = ", tied" if d["tied"] else ""
+            how += f", slim tails K={d['K']}" if d["slim"] else ""
+            return f"input adaptive ({len(d['bands'])} bands of sizes {sizes}{how})"
+        if d["kind"] == "adaptive":
+            sizes = ",".join(str(t["size"]) for t in d["tails"])
+            slim = f", slim tails K={d['K']} (K-pool DP)" if d["slim"] else ""
+            bias = ", head bias" if d["head_bias"] else ""
+            return (f"output adaptive (head {d['head'][0]}, {len(d['tails'])} tail clusters of sizes "
+                    f"{sizes}{slim}{bias})")
         if d["kind"] != "slim":
             return f"{side} dense"
         how = "pool Gather" if side == "input" else "K-pool DP"

@@ -22,6 +22,7 @@ from slimnp._atomic import file_sha256  # noqa: E402
 from slimnp.trainer import run_training  # noqa: E402
 
 SLIM = dict(input="slim", input_k=4, input_ratio=0.125, output="slim", output_k=4, output_ratio=0.25)
+ADAPTIVE = dict(cutoffs=(10, 40), div_value=2.0)
 # trained with dropout 0.1 (TINY_HP): the export must leave it out
 KINDS = {
     "dense": {},
@@ -34,8 +35,23 @@ KINDS = {
     "pm_slim": {**SLIM, "embedding_size": 16},
     # pools of over 256 rows: the tables are stored as uint16
     "wide": dict(input="slim", input_k=4, input_m=300, output="slim", output_k=4, output_ratio=0.8),
+    # the adaptive layers (slimnp.adaptive): a head of 10 words, tail clusters
+    # [10, 40) and [40, V) with vectors of 32/2 = 16 and 32/4 = 8 numbers
+    "adaptive": {**ADAPTIVE, "output": "adaptive", "head_bias": True},
+    "adaptive_input": {**ADAPTIVE, "input": "adaptive"},  # output full
+    "adaptive_tied": {**ADAPTIVE, "input": "adaptive", "output": "adaptive", "tie": True},
+    # slim tails (K = 4 pools per cluster, M_i/K = V_i/2) behind a slim input
+    "adaptive_slim": {**ADAPTIVE, "input": "slim", "input_k": 4, "input_ratio": 0.125,
+                      "output": "adaptive", "output_k": 4, "output_ratio": 0.5},
+    # the input bands read the slim tails' pools; hash tables (the file keeps a seed)
+    "adaptive_tied_slim": {**ADAPTIVE, "input": "adaptive", "output": "adaptive", "tie": True,
+                           "output_k": 4, "output_ratio": 0.5, "mapping": "hash", "head_bias": True},
+    # E = 16 < H = 32: bands of 16, 8 and 4 numbers between the PM projections
+    "adaptive_pm": {**ADAPTIVE, "input": "adaptive", "output": "adaptive", "embedding_size": 16,
+                    "output_k": 2, "output_ratio": 0.5},
 }
 SLIM_KINDS = ["shuffle", "hash", "learned", "tied_slim", "pm_slim", "wide"]
+ADAPTIVE_KINDS = [k for k in KINDS if k.startswith("adaptive")]
 TOL = 1e-4  # float32, natural log
 
 
@@ -260,3 +276,126 @@ def test_readme_example_runs(models, tmp_path, monkeypatch):
     want = inference.load(paths["tied_slim"]).score([" ".join(words)])[0].logprobs[:3]
     assert [w for w, _ in printed] == words
     np.testing.assert_allclose([lp for _, lp in printed], want, atol=TOL)
+
+
+# ----------------------------------------------------------------------------
+# the adaptive layers
+# ----------------------------------------------------------------------------
+def band_edge_ids(c):
+    """Ids at both ends of every band: 0, c_0 - 1, c_0, ..., V - 1."""
+    cut = [0, *c.cutoffs, c.vocab_size]
+    return np.array(sorted({w for lo, hi in zip(cut, cut[1:]) for w in (lo, hi - 1)}), np.int64)
+
+
+@pytest.mark.parametrize("kind", ADAPTIVE_KINDS)
+def test_adaptive_log_probs_of_every_word(models, kind, tmp_path):
+    """Every word's log-probability, not only the next word's: the (B, V)
+    rows equal slimnp's own (AdaptiveSoftmax.log_probs; the log-softmax of
+    the logits for a full output) and their exponentials sum to 1, for ids
+    at both ends of every band; ``logits`` of an adaptive output are the
+    log-probabilities again, as slimnp's ``logits`` gives them."""
+    paths, _ = models
+    model, vocab, _ = load_model(paths[kind])
+    c = model.config
+    # weights of order one, not the tiny trained ones (a band vector passes
+    # up to three projections of +-0.1 before the LSTM): a wrong band or
+    # cluster then moves the log-probabilities far beyond TOL
+    model.store.data[:] = np.random.default_rng(1).uniform(-0.5, 0.5, model.store.data.shape)
+    out = tmp_path / "m.onnx"
+    info = export_onnx(model, out, logits=True, opset=13, vocab=vocab)
+    assert list(info["outputs"]) == ["log_probs", "logits", "new_state"]
+    ids = band_edge_ids(c)
+    x = np.stack([ids, ids[::-1], np.roll(ids, 1)]).astype(np.int32)  # (T, B): every band, every step
+    z, _ = model.logits(x, model.zero_state(x.shape[1]))  # (T, B, V)
+    if c.output == "adaptive":
+        want = z
+    else:
+        want = z - np.log(np.exp(z.astype(np.float64)).sum(-1, keepdims=True))
+    sess = session(out)
+    state = np.zeros((c.layers, 2, x.shape[1], c.hidden), np.float32)
+    err = 0.0
+    for t in range(x.shape[0]):
+        lp, zz, state = sess.run(None, {"ids": x[t].astype(np.int64), "state": state})
+        err = max(err, float(np.abs(lp - want[t]).max()))
+        np.testing.assert_allclose(np.exp(lp.astype(np.float64)).sum(1), 1.0, atol=1e-5)
+        if c.output == "adaptive":
+            np.testing.assert_array_equal(zz, lp)
+    print(f"\n{kind}: max |onnxruntime - slimnp| over all {c.vocab_size} words = {err:.2e}")
+    assert err <= TOL
+
+
+@pytest.mark.parametrize("kind", ADAPTIVE_KINDS)
+def test_adaptive_export_stores_each_parameter_once(models, kind, tmp_path):
+    """No V x E matrix on an adaptive side: the file holds each parameter once (a tied model's
+    shared bands once), the slim tails' tables (one (K, V_i) per cluster,
+    uint8 here) and the metadata; the summary names the layers."""
+    from slimnp.export import summary_line
+
+    paths, _ = models
+    model, _, _ = load_model(paths[kind])
+    c = model.config
+    V, E = c.vocab_size, c.word_size
+    out = tmp_path / "m.onnx"
+    info = export_onnx(paths[kind], out)
+    m = onnx.load(str(out))
+    floats = {t.name: tuple(t.dims) for t in m.graph.initializer
+              if t.data_type == onnx.TensorProto.FLOAT}
+    adaptive = [side for side, kind in (("embedding/", c.input), ("output/", c.output))
+                if kind == "adaptive"]
+    assert not [n for n, s in floats.items() if V in s and n.startswith(tuple(adaptive))], floats
+    assert info["parameter_bytes"] == 4 * model.num_parameters
+    cut = [*c.cutoffs, V]
+    tails = sum((hi - lo) * c.output_k for lo, hi in zip(cut, cut[1:])) if c.tail_m else 0
+    inputs = V * c.input_k if c.input == "slim" else 0
+    assert info["table_bytes"] == tails + inputs  # every pool under 256 rows: uint8
+    stored = {t.name for t in m.graph.initializer}
+    assert all(f"output/tail{i}/rows/uint8" in stored for i in range(len(c.tail_m)))
+    slim = {"input": c.input == "slim" or (c.tie and bool(c.tail_m)), "output": bool(c.tail_m)}
+    assert info["compressed"] == [side for side in ("input", "output") if slim[side]]
+    line = summary_line(info)
+    print(f"\n{kind}: {line}")
+    if c.output == "adaptive":
+        assert info["layers"]["output"]["kind"] == "adaptive"
+        assert "output adaptive (head 12, 2 tail clusters of sizes " \
+               f"{E // 2},{E // 4}" in line
+        assert ("slim tails K=" in line) == bool(c.tail_m)
+    if c.input == "adaptive":
+        assert info["layers"]["input"]["bands"] == [[10, E], [30, E // 2], [V - 40, E // 4]]
+        assert "input adaptive (3 bands of sizes" in line and ("tied" in line) == c.tie
+    meta = sum(len(p.key.encode()) + len(p.value.encode()) for p in m.metadata_props)
+    expected = 4 * model.num_parameters + info["table_bytes"] + meta
+    size = out.stat().st_size
+    print(f"{kind}: file {size:,} bytes = arrays and metadata {expected:,} + graph {size - expected:,}")
+    # the rest is the graph: nodes, names, small constants (more per cluster
+    # than the slim layers' few nodes, but not growing with V or H)
+    assert expected <= size <= expected + 12_000
+
+
+@pytest.mark.parametrize("kind", ["adaptive", "adaptive_tied_slim", "adaptive_pm"])
+def test_quantized_adaptive_file_keeps_int8(models, kind, tmp_path):
+    """``slimnp quantize`` of an adaptive model: the head, the tails' vectors,
+    pools and projections, the bands stay int8 in the ONNX file
+    (``DequantizeLinear``), the file shrinks, and onnxruntime scores as
+    slimnp scores the quantized file."""
+    from slimnp.quantize import quantize_file
+
+    paths, sentences = models
+    q = tmp_path / "q.h5"
+    quantize_file(paths[kind], q)
+    raw = sio.load(q, dequantize=False)
+    assert any(k.startswith("output/tail") for k in raw.scales)
+    info32 = export_onnx(paths[kind], tmp_path / "m.onnx")
+    info = export_onnx(q, tmp_path / "q.onnx")
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    int8 = sorted(t.name[:-len("/int8")] for t in proto.graph.initializer
+                  if t.data_type == onnx.TensorProto.INT8)
+    lstm = {f"lstm{l}/W" for l in range(2)}
+    assert int8 == sorted({k for k in raw.scales if not k.startswith("lstm")} | lstm)
+    assert info["quantized"]["int8"] == sorted(raw.scales)
+    assert info["bytes"] < 0.6 * info32["bytes"]
+    want = [s.logprobs for s in inference.load(q).score(sentences)]
+    got = onnx_logprobs(session(tmp_path / "q.onnx"), sentences, 3)
+    err = max(np.abs(g - w).max() for g, w in zip(got, want))
+    print(f"\n{kind} int8: max |onnxruntime - slimnp| = {err:.2e}; "
+          f"{info32['bytes']:,} -> {info['bytes']:,} bytes")
+    assert err <= TOL
