@@ -273,7 +273,8 @@ def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent,
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
-@click.option("--logits", is_flag=True, help="Also output the raw scores 'logits (B, V)'.")
+@click.option("--logits", is_flag=True, help="Also output the raw scores 'logits (B, V)' (adaptive output: "
+              "the log-probabilities again, whose softmax is the model's distribution).")
 @click.option("--opset", type=click.IntRange(min=13), default=None, help="ONNX opset to target [default: 17].")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @json_option("Print the summary as one JSON object.")

@@ -373,16 +373,3 @@ def test_training_step_parity(dev, dtype, variant, monkeypatch):
     kw = {"dropout": 0.2, **MODELS[variant]}
     cfg = ModelConfig(vocab_size=V, hidden=16, layers=2, dtype=dtype, cutoffs=CUTOFFS, div_value=DIV, **kw)
     assert_step_parity(dev, cfg)
-
-
-def test_onnx_export_refuses_the_adaptive_layers(tmp_path):
-    """ONNX export knows dense and slim layers: one line naming the input kind."""
-    pytest.importorskip("onnx")
-    from slimnp.data import Vocabulary
-    from slimnp.export import ExportError, export_onnx
-
-    cfg = ModelConfig(vocab_size=V, hidden=16, layers=1, input="adaptive", cutoffs=CUTOFFS, div_value=DIV)
-    vocab = Vocabulary.from_words(["<eos>", "<unk>"] + [f"w{i}" for i in range(V - 2)])
-    with pytest.raises(ExportError) as exc:
-        export_onnx(LanguageModel(cfg), tmp_path / "m.onnx", vocab=vocab)
-    assert "\n" not in str(exc.value) and "input 'adaptive'" in str(exc.value)
