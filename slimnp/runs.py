@@ -77,8 +77,13 @@ def train(options: dict, *, log=print, comm=None) -> dict:
         log(f"warning: this is rank 0 of {launch[1]} MPI processes but --distributed is not "
             "set: every process trains a model of its own and writes the same files; "
             "add --distributed")
-    # distributed: one rank's error must not leave the others waiting in a collective
-    with (comm.abort_on_error() if comm is not None else contextlib.nullcontext()):
+    from .kernels import denormals_flushed
+
+    # distributed: one rank's error must not leave the others waiting in a
+    # collective; the denormal setting holds for the whole run, final test
+    # evaluation included, and is undone after it
+    with (comm.abort_on_error() if comm is not None else contextlib.nullcontext()), \
+            denormals_flushed(p["denormals"] == "flush"):
         return _train(p, log, comm)
 
 

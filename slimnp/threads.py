@@ -5,16 +5,23 @@ dependency is needed; Numba's pool (the kernels) through its API.  Both
 default to every core; ``slimnp train --threads N`` sets both (on a machine
 already busy with other jobs, 1 avoids two spinning thread pools fighting
 over the same cores).
+
+OpenBLAS's workers also hold their own floating-point control register (the
+x86 MXCSR, where :func:`slimnp.kernels.flush_denormals` sets flushing):
+:func:`restart_worker_threads` stops them so that the next GEMM starts new
+ones with the calling thread's setting.
 """
 from __future__ import annotations
 
 import ctypes
+import sys
 
 _blas_fns = None
 
 
 def _blas_functions():
-    """``(get_num_threads, set_num_threads)`` of the loaded OpenBLAS, or None."""
+    """``(get_num_threads, set_num_threads, thread_shutdown)`` of the loaded
+    OpenBLAS (the last None where the library does not export it), or None."""
     global _blas_fns
     if _blas_fns is None:
         _blas_fns = False
@@ -34,7 +41,13 @@ def _blas_functions():
                 put = getattr(lib, f"{pre}_set_num_threads{suf}", None)
                 if get is not None and put is not None:
                     get.restype = ctypes.c_int
-                    _blas_fns = (get, put)
+                    # not in OpenBLAS's API, but exported by its pthreads builds
+                    # (NumPy's wheels): stops the workers; the next threaded
+                    # call starts them again (blas_thread_init)
+                    stop = getattr(lib, "blas_thread_shutdown_", None)
+                    if stop is not None:
+                        stop.restype = ctypes.c_int
+                    _blas_fns = (get, put, stop)
                     return _blas_fns
     return _blas_fns or None
 
@@ -62,3 +75,32 @@ def set_threads(n: int) -> None:
     from . import kernels
 
     kernels.set_cpu_threads(n)
+
+
+def restart_worker_threads() -> bool:
+    """Stop the worker threads of OpenBLAS and of the layer pipeline
+    (:mod:`slimnp.threaded_lstm`); their next use starts new ones.
+
+    A new thread starts with the floating-point environment of the thread
+    that creates it (POSIX ``pthread_create``; on Linux ``clone`` copies the
+    FPU state, MXCSR included), and both pools create their threads lazily
+    from the thread that calls into them, so after this the calling thread's
+    denormal setting reaches them (:func:`slimnp.kernels.flush_denormals`).
+    Returns whether OpenBLAS's workers were stopped: False without OpenBLAS
+    or without its exported ``blas_thread_shutdown_``, where they keep their
+    setting (with ``--threads 1`` every GEMM runs in the calling thread).
+    Call it when no other thread is inside OpenBLAS or the pipeline.
+    """
+    lstm = sys.modules.get(f"{__package__}.threaded_lstm")
+    if lstm is not None:  # imported: its pool may hold threads
+        with lstm._pool_lock:
+            pool, lstm._pool = lstm._pool, None
+        if pool is not None:
+            pool[0].shutdown(wait=True)
+    import numpy  # noqa: F401  (loads OpenBLAS)
+
+    fns = _blas_functions()
+    if not fns or fns[2] is None:
+        return False
+    fns[2]()
+    return True

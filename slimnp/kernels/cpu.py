@@ -8,6 +8,7 @@ call and cached on disk (``cache=True``).
 from __future__ import annotations
 
 import math
+import platform
 import types
 
 import numba as nb
@@ -1034,3 +1035,121 @@ def nearest_lists(scores, q_sq, out):
     b, L = scores.shape
     fn = _nearest_lists_parallel if b * L >= 1 << 16 else _nearest_lists_serial
     fn(scores, q_sq, out)
+
+
+# ---------------------------------------------------------------------------
+# Denormals.  x86's SSE/AVX unit takes microcode assists on denormal (below
+# ~1.2e-38 in float32) operands and results, ~100 cycles each instead of
+# one: enough to make a trained LSTM's backward GEMMs several times slower
+# (BENCHMARKS.rst: Denormals).  Two bits of the
+# per-thread MXCSR register turn them into zeros: FTZ (bit 15) flushes
+# denormal results, DAZ (bit 6) reads denormal operands as zero.  Each thread
+# has its own MXCSR, so the calling thread and every thread of Numba's pool
+# are set (OpenBLAS's workers: slimnp/threads.py).  On other machines there
+# is nothing to set: the functions below return 0 and change nothing.
+# ---------------------------------------------------------------------------
+MXCSR_FTZ_DAZ = 0x8040
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _mxcsr_codegen(name, store_arg):
+    """Codegen calling ``void @llvm.x86.sse.<name>(i8*)`` on a 32-bit stack slot.
+
+    stmxcsr writes MXCSR into the slot (returned as int32); ldmxcsr loads
+    MXCSR from it (``store_arg``: the slot first gets the call's argument).
+    """
+
+    def codegen(context, builder, signature, args):
+        i32 = llvm_ir.IntType(32)
+        i8p = llvm_ir.IntType(8).as_pointer()
+        slot = cgutils.alloca_once(builder, i32)
+        if store_arg:
+            builder.store(context.cast(builder, args[0], signature.args[0], nbtypes.int32), slot)
+        fnty = llvm_ir.FunctionType(llvm_ir.VoidType(), [i8p])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.x86.sse.{name}")
+        builder.call(fn, [builder.bitcast(slot, i8p)])
+        return context.get_dummy_value() if store_arg else builder.load(slot)
+
+    return codegen
+
+
+@intrinsic
+def _get_mxcsr(typingctx):
+    """The calling thread's MXCSR (int32); x86-64 only."""
+    return nbtypes.int32(), _mxcsr_codegen("stmxcsr", False)
+
+
+@intrinsic
+def _set_mxcsr(typingctx, value):
+    """Load ``value`` (an integer, its low 32 bits) into the calling thread's MXCSR."""
+    if not isinstance(value, nbtypes.Integer):
+        return None
+    return nbtypes.void(value), _mxcsr_codegen("ldmxcsr", True)
+
+
+@nb.njit(nogil=True, cache=True)
+def _read_mxcsr():
+    return np.int64(_get_mxcsr())
+
+
+@nb.njit(nogil=True, cache=True)
+def _swap_ftz_daz(bits):
+    """Set the calling thread's FTZ and DAZ bits to those of ``bits`` (the
+    rest of MXCSR unchanged); returns the previous MXCSR."""
+    old = np.int64(_get_mxcsr())
+    new = (old & ~MXCSR_FTZ_DAZ) | (bits & MXCSR_FTZ_DAZ)
+    if new != old:
+        _set_mxcsr(new)
+    return old
+
+
+@nb.njit(parallel=True, nogil=True, cache=True)
+def _swap_ftz_daz_pool(bits_t, old_t):
+    # One iteration per pool thread (Numba hands each of the n threads one
+    # chunk of range(n)); indexed by thread id, not by iteration, so that a
+    # thread given two iterations keeps the MXCSR it had before the first.
+    for i in nb.prange(bits_t.shape[0]):
+        t = nb.get_thread_id()
+        old = _swap_ftz_daz(bits_t[t])
+        if old_t[t] < 0:
+            old_t[t] = old
+
+
+def mxcsr() -> int:
+    """The calling thread's MXCSR register (0 where the machine has none)."""
+    return int(_read_mxcsr()) if X86_64 else 0
+
+
+def set_ftz_daz(bits: int) -> int:
+    """Set the calling thread's FTZ and DAZ bits to those of ``bits``
+    (``MXCSR_FTZ_DAZ``: flush, 0: keep denormals, an earlier MXCSR: as it
+    was); returns the previous MXCSR (0, and nothing changes, where the
+    machine is not x86-64)."""
+    return int(_swap_ftz_daz(int(bits))) if X86_64 else 0
+
+
+def set_ftz_daz_pool(bits) -> np.ndarray:
+    """:func:`set_ftz_daz` on every thread of Numba's pool: ``bits`` one
+    value for all of them or one per thread id (as this function returns);
+    returns each thread's previous MXCSR by thread id (empty where the
+    machine is not x86-64).
+
+    The pool's thread count is raised to ``NUMBA_NUM_THREADS`` for the one
+    launch, so that the threads ``set_threads`` leaves idle are set too, then
+    put back.
+    """
+    n = nb.config.NUMBA_NUM_THREADS
+    if not X86_64:
+        return np.zeros(0, np.int64)
+    bits_t = np.broadcast_to(np.asarray(bits, np.int64), (n,)).copy()
+    old_t = np.full(n, -1, np.int64)
+    active = nb.get_num_threads()
+    nb.set_num_threads(n)
+    try:
+        _swap_ftz_daz_pool(bits_t, old_t)
+    finally:
+        nb.set_num_threads(active)
+    if (old_t < 0).any():  # Numba's scheduling changed: the contract above no longer holds
+        raise RuntimeError(f"threads {np.flatnonzero(old_t < 0).tolist()} of Numba's pool "
+                           "did not run the MXCSR update")
+    return old_t
