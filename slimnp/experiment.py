@@ -902,6 +902,7 @@ def _with_warmup(summary: dict, warm: Path) -> dict:
 def work(spec_path) -> dict:
     """The worker: train (or resume, or finish) one run as its spec says,
     and write the summary file.  Runs in its own process."""
+    from .kernels import denormals_flushed
     from .runs import train
     from .threads import set_threads
     from .trainer import resume_training
@@ -910,20 +911,23 @@ def work(spec_path) -> dict:
     set_threads(spec["threads"])
     out = Path(spec["out"])
     log = lambda m: print(m, flush=True)  # noqa: E731
-    final = _final_summary(out)
-    if final is not None:  # trained and evaluated; stopped before its result was recorded
-        log(f"{out}: finished and evaluated before; taking its final summary")
-        summary = final
-        if spec.get("learned"):
-            summary = _with_warmup(summary, out.with_name(out.stem + ".warmup.h5"))
-    elif spec.get("learned"):
-        summary = _work_learned(spec, log)
-    elif out.exists():
-        summary = resume_training(out, device=spec["device"], log=log, progress=False,
-                                  allow_finished=True)
-    else:
-        summary = train({**spec["options"], "out": str(out), "quiet": True,
-                         "threads": spec["threads"], "device": spec["device"]}, log=log)
+    # resumed and learned runs train outside runs.train: flush denormals here too
+    # (specs written before --denormals existed hold no value: the default, flush)
+    with denormals_flushed(spec["options"].get("denormals", "flush") == "flush"):
+        final = _final_summary(out)
+        if final is not None:  # trained and evaluated; stopped before its result was recorded
+            log(f"{out}: finished and evaluated before; taking its final summary")
+            summary = final
+            if spec.get("learned"):
+                summary = _with_warmup(summary, out.with_name(out.stem + ".warmup.h5"))
+        elif spec.get("learned"):
+            summary = _work_learned(spec, log)
+        elif out.exists():
+            summary = resume_training(out, device=spec["device"], log=log, progress=False,
+                                      allow_finished=True)
+        else:
+            summary = train({**spec["options"], "out": str(out), "quiet": True,
+                             "threads": spec["threads"], "device": spec["device"]}, log=log)
     summary = dict(summary, worker_git_commit=git_commit(), worker_package=str(Path(__file__).parent))
     tmp = Path(spec["summary"] + ".tmp")
     tmp.write_text(json.dumps(summary, default=_jsonable))
