@@ -5,7 +5,7 @@ results: float32 magnitudes below 1.18e-38.  A trained LSTM's gate
 derivatives (sigma'(z) of saturated gates, products of tiny factors) can hold
 many of them, and they then flow through the backward GEMMs.  slimnp flushes
 them to zero by default (``slimnp train --denormals flush``:
-:func:`slimnp.kernels.flush_denormals`); this times both settings in the same
+:func:`slimnp.threads.flush_denormals`); this times both settings in the same
 process, interleaved round by round, on
 
 * the engine's GEMM shapes at the PM model on WikiText-2 (2x200 LSTM, T = 20,
@@ -54,7 +54,7 @@ def laden(shape, fraction: float, rng) -> np.ndarray:
     """float32 ~N(0, 0.1) with ``fraction`` of the entries denormal (between
     1e-45 and 1e-38 in magnitude, log-uniform), made while denormals are kept
     (a flushing thread would turn them into zeros)."""
-    from slimnp.kernels import denormals_flushed
+    from slimnp.threads import denormals_flushed
 
     with denormals_flushed(False):
         a = (rng.standard_normal(shape) * 0.1).astype(np.float32)
@@ -151,7 +151,7 @@ def main(argv=None):
     if bool(args.checkpoint) != bool(args.text):
         ap.error("--checkpoint and --text go together")
 
-    from slimnp.kernels import denormals_flushed
+    from slimnp.threads import denormals_flushed
     from slimnp.threads import set_threads
 
     set_threads(args.threads)

@@ -77,7 +77,7 @@ def train(options: dict, *, log=print, comm=None) -> dict:
         log(f"warning: this is rank 0 of {launch[1]} MPI processes but --distributed is not "
             "set: every process trains a model of its own and writes the same files; "
             "add --distributed")
-    from .kernels import denormals_flushed
+    from .threads import denormals_flushed
 
     # distributed: one rank's error must not leave the others waiting in a
     # collective; the denormal setting holds for the whole run, final test

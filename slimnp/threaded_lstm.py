@@ -47,6 +47,16 @@ _pool = None  # (ThreadPoolExecutor, its worker count), grown on demand
 _pool_lock = threading.Lock()
 
 
+def shutdown_pool() -> None:
+    """Stop the pipeline's worker threads (the next layer step starts new
+    ones, from the thread that runs it: :func:`slimnp.threads.restart_worker_threads`)."""
+    global _pool
+    with _pool_lock:
+        pool, _pool = _pool, None
+    if pool is not None:
+        pool[0].shutdown(wait=True)
+
+
 def _executor(n: int) -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:

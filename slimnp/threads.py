@@ -7,12 +7,13 @@ already busy with other jobs, 1 avoids two spinning thread pools fighting
 over the same cores).
 
 OpenBLAS's workers also hold their own floating-point control register (the
-x86 MXCSR, where :func:`slimnp.kernels.flush_denormals` sets flushing):
+x86 MXCSR, where :func:`flush_denormals` sets flushing):
 :func:`restart_worker_threads` stops them so that the next GEMM starts new
 ones with the calling thread's setting.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 
@@ -85,18 +86,15 @@ def restart_worker_threads() -> bool:
     that creates it (POSIX ``pthread_create``; on Linux ``clone`` copies the
     FPU state, MXCSR included), and both pools create their threads lazily
     from the thread that calls into them, so after this the calling thread's
-    denormal setting reaches them (:func:`slimnp.kernels.flush_denormals`).
+    denormal setting reaches them (:func:`flush_denormals`).
     Returns whether OpenBLAS's workers were stopped: False without OpenBLAS
     or without its exported ``blas_thread_shutdown_``, where they keep their
     setting (with ``--threads 1`` every GEMM runs in the calling thread).
     Call it when no other thread is inside OpenBLAS or the pipeline.
     """
     lstm = sys.modules.get(f"{__package__}.threaded_lstm")
-    if lstm is not None:  # imported: its pool may hold threads
-        with lstm._pool_lock:
-            pool, lstm._pool = lstm._pool, None
-        if pool is not None:
-            pool[0].shutdown(wait=True)
+    if lstm is not None:  # imported: its pool may hold threads (it imports this module)
+        lstm.shutdown_pool()
     import numpy  # noqa: F401  (loads OpenBLAS)
 
     fns = _blas_functions()
@@ -104,3 +102,70 @@ def restart_worker_threads() -> bool:
         return False
     fns[2]()
     return True
+
+
+# Denormals (subnormal floats, below ~1.2e-38 in float32): x86 cores take
+# ~100-cycle microcode assists on them, so a few in a GEMM's operands (LSTM
+# gate derivatives of a trained model, for one) slow it several-fold.
+# TensorFlow flushes them on CPU by default; PyTorch has set_flush_denormal.
+# ---------------------------------------------------------------------------
+def flush_denormals(on: bool = True) -> bool:
+    """Flush denormal floats to zero (``on``) or keep them (IEEE), on the CPU.
+
+    Sets the FTZ (flush-to-zero) and DAZ (denormals-are-zero) bits of the x86
+    MXCSR register in the calling thread and in every thread of Numba's pool,
+    and stops OpenBLAS's worker threads (and the layer pipeline's): they
+    start again at their next use, from the thread that uses them, with its
+    setting (:func:`restart_worker_threads`).  Every float
+    operation of NumPy, the Numba kernels and the GEMMs in these threads
+    then gives 0 where its result or an operand would be below the smallest
+    normal float (``np.finfo(dtype).tiny``: 1.18e-38 in float32, 2.2e-308 in
+    float64); nothing else changes.  Threads started later by other code
+    inherit the setting from the thread that starts them.
+
+    Returns whether the calling thread flushed before the call.  On machines
+    other than x86-64 it does nothing and returns False.  GPU arrays are not
+    affected (CUDA kernels have their own flags).  Call it while no other
+    thread is inside OpenBLAS.
+    """
+    from . import kernels
+
+    cpu = kernels.float_control()
+    if not cpu.X86_64:
+        return False
+    bits = cpu.MXCSR_FTZ_DAZ if on else 0
+    old = cpu.set_ftz_daz(bits)
+    cpu.set_ftz_daz_pool(bits)
+    restart_worker_threads()
+    return old & cpu.MXCSR_FTZ_DAZ == cpu.MXCSR_FTZ_DAZ
+
+
+def denormals_are_flushed() -> bool:
+    """Whether the calling thread flushes denormals (both FTZ and DAZ set)."""
+    from . import kernels
+
+    cpu = kernels.float_control()
+    return cpu.X86_64 and cpu.mxcsr() & cpu.MXCSR_FTZ_DAZ == cpu.MXCSR_FTZ_DAZ
+
+
+@contextlib.contextmanager
+def denormals_flushed(on: bool = True):
+    """Context manager form of :func:`flush_denormals`: on exit the calling
+    thread and each thread of Numba's pool get back the setting they had,
+    and OpenBLAS's workers restart with the calling thread's."""
+    from . import kernels
+
+    cpu = kernels.float_control()
+    if not cpu.X86_64:
+        yield
+        return
+    bits = cpu.MXCSR_FTZ_DAZ if on else 0
+    old = cpu.set_ftz_daz(bits)
+    old_pool = cpu.set_ftz_daz_pool(bits)
+    restart_worker_threads()
+    try:
+        yield
+    finally:
+        cpu.set_ftz_daz(old)
+        cpu.set_ftz_daz_pool(old_pool)
+        restart_worker_threads()

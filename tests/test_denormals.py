@@ -1,4 +1,4 @@
-"""Flushing denormal floats: kernels.flush_denormals, kernels.denormals_flushed
+"""Flushing denormal floats: threads.flush_denormals, threads.denormals_flushed
 and ``slimnp train --denormals``.
 
 A denormal (subnormal) float32 lies below ``np.finfo(np.float32).tiny``
@@ -31,9 +31,9 @@ def restored():
     """Each test leaves the threads as it found them (keeping denormals, as
     the other test files expect) and OpenBLAS at its thread count."""
     blas, nb_threads = threads.blas_threads(), numba.get_num_threads()
-    before = kernels.denormals_are_flushed()
+    before = threads.denormals_are_flushed()
     yield
-    kernels.flush_denormals(before)
+    threads.flush_denormals(before)
     if blas is not None:
         threads.set_blas_threads(blas)
     numba.set_num_threads(nb_threads)
@@ -75,16 +75,16 @@ def _all_zero(a):
 
 @x86
 def test_flushing_zeroes_numpy_numba_and_blas_results():
-    kernels.flush_denormals(False)
+    threads.flush_denormals(False)
     assert _all_denormal(_numpy_half()) and _all_denormal(_numba_half())
     assert _all_denormal(_numba_half(3 << 14)) and _all_denormal(_blas_half())
-    was = kernels.flush_denormals(True)
-    assert was is False and kernels.denormals_are_flushed()
+    was = threads.flush_denormals(True)
+    assert was is False and threads.denormals_are_flushed()
     assert _all_zero(_numpy_half())
     assert _all_zero(_numba_half())
     assert _all_zero(_numba_half(3 << 14))  # three spans on the pool's threads
     assert _all_zero(_blas_half())
-    assert kernels.flush_denormals(True) is True
+    assert threads.flush_denormals(True) is True
 
 
 @x86
@@ -98,56 +98,56 @@ def test_openblas_threads_pick_the_setting_up():
         cpu.set_ftz_daz(cpu.MXCSR_FTZ_DAZ if first else 0)
         threads.restart_worker_threads()
         _blas_half(2)  # the workers start here, with the setting ``first``
-        kernels.flush_denormals(not first)
+        threads.flush_denormals(not first)
         assert (_all_denormal if first else _all_zero)(_blas_half(2))
 
 
 @x86
 def test_every_thread_of_numbas_pool_is_set_and_the_count_restored():
     numba.set_num_threads(1)  # the pool's other threads are idle, yet get set
-    kernels.flush_denormals(True)
+    threads.flush_denormals(True)
     assert numba.get_num_threads() == 1
     old = cpu.set_ftz_daz_pool(cpu.MXCSR_FTZ_DAZ)  # what they hold now
     assert old.shape == (numba.config.NUMBA_NUM_THREADS,)
     assert np.all(old & cpu.MXCSR_FTZ_DAZ == cpu.MXCSR_FTZ_DAZ)
-    kernels.flush_denormals(False)
+    threads.flush_denormals(False)
     assert np.all(cpu.set_ftz_daz_pool(0) & cpu.MXCSR_FTZ_DAZ == 0)
 
 
 @x86
 def test_the_context_manager_restores_the_previous_setting():
-    kernels.flush_denormals(False)
-    with kernels.denormals_flushed():
-        assert kernels.denormals_are_flushed()
+    threads.flush_denormals(False)
+    with threads.denormals_flushed():
+        assert threads.denormals_are_flushed()
         assert _all_zero(_numba_half(3 << 14)) and _all_zero(_blas_half())
-        with kernels.denormals_flushed(False):  # nested: keep inside flush
-            assert not kernels.denormals_are_flushed()
+        with threads.denormals_flushed(False):  # nested: keep inside flush
+            assert not threads.denormals_are_flushed()
             assert _all_denormal(_numba_half(3 << 14)) and _all_denormal(_blas_half())
-        assert kernels.denormals_are_flushed() and _all_zero(_numba_half(3 << 14))
-    assert not kernels.denormals_are_flushed()
+        assert threads.denormals_are_flushed() and _all_zero(_numba_half(3 << 14))
+    assert not threads.denormals_are_flushed()
     assert _all_denormal(_numpy_half()) and _all_denormal(_numba_half(3 << 14))
     assert _all_denormal(_blas_half())
     with pytest.raises(KeyError):  # and on an error
-        with kernels.denormals_flushed():
+        with threads.denormals_flushed():
             raise KeyError
-    assert not kernels.denormals_are_flushed()
+    assert not threads.denormals_are_flushed()
 
 
 @x86
 def test_other_mxcsr_bits_are_left_alone():
     before = cpu.mxcsr()
-    kernels.flush_denormals(True)
+    threads.flush_denormals(True)
     assert cpu.mxcsr() & ~cpu.MXCSR_FTZ_DAZ == before & ~cpu.MXCSR_FTZ_DAZ
-    kernels.flush_denormals(False)
+    threads.flush_denormals(False)
     assert cpu.mxcsr() & cpu.MXCSR_FTZ_DAZ == 0
 
 
 def test_a_no_op_where_the_machine_is_not_x86(monkeypatch):
     monkeypatch.setattr(cpu, "X86_64", False)
-    assert kernels.flush_denormals(True) is False
-    assert not kernels.denormals_are_flushed()
-    with kernels.denormals_flushed():
-        assert not kernels.denormals_are_flushed()
+    assert threads.flush_denormals(True) is False
+    assert not threads.denormals_are_flushed()
+    with threads.denormals_flushed():
+        assert not threads.denormals_are_flushed()
     assert cpu.set_ftz_daz(cpu.MXCSR_FTZ_DAZ) == 0 and cpu.set_ftz_daz_pool(0).size == 0
 
 

@@ -82,15 +82,15 @@ def test_training_keep_and_flush_agree_where_no_denormals_arise(corpus, tmp_path
     """A tiny run (no value near 1e-38 arises in a few steps from a fresh
     model) gives the same bits either way, and the setting does not outlive
     the run."""
-    from slimnp import kernels
+    from slimnp import threads
 
     base = dict(TINY, data=str(corpus), seed=3)
-    kernels.flush_denormals(False)
+    threads.flush_denormals(False)
     out = {}
     for mode in ("keep", "flush"):
         summary = train(dict(base, denormals=mode, out=str(tmp_path / f"{mode}.h5")),
                         log=lambda m: None)
-        assert summary["finished"] and not kernels.denormals_are_flushed()
+        assert summary["finished"] and not threads.denormals_are_flushed()
         out[mode] = (summary, load(tmp_path / f"{mode}.h5"))
     (sk, mk), (sf, mf) = out["keep"], out["flush"]
     assert sk["test_ppl"] == sf["test_ppl"]

@@ -12,8 +12,8 @@ and then runs one implementation:
 
 The host-side tools' loops (the synthetic corpus's HMM, the alias sampler's
 table: ``kernels/host.py``) are Numba only, in every mode; and
-:func:`set_cpu_threads` sizes Numba's pool; :func:`flush_denormals` and
-:func:`denormals_flushed` set the CPU threads' denormal handling.  Numba is
+:func:`set_cpu_threads` sizes Numba's pool; :func:`float_control` gives
+:func:`slimnp.threads.flush_denormals` the registers it sets.  Numba is
 imported here, and nowhere else in slimnp, the first time a CPU kernel runs.
 """
 from __future__ import annotations
@@ -439,72 +439,14 @@ def set_cpu_threads(n: int) -> None:
     _cpu_module().set_threads(n)
 
 
-# ---------------------------------------------------------------------------
-# Denormals (subnormal floats, below ~1.2e-38 in float32): x86 cores take
-# ~100-cycle microcode assists on them, so a few in a GEMM's operands (LSTM
-# gate derivatives of a trained model, for one) slow it several-fold.
-# TensorFlow flushes them on CPU by default; PyTorch has set_flush_denormal.
-# ---------------------------------------------------------------------------
-def flush_denormals(on: bool = True) -> bool:
-    """Flush denormal floats to zero (``on``) or keep them (IEEE), on the CPU.
-
-    Sets the FTZ (flush-to-zero) and DAZ (denormals-are-zero) bits of the x86
-    MXCSR register in the calling thread and in every thread of Numba's pool,
-    and stops OpenBLAS's worker threads (and the layer pipeline's): they
-    start again at their next use, from the thread that uses them, with its
-    setting (:func:`slimnp.threads.restart_worker_threads`).  Every float
-    operation of NumPy, the Numba kernels and the GEMMs in these threads
-    then gives 0 where its result or an operand would be below the smallest
-    normal float (``np.finfo(dtype).tiny``: 1.18e-38 in float32, 2.2e-308 in
-    float64); nothing else changes.  Threads started later by other code
-    inherit the setting from the thread that starts them.
-
-    Returns whether the calling thread flushed before the call.  On machines
-    other than x86-64 it does nothing and returns False.  GPU arrays are not
-    affected (CUDA kernels have their own flags).  Call it while no other
-    thread is inside OpenBLAS.
-    """
-    cpu = _cpu_module()
-    if not cpu.X86_64:
-        return False
-    bits = cpu.MXCSR_FTZ_DAZ if on else 0
-    old = cpu.set_ftz_daz(bits)
-    cpu.set_ftz_daz_pool(bits)
-    _restart_workers()
-    return old & cpu.MXCSR_FTZ_DAZ == cpu.MXCSR_FTZ_DAZ
-
-
-def denormals_are_flushed() -> bool:
-    """Whether the calling thread flushes denormals (both FTZ and DAZ set)."""
-    cpu = _cpu_module()
-    return cpu.X86_64 and cpu.mxcsr() & cpu.MXCSR_FTZ_DAZ == cpu.MXCSR_FTZ_DAZ
-
-
-@contextlib.contextmanager
-def denormals_flushed(on: bool = True):
-    """Context manager form of :func:`flush_denormals`: on exit the calling
-    thread and each thread of Numba's pool get back the setting they had,
-    and OpenBLAS's workers restart with the calling thread's."""
-    cpu = _cpu_module()
-    if not cpu.X86_64:
-        yield
-        return
-    bits = cpu.MXCSR_FTZ_DAZ if on else 0
-    old = cpu.set_ftz_daz(bits)
-    old_pool = cpu.set_ftz_daz_pool(bits)
-    _restart_workers()
-    try:
-        yield
-    finally:
-        cpu.set_ftz_daz(old)
-        cpu.set_ftz_daz_pool(old_pool)
-        _restart_workers()
-
-
-def _restart_workers():
-    from ..threads import restart_worker_threads
-
-    restart_worker_threads()
+def float_control():
+    """The CPU backend's floating-point control, for
+    :func:`slimnp.threads.flush_denormals`: ``X86_64``, ``MXCSR_FTZ_DAZ`` (the
+    FTZ and DAZ bits of the x86 MXCSR register), ``mxcsr()`` (the calling
+    thread's register), ``set_ftz_daz(bits)`` (those bits of the calling
+    thread; returns its old register) and ``set_ftz_daz_pool(bits)`` (of
+    every thread of Numba's pool; returns their old registers)."""
+    return _cpu_module()
 
 
 def cdf_search(cdf, n: int, u: float) -> int:
