@@ -133,10 +133,7 @@ def flush_denormals(on: bool = True) -> bool:
     cpu = kernels.float_control()
     if not cpu.X86_64:
         return False
-    bits = cpu.MXCSR_FTZ_DAZ if on else 0
-    old = cpu.set_ftz_daz(bits)
-    cpu.set_ftz_daz_pool(bits)
-    restart_worker_threads()
+    old, _ = _set_flush(cpu, cpu.MXCSR_FTZ_DAZ if on else 0)
     return old & cpu.MXCSR_FTZ_DAZ == cpu.MXCSR_FTZ_DAZ
 
 
@@ -159,13 +156,18 @@ def denormals_flushed(on: bool = True):
     if not cpu.X86_64:
         yield
         return
-    bits = cpu.MXCSR_FTZ_DAZ if on else 0
-    old = cpu.set_ftz_daz(bits)
-    old_pool = cpu.set_ftz_daz_pool(bits)
-    restart_worker_threads()
+    old, old_pool = _set_flush(cpu, cpu.MXCSR_FTZ_DAZ if on else 0)
     try:
         yield
     finally:
-        cpu.set_ftz_daz(old)
-        cpu.set_ftz_daz_pool(old_pool)
-        restart_worker_threads()
+        _set_flush(cpu, old, old_pool)
+
+
+def _set_flush(cpu, bits, pool_bits=None):
+    """FTZ/DAZ ``bits`` in the calling thread, ``pool_bits`` (default: the
+    same) in Numba's pool, then OpenBLAS's and the pipeline's workers
+    restarted to inherit them; returns the old ``(register, pool registers)``."""
+    old = cpu.set_ftz_daz(bits)
+    old_pool = cpu.set_ftz_daz_pool(bits if pool_bits is None else pool_bits)
+    restart_worker_threads()
+    return old, old_pool
