@@ -17,7 +17,8 @@ process, interleaved round by round, on
   gates saturate and their derivatives underflow, as in a trained model;
 * with ``--checkpoint FILE --text FILE``: one training step of a stored
   model on the first 400 tokens of the text (the measurement that found the
-  problem: a WikiText-2 PM checkpoint).
+  problem: a WikiText-2 PM checkpoint), and its exact evaluation (batch 1,
+  as ``slimnp evaluate``) of the text's first 2,000 tokens.
 
 With ``--threads 2`` or more the GEMMs are also timed with only the calling
 thread flushing (OpenBLAS's worker threads left as they started, keeping
@@ -123,13 +124,17 @@ def synthetic_step(saturate: float, rng):
 
 
 def checkpoint_step(path: str, text: str):
+    """The stored model, the step's inputs and targets, and a function that
+    evaluates the text's first 2,000 tokens exactly."""
+    from slimnp.evaluate import evaluate_ids
     from slimnp.modelfile import load_model
 
     m, vocab, _ = load_model(path)
     with open(text, encoding="utf-8") as f:
         lines = [next(f) for _ in range(3000)]
     ids = np.asarray(vocab.encode_lines([ln.rstrip("\n") for ln in lines]), np.int32)
-    return m, ids[:N].reshape(T, B), ids[1 : N + 1].reshape(T, B)
+    evaluate = lambda: evaluate_ids(m, ids[:2000], vocab.eos_id, batch_size=1)  # noqa: E731
+    return m, ids[:N].reshape(T, B), ids[1 : N + 1].reshape(T, B), evaluate
 
 
 def step_fn(m, x, y):
@@ -145,7 +150,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--checkpoint", help="A model file to time one training step of (with --text).")
-    ap.add_argument("--text", help="Text whose first 400 tokens feed --checkpoint's step.")
+    ap.add_argument("--text", help="Text whose first 400 tokens feed --checkpoint's step (2,000 its evaluation).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if bool(args.checkpoint) != bool(args.text):
@@ -193,8 +198,17 @@ def main(argv=None):
     report("PM 2x200 E=6 V=33K, fresh init (control)",
            measure(step_fn(m, x, y), modes, args.rounds, args.reps))
     if args.checkpoint:
-        m, x, y = checkpoint_step(args.checkpoint, args.text)
+        m, x, y, evaluate = checkpoint_step(args.checkpoint, args.text)
         report(f"checkpoint {args.checkpoint}", measure(step_fn(m, x, y), modes, args.rounds, args.reps))
+        report("  its evaluation, 2,000 tokens, batch 1", measure(evaluate, modes, args.rounds, args.reps))
+        ppl = {}
+        for mode, ctx in modes.items():
+            with ctx():
+                ppl[mode] = evaluate().perplexity
+        rows[-1]["perplexity"] = ppl
+        if not args.json:
+            print("  its perplexity: " + ", ".join(f"{m} {v!r}" for m, v in ppl.items())
+                  + ("  (bit-identical)" if len(set(ppl.values())) == 1 else "  (differ)"))
     if args.json:
         print(json.dumps({"machine": info, "args": vars(args), "rows": rows}))
 

@@ -96,6 +96,25 @@ def threads_option(fn=None, **override):
     return deco if fn is None else deco(fn)
 
 
+def denormals_option(fn):
+    """``--denormals flush|keep`` (the schema's, as ``slimnp train``): the
+    command runs with denormal floats flushed to zero in every CPU thread
+    (default) or kept, and leaves the setting as it found it."""
+
+    @functools.wraps(fn)
+    def run(*args, denormals, **kwargs):
+        from .threads import denormals_flushed
+
+        with denormals_flushed(denormals == "flush"):
+            return fn(*args, **kwargs)
+
+    return _schema_option(option("denormals"), help=(
+        "Denormal floats on the CPU (float32 magnitudes below ~1.2e-38): flush turns them into zeros "
+        "in every CPU thread (x86 FTZ/DAZ), keep computes them exactly (IEEE).  A trained LSTM can "
+        "hold enough of them to make scoring on x86 slower (BENCHMARKS.rst: Denormals); the "
+        "results differ only where such values occur.  No effect on --device gpu."))(run)
+
+
 def json_option(help="Print one JSON object."):
     return _schema_option(option("as_json"), help=help)
 
@@ -201,6 +220,7 @@ def train(**options):
 @json_option()
 @quiet_option()
 @_device_option
+@denormals_option
 @friendly_errors
 def evaluate(model, file, batch_size, threads, as_json, quiet, device):
     """Exact perplexity of MODEL on the text FILE.
@@ -350,6 +370,7 @@ def _load_lm(model, device="cpu"):
 @json_option("One JSON object per sentence, then one with the totals.")
 @quiet_option()
 @_device_option
+@denormals_option
 @friendly_errors
 def score(model, file, words, continuous, batch_size, threads, as_json, quiet, device):
     """Log-probability of each line of FILE ('-': stdin) under MODEL.
@@ -399,6 +420,7 @@ def score(model, file, words, continuous, batch_size, threads, as_json, quiet, d
 @threads_option
 @json_option("One JSON object per sample.")
 @_device_option
+@denormals_option
 @friendly_errors
 def generate(model, prompt, length, temperature, top_k, seed, count, through_eos, threads, as_json,
              device):
@@ -438,6 +460,7 @@ def generate(model, prompt, length, temperature, top_k, seed, count, through_eos
 @json_option("Print the summary (weights, BLEU) as one JSON object.")
 @quiet_option("No progress bars.")
 @_device_option
+@denormals_option
 @friendly_errors
 def rerank(model, nbest_file, weights, dev_nbest, dev_refs, test_refs, feature_name, out, best,
            restarts, seed, batch_size, threads, as_json, quiet, device):

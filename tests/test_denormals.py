@@ -170,3 +170,35 @@ def test_the_train_option():
     from slimnp.runs import _RESUME_FIXED
 
     assert "denormals" not in _RESUME_FIXED  # a run option: --resume may change it
+
+
+
+@x86
+@pytest.mark.parametrize("command", ["evaluate", "score", "generate", "rerank"])
+def test_scoring_commands_flush_while_they_run(command, monkeypatch, tmp_path):
+    """``slimnp evaluate/score/generate/rerank --denormals``: the command's
+    work runs flushed by default and keeping with ``keep``, and the process
+    gets its own setting back (CliRunner runs in this process)."""
+    from click.testing import CliRunner
+
+    from slimnp import cli, evaluate
+
+    seen = []
+
+    def work(*args, **kwargs):  # stands in for loading and scoring the model
+        seen.append(threads.denormals_are_flushed())
+        raise cli.click.ClickException("probe")
+
+    monkeypatch.setattr(cli, "_load_lm", work)
+    monkeypatch.setattr(evaluate, "evaluate_file", work)
+    text = tmp_path / "text.txt"
+    text.write_text("a b\n")
+    args = {"evaluate": ["m.h5", str(text)], "score": ["m.h5", str(text)], "generate": ["m.h5"],
+            "rerank": ["m.h5", str(text)]}[command]
+    threads.flush_denormals(False)
+    for flag in ([], ["--denormals", "keep"], ["--denormals", "flush"]):
+        res = CliRunner().invoke(cli.main, [command, *args, *flag])
+        assert res.exit_code == 1 and "probe" in res.output, res.output
+        assert not threads.denormals_are_flushed()
+    assert seen == [True, False, True]
+    assert "--denormals [flush|keep]" in CliRunner().invoke(cli.main, [command, "--help"]).output
