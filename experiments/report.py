@@ -185,7 +185,8 @@ def fig4_wt2(res: dict) -> str:
     table = _table(["compression", "SE", "SE learned", "SM", "PM", "SM - SE", "PM - SE",
                     "learned - SE", "SM - learned", "SE parameters"], rows)
     fig = FIGURES / "fig4-wt2.png"
-    return head + table + (f"\n\n.. image:: {fig.relative_to(ROOT).as_posix()}" if fig.exists() else "")
+    return (head + table + "\n\n" + seeds_line(res, "se-32", "sm-32")
+            + (f"\n\n.. image:: {fig.relative_to(ROOT).as_posix()}" if fig.exists() else ""))
 
 
 ADAPTIVE_METHODS = (("SE", "se"), ("SE learned", "learned"), ("SM", "sm"), ("PM", "pm"),
