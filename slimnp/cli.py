@@ -557,7 +557,7 @@ def experiment_run(plan, jobs, threads, only, sets, device):
 @json_option("One JSON object per run.")
 @friendly_errors
 def experiment_status(plan, sets, as_json):
-    """Each run of PLAN: its state (checkpoint epoch and segment), size (matched sizes resolved) and results."""
+    """Each run of PLAN: its state (checkpoint epoch and segment, training time left), size (matched sizes resolved) and results."""
     from .experiment import status_rows
 
     p = _plan(plan, sets)

@@ -499,6 +499,11 @@ def status(plan: Plan) -> list:
                 st = sio.describe(ckpt)["train_state"]
                 epochs = _stored_config(ckpt).get("train", {}).get("epochs")
                 state = f"epoch {st.get('epoch')}/{epochs}, segment {st.get('segment')}"
+                left = time_left(st, epochs)
+                if left is not None:
+                    from .progress import fmt_duration
+
+                    state += f", about {fmt_duration(left)} left"
                 if st.get("finished"):
                     state = "trained, test not evaluated"
             except Exception as exc:  # a damaged file: say so, the run will say more
@@ -507,6 +512,25 @@ def status(plan: Plan) -> list:
         else:
             out.append((r, "new", None))
     return out
+
+
+def time_left(train_state: dict, epochs) -> float | None:
+    """Seconds of training a stopped or running run still needs after its
+    last checkpoint, at its average speed so far (``train_state``: the
+    checkpoint's, as :func:`slimnp.io.describe` gives it): ``epochs`` times
+    the last finished epoch's tokens, less the tokens seen.  None before an
+    epoch has finished (the epoch's length is not known yet).  Validation is
+    not counted, and a plateau schedule may stop sooner."""
+    try:
+        history = json.loads(train_state.get("history") or "[]")
+    except (TypeError, ValueError):
+        return None
+    last = next((h for h in reversed(history) if h.get("event") == "epoch"), None)
+    seen, seconds = train_state.get("tokens_seen"), train_state.get("train_seconds")
+    if not (last and epochs and seen and seconds and last.get("tokens_per_s") and last.get("epoch_seconds")):
+        return None
+    per_epoch = last["tokens_per_s"] * last["epoch_seconds"]
+    return max(0.0, epochs * per_epoch - seen) * seconds / seen
 
 
 def status_rows(plan: Plan) -> list:

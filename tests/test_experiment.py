@@ -1,6 +1,7 @@
 """The experiment runner: plans, results, skipping, resuming, parallel jobs, errors."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from slimnp.cli import main
-from slimnp.experiment import PlanError, load_plan, read_results, resolve
+from slimnp.experiment import PlanError, load_plan, read_results, resolve, time_left
 
 from helpers import tiny_corpus
 
@@ -183,6 +184,9 @@ def test_stopped_or_killed_plan_resumes_to_the_same_results(tmp_path, corpus, ho
         proc.kill()
         proc.communicate()
     assert "dense" not in read_results(cut_dir / "results" / "plan.jsonl")
+    # status tells where the stopped run is and, its first epoch done, how long it still needs
+    st = CliRunner().invoke(main, ["experiment", "status", str(cut)])
+    assert re.search(r"^dense .* epoch 2/4, segment \d+, about \d+:\d\d left$", st.output, re.M), st.output
     res = _run(["run", str(cut)])
     assert res.returncode == 0, res.stderr
     assert "[dense] resuming" in res.stderr
@@ -429,3 +433,14 @@ def test_only_says_what_is_left_of_the_plan(tmp_path, corpus):
     assert last.startswith("the 1 run(s) chosen by --only are done; 1 of the plan's 2 left"), last
     res = _run(["run", str(plan)])
     assert res.returncode == 0 and res.stderr.strip().splitlines()[-1].startswith("all 2 runs done"), res.stderr
+
+
+def test_time_left_from_a_checkpoints_train_state():
+    """4 epochs of 5,000 tokens with 7,500 seen in 75 s: 12,500 tokens at 100 tok/s."""
+    hist = [{"event": "epoch", "epoch": 1, "tokens_per_s": 100.0, "epoch_seconds": 50.0}]
+    st = {"history": json.dumps(hist), "tokens_seen": 7500, "train_seconds": 75.0}
+    assert time_left(st, 4) == pytest.approx(125.0)
+    assert time_left({**st, "tokens_seen": 30000}, 4) == 0.0
+    assert time_left({**st, "history": "[]"}, 4) is None  # no epoch finished: length unknown
+    assert time_left({**st, "history": "{not json"}, 4) is None
+    assert time_left(st, None) is None and time_left({**st, "train_seconds": 0.0}, 4) is None
