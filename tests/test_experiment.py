@@ -185,8 +185,10 @@ def test_stopped_or_killed_plan_resumes_to_the_same_results(tmp_path, corpus, ho
         proc.communicate()
     assert "dense" not in read_results(cut_dir / "results" / "plan.jsonl")
     # status tells where the stopped run is and, its first epoch done, how long it still needs
+    # (the signal lands in epoch 2 or later on a loaded machine, rarely after the last)
     st = CliRunner().invoke(main, ["experiment", "status", str(cut)])
-    assert re.search(r"^dense .* epoch 2/4, segment \d+, about \d+:\d\d left$", st.output, re.M), st.output
+    assert re.search(r"^dense .* (epoch [234]/4, segment \d+, about \d+:\d\d left|trained, test not evaluated)$",
+                     st.output, re.M), st.output
     res = _run(["run", str(cut)])
     assert res.returncode == 0, res.stderr
     assert "[dense] resuming" in res.stderr
