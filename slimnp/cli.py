@@ -111,7 +111,7 @@ def denormals_option(fn):
     return _schema_option(option("denormals"), help=(
         "Denormal floats on the CPU (float32 magnitudes below ~1.2e-38): flush turns them into zeros "
         "in every CPU thread (x86 FTZ/DAZ), keep computes them exactly (IEEE).  A trained LSTM can "
-        "hold enough of them to make scoring on x86 slower (BENCHMARKS.rst: Denormals); the "
+        "hold enough of them to make evaluation on x86 slower (BENCHMARKS.rst: Denormals); the "
         "results differ only where such values occur.  No effect on --device gpu."))(run)
 
 
@@ -264,6 +264,7 @@ def inspect(model, as_json):
 @click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 @threads_option
 @json_option("Print the report as one JSON object.")
+@denormals_option
 @friendly_errors
 def compress(model, out, input_k, input_ratio, output_k, output_ratio, frequent, valid_file, seed,
              iters, force, threads, as_json):

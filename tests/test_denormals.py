@@ -174,14 +174,14 @@ def test_the_train_option():
 
 
 @x86
-@pytest.mark.parametrize("command", ["evaluate", "score", "generate", "rerank"])
+@pytest.mark.parametrize("command", ["evaluate", "score", "generate", "rerank", "compress"])
 def test_scoring_commands_flush_while_they_run(command, monkeypatch, tmp_path):
-    """``slimnp evaluate/score/generate/rerank --denormals``: the command's
+    """``slimnp evaluate/score/generate/rerank/compress --denormals``: the command's
     work runs flushed by default and keeping with ``keep``, and the process
     gets its own setting back (CliRunner runs in this process)."""
     from click.testing import CliRunner
 
-    from slimnp import cli, evaluate
+    from slimnp import cli, compress, evaluate
 
     seen = []
 
@@ -191,10 +191,12 @@ def test_scoring_commands_flush_while_they_run(command, monkeypatch, tmp_path):
 
     monkeypatch.setattr(cli, "_load_lm", work)
     monkeypatch.setattr(evaluate, "evaluate_file", work)
+    monkeypatch.setattr(compress, "compress_file", work)
     text = tmp_path / "text.txt"
     text.write_text("a b\n")
     args = {"evaluate": ["m.h5", str(text)], "score": ["m.h5", str(text)], "generate": ["m.h5"],
-            "rerank": ["m.h5", str(text)]}[command]
+            "rerank": ["m.h5", str(text)], "compress": [str(text), "--out", "o.h5", "--input-k", "2",
+                                                        "--input-ratio", "0.5"]}[command]
     threads.flush_denormals(False)
     for flag in ([], ["--denormals", "keep"], ["--denormals", "flush"]):
         res = CliRunner().invoke(cli.main, [command, *args, *flag])
