@@ -156,8 +156,7 @@ def main(argv=None):
     if bool(args.checkpoint) != bool(args.text):
         ap.error("--checkpoint and --text go together")
 
-    from slimnp.threads import denormals_flushed
-    from slimnp.threads import set_threads
+    from slimnp.threads import denormals_flushed, set_threads
 
     set_threads(args.threads)
     info = machine_info(args.threads, False)

@@ -97,9 +97,9 @@ def threads_option(fn=None, **override):
 
 
 def denormals_option(fn):
-    """``--denormals flush|keep`` (the schema's, as ``slimnp train``): the
-    command runs with denormal floats flushed to zero in every CPU thread
-    (default) or kept, and leaves the setting as it found it."""
+    """``--denormals flush|keep`` (the schema's option and help, as ``slimnp
+    train``'s): the command runs with denormal floats flushed to zero in
+    every CPU thread (default) or kept, and leaves the setting as it found it."""
 
     @functools.wraps(fn)
     def run(*args, denormals, **kwargs):
@@ -108,11 +108,7 @@ def denormals_option(fn):
         with denormals_flushed(denormals == "flush"):
             return fn(*args, **kwargs)
 
-    return _schema_option(option("denormals"), help=(
-        "Denormal floats on the CPU (float32 magnitudes below ~1.2e-38): flush turns them into zeros "
-        "in every CPU thread (x86 FTZ/DAZ), keep computes them exactly (IEEE).  A trained LSTM can "
-        "hold enough of them to make evaluation on x86 slower (BENCHMARKS.rst: Denormals); the "
-        "results differ only where such values occur.  No effect on --device gpu."))(run)
+    return _schema_option(option("denormals"))(run)
 
 
 def json_option(help="Print one JSON object."):

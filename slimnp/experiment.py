@@ -926,9 +926,8 @@ def _with_warmup(summary: dict, warm: Path) -> dict:
 def work(spec_path) -> dict:
     """The worker: train (or resume, or finish) one run as its spec says,
     and write the summary file.  Runs in its own process."""
-    from .threads import denormals_flushed
     from .runs import train
-    from .threads import set_threads
+    from .threads import denormals_flushed, set_threads
     from .trainer import resume_training
 
     spec = json.loads(Path(spec_path).read_text())
