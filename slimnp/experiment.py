@@ -517,19 +517,16 @@ def status(plan: Plan) -> list:
 def time_left(train_state: dict, epochs) -> float | None:
     """Seconds of training a stopped or running run still needs after its
     last checkpoint, at its average speed so far (``train_state``: the
-    checkpoint's, as :func:`slimnp.io.describe` gives it): ``epochs`` times
-    the last finished epoch's tokens, less the tokens seen.  None before an
-    epoch has finished (the epoch's length is not known yet).  Validation is
-    not counted, and a plateau schedule may stop sooner."""
-    try:
-        history = json.loads(train_state.get("history") or "[]")
-    except (TypeError, ValueError):
-        return None
-    last = next((h for h in reversed(history) if h.get("event") == "epoch"), None)
+    checkpoint's, as :func:`slimnp.io.describe` gives it).  An epoch's length
+    is the tokens of the finished epochs over their number (exact however
+    often an epoch was stopped and resumed); None before an epoch has
+    finished.  Validation is not counted, and a plateau schedule may stop
+    sooner."""
+    done = (train_state.get("epoch") or 1) - 1
     seen, seconds = train_state.get("tokens_seen"), train_state.get("train_seconds")
-    if not (last and epochs and seen and seconds and last.get("tokens_per_s") and last.get("epoch_seconds")):
+    if not (done > 0 and epochs and seen and seconds):
         return None
-    per_epoch = last["tokens_per_s"] * last["epoch_seconds"]
+    per_epoch = (seen - (train_state.get("epoch_tokens") or 0)) / done
     return max(0.0, epochs * per_epoch - seen) * seconds / seen
 
 

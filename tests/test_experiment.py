@@ -438,11 +438,13 @@ def test_only_says_what_is_left_of_the_plan(tmp_path, corpus):
 
 
 def test_time_left_from_a_checkpoints_train_state():
-    """4 epochs of 5,000 tokens with 7,500 seen in 75 s: 12,500 tokens at 100 tok/s."""
-    hist = [{"event": "epoch", "epoch": 1, "tokens_per_s": 100.0, "epoch_seconds": 50.0}]
-    st = {"history": json.dumps(hist), "tokens_seen": 7500, "train_seconds": 75.0}
-    assert time_left(st, 4) == pytest.approx(125.0)
-    assert time_left({**st, "tokens_seen": 30000}, 4) == 0.0
-    assert time_left({**st, "history": "[]"}, 4) is None  # no epoch finished: length unknown
-    assert time_left({**st, "history": "{not json"}, 4) is None
+    """In epoch 3 of 4 with 500 tokens of it seen: 2 finished epochs of 2,000
+    tokens (however often they were stopped and resumed), 4,500 seen in 90 s:
+    3,500 tokens left at 50 tok/s."""
+    st = {"epoch": 3, "epoch_tokens": 500, "tokens_seen": 4500, "train_seconds": 90.0}
+    assert time_left(st, 4) == pytest.approx(70.0)
+    # just after an epoch ended (the counters reset): 2 epochs of 2,000 left
+    assert time_left({**st, "epoch_tokens": 0, "tokens_seen": 4000, "train_seconds": 80.0}, 4) == pytest.approx(80.0)
+    assert time_left({**st, "epoch": 5, "epoch_tokens": 0, "tokens_seen": 8000}, 4) == 0.0
+    assert time_left({**st, "epoch": 1}, 4) is None  # no epoch finished: its length is unknown
     assert time_left(st, None) is None and time_left({**st, "train_seconds": 0.0}, 4) is None
