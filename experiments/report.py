@@ -196,11 +196,14 @@ ADAPTIVE_METHODS = (("SE", "se"), ("SE learned", "learned"), ("SM", "sm"), ("PM"
 
 def adaptive_table(corpora) -> str:
     """Slim layers against the adaptive softmax with tied adaptive input
-    embeddings (and with slim tail clusters) at SE's sizes, per corpus:
-    ``corpora`` is ``[(name, results by run), ...]``; seeds as mean +- sd."""
+    embeddings (and with slim tail clusters) at SE's sizes where an adaptive
+    run is, per corpus: ``corpora`` is ``[(name, results by run), ...]``;
+    seeds as mean +- sd."""
     rows = []
     for corpus, res in corpora:
-        for c in (32, 128):
+        for c in RATIOS:
+            if not any(_seeds(res, f"{stem}-{c}") for _, stem in ADAPTIVE_METHODS if "adaptive" in stem):
+                continue
             se = [r["test_ppl"] for r in _seeds(res, f"se-{c}")]
             for label, stem in ADAPTIVE_METHODS:
                 runs = _seeds(res, f"{stem}-{c}")
