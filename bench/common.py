@@ -165,11 +165,10 @@ def machine_info(threads: int, torch_ok: bool) -> dict:
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         info["blas"] = f"{blas.get('name')} {blas.get('version')}"
-        # OpenBLAS names the kernel it picked for this CPU (DYNAMIC_ARCH): "... Haswell MAX_THREADS=64"
-        words = str(blas.get("openblas configuration", "")).split()
-        arch = [w for w in words if w not in ("USE64BITINT", "DYNAMIC_ARCH", "NO_AFFINITY", "OpenBLAS")
-                and not w.startswith("MAX_THREADS") and not w[:1].isdigit()]
-        info["blas_kernel"] = arch[-1] if arch else "unknown"
+        # the kernel set OpenBLAS picked at load time (not the build's target in its configuration string)
+        from slimnp.threads import blas_core
+
+        info["blas_kernel"] = blas_core() or "unknown"
     except Exception:
         info["blas"], info["blas_kernel"] = "unknown", "unknown"
     info["l3_cache"] = machine.l3_cache()

@@ -21,8 +21,9 @@ _blas_fns = None
 
 
 def _blas_functions():
-    """``(get_num_threads, set_num_threads, thread_shutdown)`` of the loaded
-    OpenBLAS (the last None where the library does not export it), or None."""
+    """``(get_num_threads, set_num_threads, thread_shutdown, get_corename)``
+    of the loaded OpenBLAS (the last two None where the library does not
+    export them), or None."""
     global _blas_fns
     if _blas_fns is None:
         _blas_fns = False
@@ -48,7 +49,10 @@ def _blas_functions():
                     stop = getattr(lib, "blas_thread_shutdown_", None)
                     if stop is not None:
                         stop.restype = ctypes.c_int
-                    _blas_fns = (get, put, stop)
+                    core = getattr(lib, f"{pre}_get_corename{suf}", None)
+                    if core is not None:
+                        core.restype = ctypes.c_char_p
+                    _blas_fns = (get, put, stop, core)
                     return _blas_fns
     return _blas_fns or None
 
@@ -59,6 +63,18 @@ def blas_threads() -> int | None:
 
     fns = _blas_functions()
     return int(fns[0]()) if fns else None
+
+
+def blas_core() -> str | None:
+    """The kernel set OpenBLAS chose for this CPU when it loaded (a
+    DYNAMIC_ARCH build picks at run time: ``"SkylakeX"`` on a CPU with
+    AVX-512, although the build string may name ``Haswell``), or None."""
+    import numpy  # noqa: F401  (loads OpenBLAS)
+
+    fns = _blas_functions()
+    if not fns or fns[3] is None:
+        return None
+    return fns[3]().decode("ascii", "replace").strip() or None
 
 
 def set_blas_threads(n: int) -> None:

@@ -4,6 +4,10 @@ kernels), which ``--threads N`` sets together.
 (The pipeline over layers restoring OpenBLAS's count after a failure is
 tested in test_threaded_lstm.py.)
 """
+import os
+import subprocess
+import sys
+
 import numba
 import pytest
 
@@ -37,3 +41,17 @@ def test_numba_is_capped_at_its_pool_and_zero_is_refused(restored):
     with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
         threads.set_threads(0)
     assert numba.get_num_threads() == before
+
+
+@pytest.mark.parametrize("core", ["Sandybridge", "Nehalem"])
+def test_blas_core_is_the_kernel_chosen_at_load_time(core):
+    """The kernel set OpenBLAS runs, not its build target: an OPENBLAS_CORETYPE
+    override (older than any CPU here, so it is always honoured) is what it names."""
+    if threads.blas_threads() is None:
+        pytest.skip("NumPy here does not use OpenBLAS")
+    if threads.blas_core() is None:
+        pytest.skip("this OpenBLAS does not export get_corename")
+    env = dict(os.environ, OPENBLAS_CORETYPE=core)
+    out = subprocess.run([sys.executable, "-c", "from slimnp.threads import blas_core; print(blas_core())"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == core
