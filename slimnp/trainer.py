@@ -42,7 +42,7 @@ from ._atomic import append_line, check_output, file_sha256
 from .backend import make_rng, to_numpy
 from .data import Vocabulary, batchify, num_segments, segment
 from .evaluate import evaluate_ids
-from .model import LanguageModel, ModelConfig
+from .model import LanguageModel, ModelConfig, config_from_dict
 from .modelfile import (expected_model, expected_shapes, load_model, model_checkpoint,
                         model_from_checkpoint)
 from .optim import OPTIMIZERS, Schedule, make_optimizer
@@ -110,11 +110,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown training config keys: {', '.join(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "training")
 
 
 @dataclass

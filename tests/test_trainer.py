@@ -45,11 +45,15 @@ def test_library_configs_and_cli_options_train_the_same_model(tmp_path):
     assert not (tmp_path / "c.h5").exists()
 
 
-def test_train_config_from_dict_is_strict():
+def test_configs_from_dict_are_strict():
     tc = TrainConfig(epochs=3, lr=0.5)
     assert TrainConfig.from_dict(tc.to_dict()) == tc
     with pytest.raises(ValueError, match="unknown training config keys: epoch, lr_decy"):
         TrainConfig.from_dict({**tc.to_dict(), "lr_decy": 0.5, "epoch": 3})
+    mc = ModelConfig(vocab_size=50, hidden=8, input="slim", input_k=2, input_m=10)
+    assert ModelConfig.from_dict(mc.to_dict()) == mc
+    with pytest.raises(ValueError, match="unknown model config keys: hiden"):
+        ModelConfig.from_dict({**mc.to_dict(), "hiden": 9})
 
 
 def test_tiny_run_learns_and_writes_files(tmp_path):
