@@ -90,7 +90,8 @@ def _pm(xs, fmt="{:.2f}") -> str:
 
 def _paper_table(res: dict, paper: dict, rows_spec, pairs) -> str:
     """Table 2 or 3: each row beside the paper's number (mean +- sd where a
-    row has several seeds), then SE - NE beside the paper's difference."""
+    row has several seeds; train minutes per seed), then SE - NE beside the
+    paper's difference (paired by seed where both rows have several)."""
     rows = []
     for name, model, drop, size in rows_spec:
         runs = _seeds(res, name)
@@ -99,7 +100,7 @@ def _paper_table(res: dict, paper: dict, rows_spec, pairs) -> str:
         rows.append([model, drop, size, _f(paper[name]), _pm(ppl),
                      _f(mean - paper[name], "{:+.2f}") if ppl else "-",
                      _pm([r["valid_ppl"] for r in runs]), runs[0]["epochs"] if runs else "-",
-                     _minutes(runs[0]) if runs else "-"])
+                     ", ".join(_minutes(r) for r in runs) if runs else "-"])
     out = _table(["model", "input dropout", "size", "paper", "slimnp", "diff", "valid",
                   "epochs", "train minutes"], rows)
     diffs = []
@@ -109,6 +110,10 @@ def _paper_table(res: dict, paper: dict, rows_spec, pairs) -> str:
             ours = sum(b) / len(b) - sum(a) / len(a)
             p = paper[se] - paper[ne]
             seeds = f" (means of {len(b)} and {len(a)} seeds)" if len(a) > 1 or len(b) > 1 else ""
+            paired = [y - x for x, y in zip(a, b)]  # seed i of SE against seed i of NE
+            if len(paired) > 1:
+                seeds = (f" (paired by seed: {_pm(paired, '{:+.2f}')}; per seed "
+                         f"{', '.join(f'{m:+.2f}' for m in paired)})")
             diffs.append(f"- SE - NE ({se} - {ne}): slimnp {ours:+.2f}{seeds}, paper {p:+.2f}, "
                          f"difference {ours - p:+.2f}")
     return out + ("\n\n" + "\n".join(diffs) if diffs else "")
