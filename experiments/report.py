@@ -109,11 +109,12 @@ def _paper_table(res: dict, paper: dict, rows_spec, pairs) -> str:
         if a and b:
             ours = sum(b) / len(b) - sum(a) / len(a)
             p = paper[se] - paper[ne]
-            seeds = f" (means of {len(b)} and {len(a)} seeds)" if len(a) > 1 or len(b) > 1 else ""
-            paired = [y - x for x, y in zip(a, b)]  # seed i of SE against seed i of NE
-            if len(paired) > 1:
+            if len(a) == len(b) > 1:  # seed i of SE against seed i of NE
+                paired = [y - x for x, y in zip(a, b)]
                 seeds = (f" (paired by seed: {_pm(paired, '{:+.2f}')}; per seed "
                          f"{', '.join(f'{m:+.2f}' for m in paired)})")
+            else:
+                seeds = f" (means of {len(b)} and {len(a)} seeds)" if len(a) > 1 or len(b) > 1 else ""
             diffs.append(f"- SE - NE ({se} - {ne}): slimnp {ours:+.2f}{seeds}, paper {p:+.2f}, "
                          f"difference {ours - p:+.2f}")
     return out + ("\n\n" + "\n".join(diffs) if diffs else "")
