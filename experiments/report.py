@@ -7,9 +7,16 @@ REPRODUCTION.rst and every figure under experiments/figures/ comes from the
 results files in experiments/results/ (written by ``slimnp experiment run``
 and experiments/compress-ptb.sh, read by slimnp.results); the paper's numbers
 are those printed in Li et al. (2018), Table 2.  Runs not finished yet show as
-"-" so the tables say what is missing.  The page holds results only: where an
-unfinished run stands is the business of the machine that runs it (``slimnp
-experiment status PLAN`` there).
+"-" so the tables say what is missing.  Where an unfinished run stands is
+the business of the machine that runs it (``slimnp experiment status PLAN``
+there), with one exception: Table 3's rows take several sittings, and
+experiments/progress/table3-ptb.jsonl is a committed snapshot of
+
+    slimnp experiment status experiments/table3-ptb.toml --json > experiments/progress/table3-ptb.jsonl
+
+(each run's state and its validation perplexity per epoch so far), which
+this script turns into the epoch-by-epoch table under Table 3 and its
+figure.
 """
 from __future__ import annotations
 
@@ -129,6 +136,43 @@ def table3(res: dict) -> str:
     return _paper_table(res, PAPER_TABLE3, TABLE3_ROWS,
                         (("ne-d0", "se-m1k-d0"), ("ne-d0", "se-m10k-d0"), ("ne-d0", "se-m5k-d0"),
                          ("ne-d0.1", "se-m5k-d0.1")))
+
+
+TABLE3_PROGRESS = HERE / "progress" / "table3-ptb.jsonl"
+
+
+def table3_progress(rows: dict) -> str:
+    """Table 3's unfinished runs epoch by epoch, from a snapshot of ``slimnp
+    experiment status --json`` (``rows``: by run, as :func:`results.read`
+    gives them): each run's state, then validation perplexity per epoch
+    (``h`` marks the first epoch at a halved learning rate) and, where both
+    have reached an epoch, SE - NE."""
+    labels = {name: f"{model} d{drop}" for name, model, drop, _ in TABLE3_ROWS}
+    runs = [name for name, *_ in TABLE3_ROWS
+            if name in rows and rows[name].get("history") and rows[name].get("test_ppl") is None]
+    if not runs:
+        return "No run in progress."
+    valid = {n: {e["epoch"]: e for e in rows[n]["history"] if e.get("valid_ppl") is not None} for n in runs}
+    pairs = [(ne, se) for ne, se in (("ne-d0", "se-m1k-d0"), ("ne-d0", "se-m10k-d0"), ("ne-d0", "se-m5k-d0"),
+                                     ("ne-d0.1", "se-m5k-d0.1")) if ne in runs and se in runs]
+
+    def cell(n, ep):
+        e = valid[n].get(ep)
+        if e is None:
+            return "-"
+        before = valid[n].get(ep - 1)
+        return f"{e['valid_ppl']:.2f}" + (" h" if before and e["lr"] < before["lr"] else "")
+
+    epochs = sorted({ep for v in valid.values() for ep in v})
+    table = _table(["epoch", *(labels[n] for n in runs), *(f"{labels[se]} - {labels[ne]}" for ne, se in pairs)],
+                   [[ep, *(cell(n, ep) for n in runs),
+                     *(_f(valid[se][ep]["valid_ppl"] - valid[ne][ep]["valid_ppl"], "{:+.2f}")
+                       if ep in valid[se] and ep in valid[ne] else "-" for ne, se in pairs)]
+                    for ep in epochs])
+    states = "; ".join(f"{labels[n]} ({n}): {rows[n]['state']}" for n in runs)
+    fig = FIGURES / "table3-ptb-progress.png"
+    return (f"Where the unfinished runs stood at the snapshot: {states}.\n\n" + table
+            + (f"\n\n.. image:: {fig.relative_to(ROOT).as_posix()}" if fig.exists() else ""))
 
 
 def seeds_line(res: dict, se: str, sm: str) -> str:
@@ -311,6 +355,9 @@ def figures(sweeps: Path) -> list:
     if table2.exists():  # validation perplexity per epoch of Table 2's finished rows
         out += plot_curves(load_series([table2]), FIGURES / "table2-ptb-curves.png",
                            title="Table 2 on PTB: validation perplexity per epoch")
+    if any(r.get("history") for r in results.read(TABLE3_PROGRESS).values()):  # Table 3 so far
+        out += plot_curves(load_series([TABLE3_PROGRESS]), FIGURES / "table3-ptb-progress.png",
+                           title="Table 3 on PTB (2x650): validation perplexity per epoch so far")
     return out
 
 
@@ -336,6 +383,7 @@ def main() -> None:
     doc = fill(doc, "learned", learned_table(sw, learned))
     t3 = results.read(HERE / "results" / "table3-ptb.jsonl")
     doc = fill(doc, "table3", table3(t3))
+    doc = fill(doc, "table3-progress", table3_progress(results.read(TABLE3_PROGRESS)))
     wt2 = results.read(HERE / "results" / "fig4-wt2.jsonl")
     doc = fill(doc, "fig4-wt2", fig4_wt2(wt2))
     adaptive = results.read(HERE / "results" / "adaptive-ptb.jsonl")

@@ -554,7 +554,10 @@ def experiment_run(plan, jobs, threads, only, sets, device):
 @json_option("One JSON object per run.")
 @friendly_errors
 def experiment_status(plan, sets, as_json):
-    """Each run of PLAN: its state (checkpoint epoch and segment, training time left), size (matched sizes resolved) and results."""
+    """Each run of PLAN: its state (checkpoint epoch and segment, training time left, last validation perplexity), size (matched sizes resolved) and results.
+
+    With --json each line also has the run's history (per epoch: lr, train and validation perplexity; so far, for a run in progress), which `slimnp plot --kind curves` draws.
+    """
     from .experiment import status_rows
 
     p = _plan(plan, sets)

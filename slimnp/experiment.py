@@ -506,6 +506,9 @@ def status(plan: Plan) -> list:
                     state += f", about {fmt_duration(left)} left"
                 if st.get("finished"):
                     state = "trained, test not evaluated"
+                last = last_epoch(progress_history(plan, r))
+                if last is not None:
+                    state += f"; valid {last['valid_ppl']:.2f} after epoch {last['epoch']}"
             except Exception as exc:  # a damaged file: say so, the run will say more
                 state = f"checkpoint unreadable ({type(exc).__name__})"
             out.append((r, state, None))
@@ -530,16 +533,38 @@ def time_left(train_state: dict, epochs) -> float | None:
     return max(0.0, epochs * per_epoch - seen) * seconds / seen
 
 
+def progress_history(plan: Plan, run: Run) -> list:
+    """The epochs a run has trained so far, from its metrics log in the runs
+    folder (:func:`slimnp.results.history`; an epoch logged twice, by a run
+    killed after logging it and resumed from an older checkpoint, keeps its
+    later line); ``[]`` before its first epoch ends."""
+    from .results import history
+
+    log = history(plan.runs_dir / f"{run.name}.metrics.jsonl")
+    by_epoch = {e["epoch"]: e for e in log if isinstance(e["epoch"], int)}
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
+def last_epoch(hist: list):
+    """The last entry of ``hist`` with a validation perplexity, or None."""
+    measured = [e for e in hist if isinstance(e.get("valid_ppl"), (int, float))]
+    return measured[-1] if measured else None
+
+
 def status_rows(plan: Plan) -> list:
-    """One dict per run of :func:`status`: its state, size and perplexities
-    (what ``slimnp experiment status`` shows)."""
+    """One dict per run of :func:`status`: its state, size, perplexities
+    and ``history`` (per epoch: epoch, lr, train_ppl, valid_ppl): a finished
+    run's from its results line, a run in progress's so far from its metrics
+    log (what ``slimnp experiment status`` shows; ``slimnp plot --kind
+    curves`` draws its ``--json`` lines)."""
     rows = []
     for run, state, rec in status(plan):
         mc, tc = configs_of(run.options)
         rows.append({"run": run.name, "state": state, "parameters": parameter_counts(mc)["total"],
                      "hidden": mc.hidden, "embedding_size": mc.word_size, "epochs": tc.epochs,
                      "matched": run.matched, "valid_ppl": rec and rec.get("valid_ppl"),
-                     "test_ppl": rec and rec.get("test_ppl")})
+                     "test_ppl": rec and rec.get("test_ppl"),
+                     "history": rec.get("history", []) if rec else progress_history(plan, run)})
     return rows
 
 

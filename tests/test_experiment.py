@@ -186,13 +186,42 @@ def test_stopped_or_killed_plan_resumes_to_the_same_results(tmp_path, corpus, ho
     assert "dense" not in read_results(cut_dir / "results" / "plan.jsonl")
     # status tells where the stopped run is and, its first epoch done, how long it still needs
     # (the signal lands in epoch 2 or later on a loaded machine, rarely after the last)
+    # and the last validation perplexity its metrics log has
     st = CliRunner().invoke(main, ["experiment", "status", str(cut)])
-    assert re.search(r"^dense .* (epoch [234]/4, segment \d+, about \d+:\d\d left|trained, test not evaluated)$",
-                     st.output, re.M), st.output
+    m = re.search(r"^dense .* (epoch [234]/4, segment \d+, about \d+:\d\d left|trained, test not evaluated)"
+                  r"; valid (\d+\.\d\d) after epoch ([1234])$", st.output, re.M)
+    assert m, st.output
+    js = CliRunner().invoke(main, ["experiment", "status", str(cut), "--json"])
+    rows = {r["run"]: r for r in map(json.loads, js.output.splitlines())}
+    hist = rows["dense"]["history"]
+    assert [e["epoch"] for e in hist] == list(range(1, int(m.group(3)) + 1))
+    assert f"{hist[-1]['valid_ppl']:.2f}" == m.group(2) and rows["dense"]["valid_ppl"] is None
+    assert rows["sm-4"]["history"] == []  # not started
     res = _run(["run", str(cut)])
     assert res.returncode == 0, res.stderr
     assert "[dense] resuming" in res.stderr
     assert _essence(cut_dir / "results" / "plan.jsonl") == _essence(ref_dir / "results" / "plan.jsonl")
+
+
+def test_progress_history_reads_the_metrics_log(tmp_path):
+    """A run in progress's epochs: one per epoch (a resumed run's repeated
+    epoch keeps its later line), lines cut short and other events left out."""
+    from types import SimpleNamespace
+
+    from slimnp.experiment import last_epoch, progress_history
+
+    lines = [{"event": "epoch", "epoch": 1, "lr": 1.0, "train_ppl": 300.0, "valid_ppl": 200.0},
+             {"event": "checkpoint", "epoch": 2, "segment": 5},
+             {"event": "epoch", "epoch": 2, "lr": 1.0, "train_ppl": 150.0, "valid_ppl": 140.0},
+             {"event": "epoch", "epoch": 2, "lr": 1.0, "train_ppl": 151.0, "valid_ppl": 141.0},
+             {"event": "epoch", "epoch": 3, "lr": 0.5, "train_ppl": 120.0, "valid_ppl": None}]
+    (tmp_path / "a.metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"event": "ep')
+    plan, run = SimpleNamespace(runs_dir=tmp_path), SimpleNamespace(name="a")
+    hist = progress_history(plan, run)
+    assert [(e["epoch"], e["valid_ppl"]) for e in hist] == [(1, 200.0), (2, 141.0), (3, None)]
+    assert set(hist[0]) == {"epoch", "lr", "train_ppl", "valid_ppl"}
+    assert last_epoch(hist)["epoch"] == 2 and last_epoch([]) is None
+    assert progress_history(plan, SimpleNamespace(name="b")) == []  # no log yet
 
 
 BAD = [

@@ -40,3 +40,28 @@ def test_table2_means_seeds_and_pairs_se_minus_ne(report):
     assert lines["se-m10k-d0 - ne-d0"].startswith(
         "- SE - NE (se-m10k-d0 - ne-d0): slimnp +1.00 (means of 1 and 2 seeds), paper -0.48")
     assert "ne-d0.1" not in "".join(lines)  # no run of either: no line
+
+
+def _epochs(*valid, halve_at=None):
+    return [{"epoch": i + 1, "lr": 0.5 if halve_at and i + 1 >= halve_at else 1.0, "train_ppl": v * 0.8,
+             "valid_ppl": v} for i, v in enumerate(valid)]
+
+
+def test_table3_progress_compares_unfinished_runs_epoch_by_epoch(report):
+    rows = {"ne-d0": {"run": "ne-d0", "state": "epoch 4/25, segment 10", "test_ppl": None,
+                      "history": _epochs(200.0, 150.0, 130.0, halve_at=3)},
+            "se-m1k-d0": {"run": "se-m1k-d0", "state": "epoch 3/25, segment 1", "test_ppl": None,
+                          "history": _epochs(199.0, 152.5)},
+            "se-m10k-d0": {"run": "se-m10k-d0", "state": "new", "test_ppl": None, "history": []},
+            "se-m5k-d0": {"run": "se-m5k-d0", "state": "done", "test_ppl": 82.0,
+                          "history": _epochs(190.0)}}
+    text = report.table3_progress(rows)
+    assert text.startswith("Where the unfinished runs stood at the snapshot: NE d0 (ne-d0): epoch 4/25, "
+                           "segment 10; SE (M=1K) d0 (se-m1k-d0): epoch 3/25, segment 1.")
+    table = [ln.split() for ln in text.splitlines() if ln[:1].isdigit()]
+    # NE d0, SE (M=1K) d0, their difference; epoch 3 is NE's first at the halved rate
+    assert table == [["1", "200.00", "199.00", "-1.00"], ["2", "150.00", "152.50", "+2.50"],
+                     ["3", "130.00", "h", "-", "-"]]
+    header = next(ln for ln in text.splitlines() if ln.startswith("epoch"))
+    assert "SE (M=5K)" not in header and "SE (M=10K)" not in header  # finished / not started
+    assert report.table3_progress({}) == "No run in progress."
