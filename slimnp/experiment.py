@@ -564,7 +564,8 @@ def status_rows(plan: Plan) -> list:
                      "hidden": mc.hidden, "embedding_size": mc.word_size, "epochs": tc.epochs,
                      "matched": run.matched, "valid_ppl": rec and rec.get("valid_ppl"),
                      "test_ppl": rec and rec.get("test_ppl"),
-                     "history": rec.get("history", []) if rec else progress_history(plan, run)})
+                     "history": (rec.get("history", []) if rec else
+                                 [] if state == "new" else progress_history(plan, run))})
     return rows
 
 
