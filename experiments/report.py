@@ -143,16 +143,15 @@ TABLE3_PROGRESS = HERE / "progress" / "table3-ptb.jsonl"
 
 
 def table3_progress(rows: dict) -> str:
-    """Table 3's unfinished runs epoch by epoch, from a snapshot of ``slimnp
-    experiment status --json`` (``rows``: by run, as :func:`results.read`
-    gives them): each run's state, then validation perplexity per epoch
-    (``h`` marks the first epoch at a halved learning rate) and, where both
-    have reached an epoch, SE - NE."""
+    """Table 3's runs epoch by epoch, from a snapshot of ``slimnp experiment
+    status --json`` (``rows``: by run, as :func:`results.read` gives them):
+    each started run's state (a finished one's test perplexity), then
+    validation perplexity per epoch (``h`` marks the first epoch at a halved
+    learning rate) and, where both have reached an epoch, SE - NE."""
     labels = {name: f"{model} d{drop}" for name, model, drop, _ in TABLE3_ROWS}
-    runs = [name for name, *_ in TABLE3_ROWS
-            if name in rows and rows[name].get("history") and rows[name].get("test_ppl") is None]
+    runs = [name for name, *_ in TABLE3_ROWS if name in rows and rows[name].get("history")]
     if not runs:
-        return "No run in progress."
+        return "No run has started."
     valid = {n: {e["epoch"]: e for e in rows[n]["history"] if e.get("valid_ppl") is not None} for n in runs}
     pairs = [(ne, se) for ne, se in TABLE3_PAIRS if ne in runs and se in runs]
 
@@ -163,15 +162,19 @@ def table3_progress(rows: dict) -> str:
         before = valid[n].get(ep - 1)
         return f"{e['valid_ppl']:.2f}" + (" h" if before and e["lr"] < before["lr"] else "")
 
+    def state(n):
+        test = rows[n].get("test_ppl")
+        return f"finished, test {test:.2f}" if test is not None else rows[n]["state"]
+
     epochs = sorted({ep for v in valid.values() for ep in v})
     table = _table(["epoch", *(labels[n] for n in runs), *(f"{labels[se]} - {labels[ne]}" for ne, se in pairs)],
                    [[ep, *(cell(n, ep) for n in runs),
                      *(_f(valid[se][ep]["valid_ppl"] - valid[ne][ep]["valid_ppl"], "{:+.2f}")
                        if ep in valid[se] and ep in valid[ne] else "-" for ne, se in pairs)]
                     for ep in epochs])
-    states = "; ".join(f"{labels[n]} ({n}): {rows[n]['state']}" for n in runs)
+    states = "; ".join(f"{labels[n]} ({n}): {state(n)}" for n in runs)
     fig = FIGURES / "table3-ptb-progress.png"
-    return (f"Where the unfinished runs stood at the snapshot: {states}.\n\n" + table
+    return (f"Where the runs stood at the snapshot: {states}.\n\n" + table
             + (f"\n\n.. image:: {fig.relative_to(ROOT).as_posix()}" if fig.exists() else ""))
 
 

@@ -47,21 +47,25 @@ def _epochs(*valid, halve_at=None):
              "valid_ppl": v} for i, v in enumerate(valid)]
 
 
-def test_table3_progress_compares_unfinished_runs_epoch_by_epoch(report):
+def test_table3_progress_compares_runs_epoch_by_epoch(report):
     rows = {"ne-d0": {"run": "ne-d0", "state": "epoch 4/25, segment 10", "test_ppl": None,
                       "history": _epochs(200.0, 150.0, 130.0, halve_at=3)},
             "se-m1k-d0": {"run": "se-m1k-d0", "state": "epoch 3/25, segment 1", "test_ppl": None,
                           "history": _epochs(199.0, 152.5)},
             "se-m10k-d0": {"run": "se-m10k-d0", "state": "new", "test_ppl": None, "history": []},
             "se-m5k-d0": {"run": "se-m5k-d0", "state": "done", "test_ppl": 82.0,
-                          "history": _epochs(190.0)}}
+                          "history": _epochs(190.0)},
+            "ne-d0.1": {"run": "ne-d0.1", "state": "new", "test_ppl": None, "history": []}}
     text = report.table3_progress(rows)
-    assert text.startswith("Where the unfinished runs stood at the snapshot: NE d0 (ne-d0): epoch 4/25, "
-                           "segment 10; SE (M=1K) d0 (se-m1k-d0): epoch 3/25, segment 1.")
+    assert text.startswith("Where the runs stood at the snapshot: NE d0 (ne-d0): epoch 4/25, "
+                           "segment 10; SE (M=5K) d0 (se-m5k-d0): finished, test 82.00; "
+                           "SE (M=1K) d0 (se-m1k-d0): epoch 3/25, segment 1.")
     table = [ln.split() for ln in text.splitlines() if ln[:1].isdigit()]
-    # NE d0, SE (M=1K) d0, their difference; epoch 3 is NE's first at the halved rate
-    assert table == [["1", "200.00", "199.00", "-1.00"], ["2", "150.00", "152.50", "+2.50"],
-                     ["3", "130.00", "h", "-", "-"]]
+    # NE d0, SE (M=5K) d0 (finished: its history stays), SE (M=1K) d0, then SE - NE for
+    # M=1K and M=5K (TABLE3_PAIRS' order); epoch 3 is NE's first at the halved rate
+    assert table == [["1", "200.00", "190.00", "199.00", "-1.00", "-10.00"],
+                     ["2", "150.00", "-", "152.50", "+2.50", "-"],
+                     ["3", "130.00", "h", "-", "-", "-", "-"]]
     header = next(ln for ln in text.splitlines() if ln.startswith("epoch"))
-    assert "SE (M=5K)" not in header and "SE (M=10K)" not in header  # finished / not started
-    assert report.table3_progress({}) == "No run in progress."
+    assert "SE (M=10K)" not in header and "NE d0.1" not in header  # not started
+    assert report.table3_progress({}) == "No run has started."
